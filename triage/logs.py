@@ -1,0 +1,144 @@
+"""structlog JSON logs without patient data.
+
+Why a scrubbing processor instead of trusting callers: a single ``log.info("stored", **ds_fields)``
+written in a hurry would put a patient's name into journald, which is kept for months and read by
+people who have no right to it. The processor removes every PHI-bearing key whatever the caller
+passed, and the formatter of foreign (stdlib) log records goes through the same chain, so pynetdicom's
+own debug output cannot leak identifiers either. We log UIDs, stages and reasons only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+# Keys that may carry patient or operator identity. Matched case-insensitively after removing
+# non-letters, so "patient_name", "PatientName" and "patient-name" are all caught.
+PHI_KEYS = frozenset(
+    k.lower()
+    for k in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientSex",
+        "PatientAge",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "OtherPatientIDs",
+        "OtherPatientNames",
+        "OtherPatientIDsSequence",
+        "PatientMotherBirthName",
+        "MedicalRecordLocator",
+        "IssuerOfPatientID",
+        "ReferringPhysicianName",
+        "PerformingPhysicianName",
+        "OperatorsName",
+        "NameOfPhysiciansReadingStudy",
+        "InstitutionAddress",
+        "AccessionNumber",
+        "Name",
+        "BirthDate",
+        "DOB",
+        "MRN",
+    )
+)
+_NON_LETTERS = re.compile(r"[^a-z]")
+REDACTED = "[redacted]"
+
+
+def _is_phi_key(key: str) -> bool:
+    return _NON_LETTERS.sub("", key.lower()) in PHI_KEYS
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: (REDACTED if _is_phi_key(str(k)) else _scrub(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def scrub_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: drop the values of PHI keys anywhere in the event, nested ones too."""
+    for key in list(event_dict):
+        if key == "event":
+            continue
+        if _is_phi_key(key):
+            event_dict[key] = REDACTED
+        else:
+            event_dict[key] = _scrub(event_dict[key])
+    return event_dict
+
+
+class _ForeignRecordScrubber(logging.Filter):
+    """pynetdicom logs whole datasets at debug level (names, IDs). Drop those lines' PHI content.
+
+    Its DIMSE/dataset dumps print elements as ``(0010,0010) PN [Name]`` or ``Patient's Name``; any
+    foreign record that mentions a patient-module element is reduced to its first words.
+    """
+
+    _PATTERN = re.compile(r"\(0010,|\(0008,0050\)|\(0008,0090\)|Patient|Accession", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a malformed third-party record must never break logging
+            return False
+        if self._PATTERN.search(msg):
+            record.msg = "[third-party line with patient data removed]"
+            record.args = ()
+        return True
+
+
+_configured = False
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    """Set up structlog and route stdlib logging (pynetdicom, apscheduler) through the same chain."""
+    global _configured
+    lvl = getattr(logging, level.upper())
+    use_console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        scrub_phi,
+    ]
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False) if use_console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    handler.addFilter(_ForeignRecordScrubber())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_glowtriage", False):
+            root.removeHandler(h)
+    handler._glowtriage = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(lvl)
+    # pynetdicom is very chatty at debug; keep it one level quieter than ours unless debugging it.
+    logging.getLogger("pynetdicom").setLevel(max(lvl, logging.INFO))
+    _configured = True
+
+
+def get_logger(stage: str) -> structlog.stdlib.BoundLogger:
+    """A logger bound to a pipeline stage (receive, store, assemble, score, report, send, ...)."""
+    return structlog.get_logger("glowtriage").bind(stage=stage)
