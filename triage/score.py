@@ -1,0 +1,131 @@
+"""Scoring: log p(normal|x) = log p(x|normal) - log p(x) with the current model set.
+
+M0 (trained on normal studies) gives log p(x|normal), M1 (trained on the unlabeled mixture) gives
+log p(x); by Bayes their difference is log p(normal|x) up to the constant log prior, which moves every
+score equally and so does not change the ranking or the ROC (paper, eq. 3). Low values: probably
+abnormal. The likelihood alone is *not* used: it rewards simple images (paper, Appendix A).
+
+Determinism: the flow sees the bin midpoint of each 7-bit voxel (no noise), models are in eval mode,
+and each volume is run on its own (batch of one) so that float round-off cannot depend on which other
+volumes happened to wait in the same batch; "batching" here means the scorer takes every waiting
+volume in one call and keeps both models resident, which is where the time goes on a CPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from triage.glow import Glow, fit_to_shape
+from triage.registry import ModelSet, Registry, RegistryError
+from triage.results import ModelSetInfo, ScoreResult
+
+__all__ = ["ModelSetInfo", "ScoreResult", "Scorer", "ScoringError", "percentile_of", "pick_device"]
+
+
+class ScoringError(Exception):
+    """The model set cannot be used; scoring stops, receiving goes on, studies wait."""
+
+
+def pick_device(setting: str) -> torch.device:
+    """'auto' takes CUDA when there is a GPU, else the CPU; 'cuda' without a GPU is an error."""
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ScoringError("scoring.device = 'cuda' but no CUDA device is available")
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def percentile_of(score: float, sorted_normals: Sequence[float]) -> float:
+    """Share of calibration normals (in %) that scored at or below ``score``: low means unusual."""
+    if not sorted_normals:
+        return float("nan")
+    return 100.0 * bisect.bisect_right(sorted_normals, score) / len(sorted_normals)
+
+
+@dataclass(frozen=True)
+class VolumeInput:
+    study_uid: str
+    series_uid: str
+    volume: np.ndarray  # uint8, canonical shape (32, 128, 128), 7-bit window
+
+
+class Scorer:
+    """Both models of one model set, loaded once, on the chosen device."""
+
+    def __init__(self, model_set: ModelSet, device: str = "auto", threads: int = 0):
+        self.model_set = model_set
+        self.info: ModelSetInfo = model_set.info()
+        self.device = pick_device(device)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        try:
+            model_set.verify()
+            self.m0 = Glow.load(model_set.m0_path, map_location=self.device).eval()
+            self.m1 = Glow.load(model_set.m1_path, map_location=self.device).eval()
+        except (RegistryError, OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise ScoringError(f"model set {model_set.version} cannot be loaded: {exc}") from exc
+        if self.m0.cfg.image_shape != self.m1.cfg.image_shape:
+            raise ScoringError(
+                f"model set {model_set.version}: M0 and M1 expect different shapes "
+                f"{self.m0.cfg.image_shape} vs {self.m1.cfg.image_shape}"
+            )
+        if self.device.type == "cuda":
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        self._normals = model_set.calibration_scores
+        self.last_inference_s = 0.0
+
+    @classmethod
+    def from_registry(cls, registry: Registry, device: str = "auto", threads: int = 0) -> Scorer:
+        try:
+            current = registry.current()
+        except RegistryError as exc:
+            raise ScoringError(str(exc)) from exc
+        if current is None:
+            raise ScoringError(f"no current model set under {registry.root}: create and promote one")
+        return cls(current, device=device, threads=threads)
+
+    @torch.inference_mode()
+    def log_likelihoods(self, volume: np.ndarray) -> tuple[float, float]:
+        """(log p(x|normal), log p(x)) in nats for one canonical uint8 volume."""
+        x = torch.from_numpy(np.ascontiguousarray(volume)).to(self.device)
+        x = fit_to_shape(x[None, None], self.m0.cfg.image_shape)
+        lp0 = self.m0.log_prob(self.m0.preprocess(x)).double().item()
+        lp1 = self.m1.log_prob(self.m1.preprocess(x)).double().item()
+        return lp0, lp1
+
+    def score(self, items: Sequence[VolumeInput]) -> list[ScoreResult]:
+        """Score every waiting volume. Non-finite likelihoods raise: they mean a broken model set."""
+        out = []
+        t0 = time.perf_counter()
+        for it in items:
+            if it.volume.dtype != np.uint8:
+                raise ScoringError(f"series {it.series_uid}: volume dtype {it.volume.dtype}, expected uint8")
+            lp0, lp1 = self.log_likelihoods(it.volume)
+            if not (np.isfinite(lp0) and np.isfinite(lp1)):
+                raise ScoringError(
+                    f"model set {self.info.version} gave a non-finite likelihood for series {it.series_uid}"
+                )
+            post = lp0 - lp1
+            out.append(
+                ScoreResult(
+                    study_uid=it.study_uid,
+                    series_uid=it.series_uid,
+                    log_p_normal_model=lp0,
+                    log_p_mixture_model=lp1,
+                    log_posterior=post,
+                    threshold=self.info.threshold,
+                    flagged=bool(post < self.info.threshold),
+                    percentile=percentile_of(post, self._normals),
+                    model_version=self.info.version,
+                    extra={"zero_fraction": float(np.mean(it.volume == 0))},
+                )
+            )
+        self.last_inference_s = (time.perf_counter() - t0) / max(1, len(items))
+        return out
