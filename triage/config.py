@@ -13,17 +13,72 @@ folder of the config file (or the working directory when there is none).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
+import re
+import ssl
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_VAR = "GLOWTRIAGE_CONFIG"
 
-AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ]$")]
+
+class FieldProblem(ValueError):
+    """A cross-field check's error, pinned to the key to change (pydantic would name only the section)."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+def _ae_title(v: str) -> str:
+    # DICOM PS3.5 table 6.2-1 (AE): 1-16 characters of the default repertoire, no backslash, no
+    # control characters; leading/trailing spaces are insignificant to peers, so they only confuse.
+    if not 1 <= len(v) <= 16:
+        raise ValueError(f"expected an AE title of 1 to 16 characters, got {len(v)} characters ({v!r})")
+    if any(c == "\\" or not " " <= c <= "~" for c in v):
+        raise ValueError(f"expected an AE title of printable ASCII without backslash, got {v!r}")
+    if v != v.strip():
+        raise ValueError(f"expected an AE title without leading or trailing spaces, got {v!r}")
+    return v
+
+
+def _ip_address(v: str) -> str:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise ValueError(f"expected an IP address to listen on (0.0.0.0, 127.0.0.1, ::), got {v!r}") from None
+    return v
+
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+def _peer_host(v: str) -> str:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        if not _HOSTNAME.match(v) or v.replace(".", "").isdigit():
+            raise ValueError(f"expected an IP address or a DNS host name, got {v!r}") from None
+    return v
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+ListenHost = Annotated[str, AfterValidator(_ip_address)]  # an address of this machine to bind
+PeerHost = Annotated[str, AfterValidator(_peer_host)]  # a peer to connect to: IP or DNS name
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 
@@ -38,15 +93,17 @@ class TLSSettings(_Section):
     enabled: bool = False
     cert_file: str = ""
     key_file: str = ""
-    ca_file: str = ""  # when set, peers must present a certificate signed by it
+    ca_file: str = ""  # when set, a client certificate (if presented) must be signed by it
     require_client_cert: bool = False
 
     @model_validator(mode="after")
     def _files_when_enabled(self) -> TLSSettings:
-        if self.enabled and (not self.cert_file or not self.key_file):
-            raise ValueError("cert_file and key_file are required when enabled = true")
+        if self.enabled and not self.cert_file:
+            raise FieldProblem("cert_file", "required when enabled = true (PEM certificate of this AE)")
+        if self.enabled and not self.key_file:
+            raise FieldProblem("key_file", "required when enabled = true (PEM private key of cert_file)")
         if self.require_client_cert and not self.ca_file:
-            raise ValueError("ca_file is required when require_client_cert = true")
+            raise FieldProblem("ca_file", "required when require_client_cert = true (PEM CA of the peers)")
         return self
 
 
@@ -54,9 +111,9 @@ class DicomSettings(_Section):
     """The DICOM listener (SCP) that PACS forwards studies to."""
 
     ae_title: AETitle = "GLOWTRIAGE"
-    host: str = "0.0.0.0"
+    host: ListenHost = "0.0.0.0"
     port: Port = 11112
-    allowed_calling_aets: list[str] = Field(default_factory=list)  # empty: any calling AE title
+    allowed_calling_aets: list[AETitle] = Field(default_factory=list)  # empty: any calling AE title
     allowed_peers: list[str] = Field(default_factory=list)  # IPs or CIDRs; empty: any address
     require_called_aet: bool = True  # reject associations addressed to another AE title
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
@@ -65,15 +122,6 @@ class DicomSettings(_Section):
     network_timeout: Seconds = 60.0
     maximum_pdu_size: Annotated[int, Field(ge=0)] = 0  # 0: unlimited (pynetdicom's convention)
     tls: TLSSettings = Field(default_factory=TLSSettings)
-
-    @field_validator("host")
-    @classmethod
-    def _host_is_address(cls, v: str) -> str:
-        try:
-            ipaddress.ip_address(v)
-        except ValueError as exc:
-            raise ValueError(f"expected an IP address to listen on, got {v!r}") from exc
-        return v
 
     @field_validator("allowed_peers")
     @classmethod
@@ -123,7 +171,11 @@ class AssemblySettings(_Section):
     @model_validator(mode="after")
     def _thickness_range(self) -> AssemblySettings:
         if self.min_slice_thickness_mm > self.max_slice_thickness_mm:
-            raise ValueError("min_slice_thickness_mm must not exceed max_slice_thickness_mm")
+            raise FieldProblem(
+                "min_slice_thickness_mm",
+                f"must not exceed max_slice_thickness_mm ({self.min_slice_thickness_mm} > "
+                f"{self.max_slice_thickness_mm})",
+            )
         return self
 
 
@@ -139,7 +191,7 @@ class PacsSettings(_Section):
     """Where Structured Reports go by default."""
 
     ae_title: AETitle = "PACS"
-    host: str = "127.0.0.1"
+    host: PeerHost = "127.0.0.1"
     port: Port = 4242
     calling_ae_title: AETitle = "GLOWTRIAGE"
 
@@ -148,7 +200,7 @@ class HL7Settings(_Section):
     """The RIS/worklist that takes ORU^R01 priority flags."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"
+    host: PeerHost = "127.0.0.1"
     port: Port = 2575
     sending_application: str = "GLOWTRIAGE"
     sending_facility: str = "RADIOLOGY"
@@ -164,7 +216,7 @@ class RouteRule(_Section):
     when: Literal["flagged", "always", "normal"] = "flagged"
     send: Literal["source", "sr"] = "source"
     ae_title: AETitle
-    host: str
+    host: PeerHost
     port: Port
 
 
@@ -188,8 +240,19 @@ class MetricsSettings(_Section):
     """Prometheus /metrics endpoint."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"
+    host: ListenHost = "127.0.0.1"  # keep on loopback unless a firewall restricts who may scrape
     port: Port = 9464
+    # histogram buckets (nats) of log p(normal|x); mostly <= 0, flagged studies sit far below 0
+    score_buckets: list[float] = Field(
+        default_factory=lambda: [-50.0, -20.0, -10.0, -5.0, -2.0, -1.0, -0.5, -0.2, -0.1, 0.0, 0.5, 1.0, 5.0]
+    )
+
+    @field_validator("score_buckets")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if not v or any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError(f"expected a non-empty, strictly increasing list of numbers, got {v!r}")
+        return v
 
 
 class LoggingSettings(_Section):
@@ -218,6 +281,12 @@ class RetrainSettings(_Section):
     def _cron_fields(cls, v: str) -> str:
         if len(v.split()) != 5:
             raise ValueError(f"expected 5 cron fields (minute hour day month day-of-week), got {v!r}")
+        from apscheduler.triggers.cron import CronTrigger  # the parser the scheduler itself uses
+
+        try:
+            CronTrigger.from_crontab(v)
+        except ValueError as exc:
+            raise ValueError(f"invalid cron expression {v!r}: {exc}") from None
         return v
 
 
@@ -277,44 +346,166 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(err: dict[str, Any]) -> str:
     kind = err.get("type", "")
     if kind == "extra_forbidden":
         return "unknown key (not a glowtriage setting; check the spelling against the shipped config.toml)"
+    if kind == "missing":
+        return "required key is missing"
     msg = str(err.get("msg", "invalid"))
     msg = msg.removeprefix("Value error, ")
     if kind not in ("value_error", "assertion_error") and "input" in err:
-        msg += f" (got {err['input']!r})"
+        msg += f" (got {_short(err['input'])})"
     return msg
 
 
-def parse(data: dict[str, Any], source: Path | None) -> Config:
-    """Validate an already-parsed TOML document."""
-    where = str(source) if source else "<embedded defaults>"
+_TABLE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_BARE_OR_QUOTED = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+_KEY = re.compile(rf"^\s*({_BARE_OR_QUOTED}(?:\s*\.\s*{_BARE_OR_QUOTED})*)\s*=")
+
+
+def _key_parts(dotted: str) -> tuple[str, ...]:
+    parts = re.findall(_BARE_OR_QUOTED, dotted)
+    return tuple(p.strip("\"'") for p in parts)
+
+
+def _line_of(text: str | None, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort line number of a key path in TOML text (the key itself, else its nearest table).
+
+    tomllib keeps no positions; a line scan that follows ``[table]`` and ``[[array]]`` headers is
+    enough for the hand-written files this reads, and a wrong guess only loses the number.
+    """
+    if not text or not loc:
+        return None
+    found: dict[tuple[Any, ...], int] = {}
+    table: tuple[Any, ...] = ()
+    arrays: dict[tuple[Any, ...], int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _TABLE.match(line)
+        if header:
+            path = _key_parts(header.group(2))
+            if header.group(1) == "[[":
+                arrays[path] = arrays.get(path, -1) + 1
+                table = (*path, arrays[path])
+            else:
+                table = path
+            found.setdefault(table, number)
+            continue
+        key = _KEY.match(line)
+        if key:
+            found.setdefault((*table, *_key_parts(key.group(1))), number)
+    for end in range(len(loc), 0, -1):
+        if tuple(loc[:end]) in found:
+            return found[tuple(loc[:end])]
+    return None
+
+
+def _where(source: Path | None, line: int | None) -> str:
+    name = str(source) if source else "<embedded defaults>"
+    return f"{name}:{line}" if line else name
+
+
+def parse(data: dict[str, Any], source: Path | None, text: str | None = None) -> Config:
+    """Validate an already-parsed TOML document; ``text`` (the file's content) adds line numbers."""
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{where}: {_loc(e['loc'])}: {_describe(e)}" for e in exc.errors()]
+        lines = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            problem = (err.get("ctx") or {}).get("error")
+            if isinstance(problem, FieldProblem):
+                loc = (*loc, problem.key)
+            lines.append(f"{_where(source, _line_of(text, loc))}: {_loc(loc)}: {_describe(err)}")
         raise ConfigError(lines) from None
     base = source.parent.resolve() if source else Path.cwd()
     return Config(settings=settings, source=source, base_dir=base)
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load and validate config.toml: explicit path, else $GLOWTRIAGE_CONFIG, else embedded defaults."""
+def _resolve_source(path: str | os.PathLike[str] | None) -> Path | None:
     if path is None:
         path = os.environ.get(ENV_VAR) or None
-    if path is None:
-        return parse({}, None)
-    source = Path(path)
+    return None if path is None else Path(path)
+
+
+def _read(source: Path) -> tuple[dict[str, Any], str]:
     try:
         raw = source.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{source}: cannot read config file: {exc.strerror or exc}"]) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{source}: not UTF-8 text at byte {exc.start}"]) from None
+        line = raw[: exc.start].count(b"\n") + 1
+        byte = f"{raw[exc.start]:#04x} at offset {exc.start}"
+        raise ConfigError([f"{source}:{line}: not UTF-8 text (byte {byte}); save it as UTF-8"]) from None
+    try:
+        return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
-    return parse(data, source)
+        match = re.search(r"at line (\d+)", str(exc))
+        line = int(match.group(1)) if match else None
+        raise ConfigError([f"{_where(source, line)}: TOML syntax error: {exc}"]) from None
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate config.toml: explicit path, else $GLOWTRIAGE_CONFIG, else embedded defaults.
+
+    Only the file's own content is checked here; :func:`check` also looks at the files it names.
+    """
+    source = _resolve_source(path)
+    if source is None:
+        return parse({}, None)
+    data, text = _read(source)
+    return parse(data, source, text)
+
+
+def _check_tls(cfg: Config, text: str | None) -> list[str]:
+    tls = cfg.settings.dicom.tls
+    if not tls.enabled:
+        return []
+    errors: list[str] = []
+
+    def err(key: str, message: str) -> None:
+        loc = ("dicom", "tls", key)
+        errors.append(f"{_where(cfg.source, _line_of(text, loc))}: {_loc(loc)}: {message}")
+
+    for key in ("cert_file", "key_file", "ca_file"):
+        value = getattr(tls, key)
+        if value and not os.access(cfg.path(value), os.R_OK):
+            err(key, f"cannot read {cfg.path(value)} (missing, or not readable by this user)")
+    if errors:
+        return errors
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cfg.path(tls.cert_file), cfg.path(tls.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        err("cert_file", f"not a PEM certificate matching key_file {cfg.path(tls.key_file)}: {exc}")
+    if tls.ca_file:
+        try:
+            context.load_verify_locations(cafile=cfg.path(tls.ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            err("ca_file", f"not a PEM CA certificate bundle: {exc}")
+    return errors
+
+
+def check(path: str | os.PathLike[str] | None = None) -> list[str]:
+    """Everything wrong with a config, one line per problem naming the file and the key; [] when fine.
+
+    What ``triage check-config`` prints. Beyond :func:`load` it opens the files the config names
+    (TLS certificate, key and CA), so a bad certificate is found before the daemon's first
+    association instead of during it.
+    """
+    try:
+        source = _resolve_source(path)
+        if source is None:
+            return []
+        data, text = _read(source)
+        cfg = parse(data, source, text)
+    except ConfigError as exc:
+        return list(exc.lines)
+    return _check_tls(cfg, text)

@@ -50,13 +50,30 @@ PHI_KEYS = frozenset(
 )
 _NON_LETTERS = re.compile(r"[^a-z]")
 REDACTED = "[redacted]"
+EventDict = MutableMapping[str, Any]
 
 
 def _is_phi_key(key: str) -> bool:
     return _NON_LETTERS.sub("", key.lower()) in PHI_KEYS
 
 
+def _is_pydicom_phi(value: Any) -> bool:
+    # A PersonName is a person's name whatever key it travels under, and a whole Dataset (or one of its
+    # elements) would be rendered with repr(), i.e. with every patient attribute in it.
+    module = type(value).__module__ or ""
+    return module.startswith("pydicom") and type(value).__name__ in (
+        "PersonName",
+        "Dataset",
+        "FileDataset",
+        "DataElement",
+        "RawDataElement",
+        "Sequence",
+    )
+
+
 def _scrub(value: Any) -> Any:
+    if _is_pydicom_phi(value):
+        return REDACTED
     if isinstance(value, dict):
         return {k: (REDACTED if _is_phi_key(str(k)) else _scrub(v)) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -76,24 +93,47 @@ def scrub_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) 
     return event_dict
 
 
+# Tags and words that mark a line of a third-party dataset dump as carrying identity: the whole
+# patient group (0010,xxxx), accession number, referring/performing/reading physicians, operators,
+# institution address, and their keywords or descriptions ("Patient's Name", "PatientID", ...).
+_FOREIGN_PHI = re.compile(
+    r"\(0010,|\(0008,0050\)|\(0008,0090\)|\(0008,1050\)|\(0008,1060\)|\(0008,1070\)|\(0008,0081\)"
+    r"|Patient|Accession|Physician|Operator|Birth",
+    re.IGNORECASE,
+)
+FOREIGN_REDACTED = "[third-party line with patient data removed]"
+
+
 class _ForeignRecordScrubber(logging.Filter):
     """pynetdicom logs whole datasets at debug level (names, IDs). Drop those lines' PHI content.
 
-    Its DIMSE/dataset dumps print elements as ``(0010,0010) PN [Name]`` or ``Patient's Name``; any
-    foreign record that mentions a patient-module element is reduced to its first words.
+    Its DIMSE/dataset dumps print elements as ``(0010,0010) PN [Name]`` or ``Patient's Name``; every
+    line of a foreign record that mentions a patient-module element is replaced, the other lines
+    (UIDs, transfer syntaxes, status codes, which are what one debugs with) are kept.
+    Our own structlog events arrive here too (``msg`` is their already-scrubbed event dict) and pass.
     """
 
-    _PATTERN = re.compile(r"\(0010,|\(0008,0050\)|\(0008,0090\)|Patient|Accession", re.IGNORECASE)
-
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, dict):  # a structlog event: scrub_phi already ran on it
+            return True
         try:
             msg = record.getMessage()
         except Exception:  # a malformed third-party record must never break logging
-            return False
-        if self._PATTERN.search(msg):
-            record.msg = "[third-party line with patient data removed]"
-            record.args = ()
+            msg = f"[unformattable third-party record from {record.name}]"
+        if _FOREIGN_PHI.search(msg):
+            msg = "\n".join(FOREIGN_REDACTED if _FOREIGN_PHI.search(ln) else ln for ln in msg.splitlines())
+        record.msg = msg
+        record.args = ()
         return True
+
+
+def _default_stage(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """Every line carries ``stage``; a foreign record's is the top package of its logger (pynetdicom)."""
+    if "stage" not in event_dict:
+        record = event_dict.get("_record")
+        name = getattr(record, "name", None) or event_dict.get("logger") or "glowtriage"
+        event_dict["stage"] = str(name).split(".")[0]
+    return event_dict
 
 
 _configured = False
@@ -109,6 +149,9 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _default_stage,
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
         scrub_phi,
     ]
     renderer: Any = (
