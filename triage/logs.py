@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -139,11 +139,16 @@ def _default_stage(_logger: Any, _method: str, event_dict: EventDict) -> EventDi
 _configured = False
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
-    """Set up structlog and route stdlib logging (pynetdicom, apscheduler) through the same chain."""
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Set up structlog and route stdlib logging (pynetdicom, apscheduler) through the same chain.
+
+    ``stream`` defaults to stdout (journald); commands whose stdout is data (`triage score --json`)
+    log to stderr instead.
+    """
     global _configured
+    out = stream or sys.stdout
     lvl = getattr(logging, level.upper())
-    use_console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+    use_console = fmt == "console" or (fmt == "auto" and out.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -167,7 +172,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
     handler.addFilter(_ForeignRecordScrubber())
     root = logging.getLogger()

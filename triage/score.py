@@ -17,6 +17,7 @@ import bisect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +26,10 @@ from triage.glow import Glow, fit_to_shape
 from triage.registry import ModelSet, Registry, RegistryError
 from triage.results import ModelSetInfo, ScoreResult
 
-__all__ = ["ModelSetInfo", "ScoreResult", "Scorer", "ScoringError", "percentile_of", "pick_device"]
+__all__ = [
+    "ModelPair", "ModelSetInfo", "ScoreResult", "Scorer", "ScoringError", "VolumeInput", "percentile_of",
+    "pick_device",
+]
 
 
 class ScoringError(Exception):
@@ -55,6 +59,35 @@ class VolumeInput:
     volume: np.ndarray  # uint8, canonical shape (32, 128, 128), 7-bit window
 
 
+class ModelPair:
+    """M0 and M1 on one device: log p(x|normal) and log p(x) for a canonical volume."""
+
+    def __init__(self, m0: Glow, m1: Glow, device: torch.device):
+        if m0.cfg.image_shape != m1.cfg.image_shape:
+            raise ScoringError(
+                f"M0 and M1 expect different shapes {m0.cfg.image_shape} vs {m1.cfg.image_shape}"
+            )
+        self.device = device
+        self.m0 = m0.to(device).eval()
+        self.m1 = m1.to(device).eval()
+        if device.type == "cuda":
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+
+    @classmethod
+    def load(cls, m0_path: Path, m1_path: Path, device: torch.device) -> ModelPair:
+        return cls(Glow.load(m0_path, map_location=device), Glow.load(m1_path, map_location=device), device)
+
+    @torch.inference_mode()
+    def log_likelihoods(self, volume: np.ndarray) -> tuple[float, float]:
+        """(log p(x|normal), log p(x)) in nats for one canonical uint8 volume."""
+        x = torch.from_numpy(np.ascontiguousarray(volume)).to(self.device)
+        x = fit_to_shape(x[None, None], self.m0.cfg.image_shape)
+        lp0 = self.m0.log_prob(self.m0.preprocess(x)).double().item()
+        lp1 = self.m1.log_prob(self.m1.preprocess(x)).double().item()
+        return lp0, lp1
+
+
 class Scorer:
     """Both models of one model set, loaded once, on the chosen device."""
 
@@ -66,18 +99,11 @@ class Scorer:
             torch.set_num_threads(threads)
         try:
             model_set.verify()
-            self.m0 = Glow.load(model_set.m0_path, map_location=self.device).eval()
-            self.m1 = Glow.load(model_set.m1_path, map_location=self.device).eval()
+            self.pair = ModelPair.load(model_set.m0_path, model_set.m1_path, self.device)
         except (RegistryError, OSError, RuntimeError, ValueError, KeyError) as exc:
             raise ScoringError(f"model set {model_set.version} cannot be loaded: {exc}") from exc
-        if self.m0.cfg.image_shape != self.m1.cfg.image_shape:
-            raise ScoringError(
-                f"model set {model_set.version}: M0 and M1 expect different shapes "
-                f"{self.m0.cfg.image_shape} vs {self.m1.cfg.image_shape}"
-            )
-        if self.device.type == "cuda":
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+        except ScoringError as exc:
+            raise ScoringError(f"model set {model_set.version}: {exc}") from exc
         self._normals = model_set.calibration_scores
         self.last_inference_s = 0.0
 
@@ -91,14 +117,8 @@ class Scorer:
             raise ScoringError(f"no current model set under {registry.root}: create and promote one")
         return cls(current, device=device, threads=threads)
 
-    @torch.inference_mode()
     def log_likelihoods(self, volume: np.ndarray) -> tuple[float, float]:
-        """(log p(x|normal), log p(x)) in nats for one canonical uint8 volume."""
-        x = torch.from_numpy(np.ascontiguousarray(volume)).to(self.device)
-        x = fit_to_shape(x[None, None], self.m0.cfg.image_shape)
-        lp0 = self.m0.log_prob(self.m0.preprocess(x)).double().item()
-        lp1 = self.m1.log_prob(self.m1.preprocess(x)).double().item()
-        return lp0, lp1
+        return self.pair.log_likelihoods(volume)
 
     def score(self, items: Sequence[VolumeInput]) -> list[ScoreResult]:
         """Score every waiting volume. Non-finite likelihoods raise: they mean a broken model set."""
