@@ -189,4 +189,5 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
 
 def get_logger(stage: str) -> structlog.stdlib.BoundLogger:
     """A logger bound to a pipeline stage (receive, store, assemble, score, report, send, ...)."""
-    return structlog.get_logger("glowtriage").bind(stage=stage)
+    # Lazy (no .bind()): a module-level logger made before configure() must follow configure().
+    return structlog.get_logger("glowtriage", stage=stage)

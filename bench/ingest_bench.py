@@ -1,0 +1,308 @@
+"""Ingest speed over loopback: glowtriage's receiver vs dcmtk storescp vs Orthanc, in one run.
+
+Synthetic CT slices (256x256 int16, Explicit VR Little Endian, about 130 KB each) are generated
+once into a temp folder, split into ``--associations`` groups, and each group is sent by its own
+``storescu`` process at the same time (TCP_NODELAY=1 in dcmtk's environment). The clock runs from
+the first storescu start to the last storescu exit; every peer must then hold every instance.
+
+Peers, each with its storage on a temp folder of the same disk:
+
+* glowtriage: ``python -m triage.receive`` (fsync of file and directory plus a SQLite commit per
+  instance before the success status);
+* storescp: ``storescp --fork`` (one process per association; it does not fsync);
+* Orthanc: temporary configuration, ``SyncStorageArea`` true (its default: fsync per instance).
+
+    python bench/ingest_bench.py [--n 2000] [--associations 4] [--out bench/results/ingest.json]
+
+Prints a table (peer, instances, seconds, inst/s, ratio vs storescp) and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def generate(out: Path, n: int, size: int = 256, seed: int = 0) -> list[Path]:
+    """``n`` CT slices of one series (int16 pixels), written with pydicom."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study, series = generate_uid(), generate_uid()
+    yy, xx = np.mgrid[:size, :size]
+    head = np.where(((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.4 * size) ** 2, 40, -1000)
+    noise = rng.normal(0, 10, (8, size, size))
+    paths = []
+    for i in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CT"
+        ds.PatientName = "BENCH^PHANTOM"
+        ds.PatientID = "BENCH"
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [-100.0, -100.0, 1.0 * i]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [0.8, 0.8]
+        ds.SliceThickness = 1.0
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = (head + noise[i % 8]).astype(np.int16).tobytes()
+        p = out / f"{i:05d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def fsync_probe(folder: Path, n: int = 50, size: int = 131072) -> float:
+    """Milliseconds for write + fsync + rename + directory fsync of one instance-sized file here.
+
+    Printed with the results because on a shared disk this, not the code, can set the pace of
+    every peer that syncs (glowtriage and Orthanc; storescp does not).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = os.urandom(size)
+    t = time.perf_counter()
+    for i in range(n):
+        tmp, final = folder / f"{i}.tmp", folder / f"{i}.dcm"
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    ms = (time.perf_counter() - t) / n * 1000
+    shutil.rmtree(folder, ignore_errors=True)
+    return ms
+
+
+def send_parallel(port: int, called: str, groups: list[list[Path]]) -> float:
+    """Run one storescu per group at once; return wall seconds; raise if any storescu failed."""
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aet", "BENCHSCU", "-aec", called, "127.0.0.1", str(port), *map(str, g)],
+            env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for g in groups
+    ]
+    outs = [p.communicate()[0] for p in procs]
+    seconds = time.perf_counter() - t0
+    for p, out in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu exited {p.returncode}: {out.decode(errors='replace')[-1500:]}")
+    return seconds
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def glowtriage(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    port = free_port()
+    cfg = work / "config.toml"
+    cfg.write_text(
+        f'[dicom]\nae_title = "GLOWTRIAGE"\nhost = "127.0.0.1"\nport = {port}\nmax_associations = 16\n'
+        f'[storage]\nroot = "{work / "var"}"\nmin_free_mb = 64\n'
+        '[logging]\nlevel = "info"\nformat = "json"\n',
+        encoding="utf-8",
+    )
+    with open(work / "receiver.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "triage.receive", "--config", str(cfg)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc)
+
+        def count() -> int:
+            sys.path.insert(0, str(REPO))
+            from triage.store import Store
+
+            with Store(work / "var") as st:
+                return st.instance_total()
+
+        yield port, "GLOWTRIAGE", count
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def storescp(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    port = free_port()
+    out = work / "out"
+    out.mkdir()
+    with open(work / "storescp.log", "wb") as log:
+        proc = subprocess.Popen(["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
+                                env=dcmtk_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, proc)
+        yield port, "STORESCP", lambda: sum(1 for _ in out.iterdir())
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def orthanc(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+    http, dicom = free_port(), free_port()
+    config = {
+        "Name": "bench", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "storage"),
+        "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+        "SyncStorageArea": True, "DicomThreadsCount": 4,
+    }
+    (work / "orthanc.json").write_text(json.dumps(config), encoding="utf-8")
+    with open(work / "orthanc.log", "wb") as log:
+        proc = subprocess.Popen([exe, str(work / "orthanc.json")], cwd=work, env=dcmtk_env(), stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_port(dicom, proc)
+        wait_port(http, proc)
+
+        def count() -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics", timeout=30) as rsp:
+                return int(json.loads(rsp.read())["CountInstances"])
+
+        yield dicom, "ORTHANC", count
+    finally:
+        stop(proc)
+
+
+PEERS: dict[str, Callable[[Path], contextlib.AbstractContextManager[tuple[int, str, Callable[[], int]]]]] = {
+    "storescp": storescp,
+    "glowtriage": glowtriage,
+    "orthanc": orthanc,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000, help="instances (default 2000; e.g. 200 for a smoke run)")
+    ap.add_argument("--associations", type=int, default=4, help="parallel storescu processes (default 4)")
+    ap.add_argument("--size", type=int, default=256, help="rows = columns (default 256)")
+    ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
+    args = ap.parse_args(argv)
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found (Debian package dcmtk)", file=sys.stderr)
+            return 2
+
+    rows: list[dict[str, Any]] = []
+    instance_bytes = 0
+    probe_before = probe_after = float("nan")
+    with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
+        base = Path(tmp)
+        t = time.perf_counter()
+        files = generate(base / "data", args.n, args.size)
+        instance_bytes = files[0].stat().st_size
+        print(f"generated {len(files)} instances of {files[0].stat().st_size} bytes in "
+              f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
+        probe_before = fsync_probe(base / "probe")
+        k = max(1, args.associations)
+        groups = [files[i::k] for i in range(k)]
+        for name in [p.strip() for p in args.peers.split(",") if p.strip()]:
+            work = base / name
+            work.mkdir()
+            with PEERS[name](work) as (port, aet, count):
+                seconds = send_parallel(port, aet, groups)
+                deadline = time.monotonic() + 30
+                got = count()
+                while got < len(files) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    got = count()
+            rows.append({"peer": name, "instances": got, "sent": len(files), "seconds": round(seconds, 3),
+                         "inst_per_s": round(len(files) / seconds, 1)})
+            print(f"{name}: {got}/{len(files)} in {seconds:.2f} s", file=sys.stderr)
+        probe_after = fsync_probe(base / "probe")
+
+    ref = next((r["inst_per_s"] for r in rows if r["peer"] == "storescp"), None)
+    for r in rows:
+        r["ratio_vs_storescp"] = round(r["inst_per_s"] / ref, 3) if ref else None
+    print(f"\n{'peer':<12}{'instances':>10}{'seconds':>10}{'inst/s':>10}{'vs storescp':>13}")
+    for r in rows:
+        ratio = f"{r['ratio_vs_storescp']:.2f}" if r["ratio_vs_storescp"] is not None else "-"
+        print(f"{r['peer']:<12}{r['instances']:>10}{r['seconds']:>10.2f}{r['inst_per_s']:>10.1f}{ratio:>13}")
+    print(f"disk: write+fsync+rename+dir fsync of one {instance_bytes}-byte file took "
+          f"{probe_before:.2f} ms before and {probe_after:.2f} ms after the run")
+    result = {
+        "benchmark": "ingest",
+        "n": args.n, "associations": args.associations, "size": args.size,
+        "instance_bytes": instance_bytes,
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "durability": {"glowtriage": "fsync file, then rename + directory fsync and a SQLite WAL commit "
+                                     "(synchronous=FULL), the last two shared by concurrent instances, "
+                                     "all before each success status",
+                       "storescp": "no fsync", "orthanc": "SyncStorageArea=true (fsync per instance)"},
+        "fsync_probe_ms": {"before": round(probe_before, 3), "after": round(probe_after, 3)},
+        "results": rows,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    ok = all(r["instances"] == r["sent"] for r in rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Delivery: back-off, C-STORE and MLLP destinations against real listeners, the outbox state machine."""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+import time
+from pathlib import Path
+
+import hl7
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage  # type: ignore[attr-defined]
+
+from triage.config import parse
+from triage.pipeline import Sender
+from triage.send import Delivery, DicomStoreDestination, MLLPDestination, SendError, backoff_delay
+from triage.store import Store
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_backoff_doubles_caps_and_jitters() -> None:
+    mid = [backoff_delay(a, 2.0, 60.0, rng=lambda: 0.5) for a in range(1, 8)]
+    assert mid == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert backoff_delay(3, 2.0, 60.0, rng=lambda: 0.0) == pytest.approx(7.2)
+    assert backoff_delay(3, 2.0, 60.0, rng=lambda: 1.0) == pytest.approx(8.8)
+
+
+def _sr_file(tmp: Path) -> Path:
+    ds = Dataset()
+    ds.SOPClassUID = Comprehensive3DSRStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp / "sr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+class _SCP:
+    """A real pynetdicom C-STORE SCP that answers a chosen status."""
+
+    def __init__(self, status: int = 0x0000):
+        self.received: list[str] = []
+        self.port = _port()
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(Comprehensive3DSRStorage, ExplicitVRLittleEndian)
+
+        def on_store(event: evt.Event) -> int:
+            self.received.append(str(event.request.AffectedSOPInstanceUID))
+            return status
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_dicom_destination_success_failure_status_and_down(tmp_path: Path) -> None:
+    sr = _sr_file(tmp_path)
+    scp = _SCP()
+    try:
+        dest = DicomStoreDestination("PACS", "PACS", "127.0.0.1", scp.port, "GLOWTRIAGE", timeout_s=5)
+        assert "1 instance" in dest.send(Delivery(1, "dicom", "PACS", [sr]))
+        assert len(scp.received) == 1
+    finally:
+        scp.close()
+    bad = _SCP(status=0xA700)
+    try:
+        dest = DicomStoreDestination("PACS", "PACS", "127.0.0.1", bad.port, "GLOWTRIAGE", timeout_s=5)
+        with pytest.raises(SendError, match="0xA700"):
+            dest.send(Delivery(1, "dicom", "PACS", [sr]))
+    finally:
+        bad.close()
+    down = DicomStoreDestination("PACS", "PACS", "127.0.0.1", _port(), "GLOWTRIAGE", timeout_s=2)
+    with pytest.raises(SendError, match="association"):
+        down.send(Delivery(1, "dicom", "PACS", [sr]))
+
+
+class _MLLP(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+
+    def __init__(self, code: str):
+        outer = self
+
+        class H(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                buf = b""
+                while b"\x1c\r" not in buf:
+                    chunk = self.request.recv(4096)
+                    if not chunk:
+                        return
+                    buf += chunk
+                msg = hl7.parse(buf.strip(b"\x0b\x1c\r").decode())
+                outer.got.append(msg)
+                # send the ACK in two pieces: the client must wait for the whole frame
+                ack = b"\x0b" + str(msg.create_ack(code)).encode() + b"\x1c\r"
+                self.request.sendall(ack[:10])
+                time.sleep(0.05)
+                self.request.sendall(ack[10:])
+
+        super().__init__(("127.0.0.1", 0), H)
+        self.got: list = []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _oru(tmp: Path) -> Path:
+    text = "MSH|^~\\&|GLOWTRIAGE|RAD|RIS|HOSP|20261129||ORU^R01^ORU_R01|CTRL123|P|2.5\rPID|1||X\r"
+    p = tmp / "m.hl7"
+    p.write_bytes(text.encode())
+    return p
+
+
+def test_mllp_destination_acks_and_nacks(tmp_path: Path) -> None:
+    msg = _oru(tmp_path)
+    ok = _MLLP("AA")
+    try:
+        assert MLLPDestination("RIS", "127.0.0.1", ok.server_address[1]).send(
+            Delivery(1, "hl7", "RIS", [msg])) == "ACK AA"
+        assert str(ok.got[0].segment("MSH")[10]) == "CTRL123"
+        assert len(ok.got[0].segments("PID")) == 1  # segments kept their \r separators
+    finally:
+        ok.shutdown()
+    nak = _MLLP("AE")
+    try:
+        with pytest.raises(SendError, match="not accepted"):
+            MLLPDestination("RIS", "127.0.0.1", nak.server_address[1]).send(Delivery(1, "hl7", "RIS", [msg]))
+    finally:
+        nak.shutdown()
+    with pytest.raises(SendError, match="MLLP"):
+        MLLPDestination("RIS", "127.0.0.1", _port(), timeout_s=1).send(Delivery(1, "hl7", "RIS", [msg]))
+
+
+def _store_with_reported_study(tmp: Path, clock) -> tuple[Store, str]:
+    store = Store(tmp / "var", clock=clock)
+    study, series, sop = "1.2.3", "1.2.3.4", "1.2.3.4.5"
+    store.put_instance(sop, study, series, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                       lambda f: f.write(b"\0" * 128 + b"DICM"), "TEST")
+    store.set_series_state(series, "stable")
+    store.set_study_state(study, "stable")
+    store.record_assembly(study, series, 0, tmp / "v.npz", complete_at=clock())
+    store.record_score(study, 0, {"study_uid": study})
+    return store, study
+
+
+def test_outbox_retries_with_backoff_then_dead_letters_and_survives_restart(tmp_path: Path) -> None:
+    now = [1000.0]
+    store, study = _store_with_reported_study(tmp_path, lambda: now[0])
+    msg = _oru(tmp_path)
+    dead_port = _port()
+    assert store.enqueue_results(study, 0, [("hl7", "RIS", [msg], f"@127.0.0.1:{dead_port}")]) == 1
+    # re-running the report stage adds nothing (idempotent)
+    assert store.enqueue_results(study, 0, [("hl7", "RIS", [msg], f"@127.0.0.1:{dead_port}")]) == 0
+    cfg = parse({"outbox": {"max_attempts": 3, "backoff_initial_s": 10.0, "backoff_max_s": 100.0},
+                 "hl7": {"timeout": 1.0}}, None)
+    sender = Sender(store, cfg)
+    assert sender.drain(now=now[0]) == 0
+    row = store.outbox(study)[0]
+    assert row.attempts == 1 and row.state == "pending" and 9.0 <= row.next_attempt_at - now[0] <= 11.0
+    assert sender.drain(now=now[0] + 5) == 0 and store.outbox(study)[0].attempts == 1  # not due yet
+    store.close()
+    # restart: the schedule is in the database, not in memory
+    store = Store(tmp_path / "var", clock=lambda: now[0])
+    sender = Sender(store, cfg)
+    sender.drain(now=now[0] + 11)
+    assert store.outbox(study)[0].attempts == 2
+    sender.drain(now=now[0] + 1000)
+    row = store.outbox(study)[0]
+    assert row.state == "dead" and row.attempts == 3 and "MLLP" in (row.last_error or "")
+    st = store.study(study)
+    assert st.state == "failed" and "dead-lettered" in st.reason
+    assert store.outbox_counts() == {"pending": 0, "sent": 0, "dead": 1}
+    # an operator re-queues it; a listener is now up; it is delivered once
+    ok = _MLLP("AA")
+    try:
+        with store.transaction() as db:
+            db.execute("UPDATE outbox SET target=?", (f"@127.0.0.1:{ok.server_address[1]}",))
+        assert store.outbox_requeue(row.id)
+        assert sender.drain(now=now[0] + 2000) == 1
+        assert sender.drain(now=now[0] + 3000) == 0
+        assert len(ok.got) == 1
+        assert store.study(study).state == "sent"
+    finally:
+        ok.shutdown()

@@ -1,0 +1,242 @@
+"""`triage serve | score | status | models | check-config`.
+
+Heavy imports (torch, pynetdicom) happen inside the commands, so `triage check-config` answers fast.
+Exit codes: 0 success, 1 a runtime failure (message on stderr), 2 bad usage or bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from triage.config import Config, ConfigError, check, load
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        return load(args.config)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _configure_logs(cfg: Config, stream_json: bool = False) -> None:
+    from triage.logs import configure
+
+    s = cfg.settings.logging
+    configure(s.level, "json" if stream_json else s.format, stream=sys.stderr if stream_json else None)
+
+
+# ------------------------------------------------------------------------------------------ serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    _configure_logs(cfg)
+    from triage.daemon import serve
+
+    return serve(cfg)
+
+
+# ------------------------------------------------------------------------------------------ score
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score DICOM folders offline, one JSON object a study (the contract in DESIGN.md)."""
+    cfg = _config(args)
+    _configure_logs(cfg, stream_json=True)
+    from triage.offline import folder_studies
+    from triage.registry import Registry
+    from triage.score import Scorer, ScoringError, VolumeInput
+
+    models = Path(args.models) if args.models else cfg.models_dir
+    try:
+        scorer = Scorer.from_registry(Registry(models), device=args.device or cfg.settings.scoring.device)
+    except ScoringError as exc:
+        print(f"triage score: {exc}", file=sys.stderr)
+        return 1
+    try:
+        studies = list(folder_studies(args.paths, cfg.settings.assembly))
+    except FileNotFoundError as exc:
+        print(f"triage score: {exc}", file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    for st in studies:
+        if st.volume is None or st.series_uid is None:
+            row: dict[str, Any] = {"study_uid": st.study_uid, "rejected": True, "reason": st.reason}
+        else:
+            res = scorer.score([VolumeInput(st.study_uid, st.series_uid, st.volume.data)])[0]
+            row = res.to_json()
+            if args.save_volumes:
+                from triage.assemble import save_volume
+
+                out = Path(args.save_volumes) / f"{st.study_uid}.npz"
+                save_volume(st.volume, out)
+                row["volume"] = str(out)
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        elif row.get("rejected"):
+            print(f"{st.study_uid}  REJECTED  {row['reason']}")
+        else:
+            flag = "FLAGGED" if row["flagged"] else "-"
+            print(f"{st.study_uid}  {row['log_posterior']:12.2f}  p{row['percentile']:5.1f}  {flag}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from triage.registry import Registry, RegistryError
+    from triage.store import Store
+
+    root = cfg.storage_root
+    if not (root / "state.db").exists():
+        studies, queues = [], {}
+    else:
+        with Store(root) as store:
+            studies = [
+                {"study_uid": s.study_uid, "state": s.state, "instances": s.instances, "reason": s.reason}
+                for s in store.studies(limit=args.limit)
+            ]
+            queues = store.queue_counts()
+            queues.update({f"outbox_{k}": v for k, v in store.outbox_counts().items()})
+    try:
+        cur = Registry(cfg.models_dir).current()
+        model_set = cur.version if cur else None
+    except RegistryError:
+        model_set = None
+    if args.json:
+        print(json.dumps({"studies": studies, "queues": queues, "model_set": model_set}))
+        return 0
+    print(f"model set: {model_set or 'none (scoring waits)'}")
+    print("queues:    " + ", ".join(f"{k}={v}" for k, v in queues.items() if v) or "empty")
+    for s in studies:
+        reason = f"  ({s['reason']})" if s["reason"] else ""
+        print(f"{s['study_uid']:<64} {s['state']:<10} {s['instances']:>5}{reason}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from triage.registry import Registry, RegistryError
+
+    reg = Registry(Path(args.models) if args.models else cfg.models_dir)
+    try:
+        if args.action == "list":
+            cur = reg.current()
+            for s in reg.list():
+                mark = "*" if cur and cur.version == s.version else " "
+                op = s.manifest["operating_point"]
+                print(f"{mark} {s.version}  preset={s.manifest['preset']}  threshold={op['threshold']:.3f} "
+                      f"({op['method']})  device_uid={s.manifest['device_uid']}")
+        elif args.action == "show":
+            s = reg.get(args.version) if args.version else reg.current()
+            if s is None:
+                print("no current model set", file=sys.stderr)
+                return 1
+            m = dict(s.manifest)
+            m["calibration"] = {**m["calibration"], "normal_scores": f"{len(s.calibration_scores)} scores"}
+            print(json.dumps(m, indent=2))
+        elif args.action == "promote":
+            s = reg.promote(args.version, reason=args.reason or "manual promote")
+            print(f"promoted {s.version}")
+        elif args.action == "rollback":
+            s = reg.rollback(reason=args.reason or "manual rollback")
+            print(f"rolled back to {s.version}")
+        elif args.action == "create":
+            from triage.modelset import create_model_set
+
+            s = create_model_set(cfg, reg, Path(args.m0), Path(args.m1), Path(args.calibrate),
+                                 labels=Path(args.labels) if args.labels else None,
+                                 specificity=args.specificity, device=args.device)
+            print(f"created {s.version}  threshold={s.manifest['operating_point']['threshold']:.3f} "
+                  f"({s.manifest['operating_point']['method']})")
+            if args.promote:
+                reg.promote(s.version, reason="created with --promote")
+                print(f"promoted {s.version}")
+    except RegistryError as exc:
+        print(f"triage models: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.config or os.environ.get("GLOWTRIAGE_CONFIG")
+    problems = check(path)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if not problems:
+        print(f"{path or '<embedded defaults>'}: OK")
+    return 2 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="triage", description="glowtriage: head-CT triage daemon")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", help="config.toml (default: $GLOWTRIAGE_CONFIG, else embedded defaults)")
+        return p
+
+    add("serve", "run the daemon in the foreground").set_defaults(func=cmd_serve)
+
+    p = add("score", "score DICOM folders offline")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--models", help="model sets folder (default: <storage.root>/models)")
+    p.add_argument("--json", action="store_true", help="one JSON object per study")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--save-volumes", metavar="DIR", help="also write each scored volume (.npz) here")
+    p.set_defaults(func=cmd_score)
+
+    p = add("status", "queues, recent studies and the current model set")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_status)
+
+    p = add("models", "list | show | promote | rollback | create model sets")
+    p.add_argument("action", choices=["list", "show", "promote", "rollback", "create"])
+    p.add_argument("version", nargs="?")
+    p.add_argument("--models", help="model sets folder (default: <storage.root>/models)")
+    p.add_argument("--reason")
+    p.add_argument("--m0", help="create: M0 (normal) model file")
+    p.add_argument("--m1", help="create: M1 (mixture) model file")
+    p.add_argument("--calibrate", help="create: DICOM folder (or volumes) to set the operating point on")
+    p.add_argument("--labels", help="create: labels.csv (study_uid,label,lesion): Youden cut-off")
+    p.add_argument("--specificity", type=float, help="create without labels: specificity to keep")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--promote", action="store_true", help="create: make it current")
+    p.set_defaults(func=cmd_models)
+
+    add("check-config", "validate config.toml and exit").set_defaults(func=cmd_check_config)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        if args.action in ("promote",) and not args.version:
+            print("triage models promote: which version?", file=sys.stderr)
+            return 2
+        if args.action == "create" and not (args.m0 and args.m1 and args.calibrate):
+            print("triage models create: --m0, --m1 and --calibrate are required", file=sys.stderr)
+            return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""`triage serve`: receive, assemble, score, report and send, together, until SIGTERM.
+
+Each stage is a loop in its own thread over the store (see triage.pipeline), so a slow PACS never
+holds up receiving, and scoring (the CPU-heavy part) never holds up the DICOM listener. A model set
+that cannot load stops only the scoring loop, which retries and logs the reason; studies wait in
+``assembled`` and nothing is dropped. A new model set promoted by the nightly retrain is picked up
+at the next scoring round (the registry's ``current`` link is read every round).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from triage import systemd
+from triage.config import Config
+from triage.logs import get_logger
+from triage.metrics import METRICS, start_http
+from triage.pipeline import Sender, assemble_due, report_scored, score_assembled
+from triage.receive import Receiver
+from triage.registry import Registry, RegistryError
+from triage.score import Scorer, ScoringError
+from triage.store import Store
+
+log = get_logger("daemon")
+
+
+class Daemon:
+    """The whole data path in one process."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.store = Store(cfg.storage_root)
+        self.registry = Registry(cfg.models_dir)
+        self.stop_event = threading.Event()
+        self.receiver: Receiver | None = None
+        self.scorer: Scorer | None = None
+        self.scorer_error: str | None = None
+        self.threads: list[threading.Thread] = []
+        self.scheduler = None
+
+    # -- stages ----------------------------------------------------------------------------------
+    def _loop(self, name: str, every_s: float, step: Callable[[], int]) -> None:
+        while not self.stop_event.is_set():
+            try:
+                busy = step()
+            except Exception:  # a stage must never die: log with traceback and go on
+                log.exception("stage_error", loop=name)
+                busy = 0
+            if not busy:
+                self.stop_event.wait(every_s)
+
+    def _assemble_step(self) -> int:
+        return assemble_due(self.store, self.cfg)
+
+    def _current_scorer(self) -> Scorer | None:
+        try:
+            current = self.registry.current()
+        except RegistryError as exc:
+            current, reason = None, str(exc)
+        else:
+            reason = f"no current model set under {self.registry.root}" if current is None else None
+        if current is None:
+            self._scoring_unavailable(reason or "no model set")
+            return None
+        if self.scorer is None or self.scorer.model_set.version != current.version:
+            try:
+                s = self.cfg.settings.scoring
+                self.scorer = Scorer(current, device=s.device, threads=s.threads)
+            except ScoringError as exc:
+                self.scorer = None
+                self._scoring_unavailable(str(exc))
+                return None
+            info = self.scorer.info
+            METRICS.model_set_loaded(info.version, info.device_uid, info.preset)
+            log.info("model_set_loaded", version=info.version, device_uid=info.device_uid,
+                     preset=info.preset, device=self.scorer.device.type)
+            self.scorer_error = None
+        return self.scorer
+
+    def _scoring_unavailable(self, reason: str) -> None:
+        if reason != self.scorer_error:  # log once per distinct reason, not every round
+            log.error("scoring_stopped", reason=reason, note="receiving goes on; studies wait in 'assembled'")
+        self.scorer_error = reason
+
+    def _score_step(self) -> int:
+        scorer = self._current_scorer()
+        if scorer is None:
+            return 0
+        n = score_assembled(self.store, scorer, limit=self.cfg.settings.scoring.batch_size)
+        n += report_scored(self.store, scorer, self.cfg)
+        return n
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        rep = self.store.recover()
+        log.info("recovered", tmp_removed=rep.tmp_removed, reindexed=rep.reindexed,
+                 quarantined=rep.quarantined, missing_files=rep.missing_files)
+        METRICS.configure(self.cfg)
+        METRICS.bind_queue(self.store.queue_counts)
+        METRICS.bind_spool(self.cfg.storage_root, self.cfg.settings.storage.min_free_mb * 1024 * 1024)
+        self.metrics_server = start_http(self.cfg)
+        self.receiver = Receiver(self.cfg, self.store)
+        self.receiver.start(block=False)
+        sender = Sender(self.store, self.cfg)
+        poll = self.cfg.settings.outbox.poll_s
+        quiet = min(1.0, self.cfg.settings.assembly.quiet_seconds / 4)
+        for name, every, step in (
+            ("assemble", quiet, self._assemble_step),
+            ("score", 0.5, self._score_step),
+            ("send", poll, sender.drain),
+        ):
+            t = threading.Thread(target=self._loop, args=(name, every, step), name=name, daemon=True)
+            t.start()
+            self.threads.append(t)
+        if self.cfg.settings.retrain.enabled:
+            from triage.schedule import start_scheduler
+
+            self.scheduler = start_scheduler(self.cfg)
+        systemd.notify(f"READY=1\nSTATUS=receiving on port {self.receiver.address[1]}")
+        log.info("serving", dicom_port=self.receiver.address[1], storage_root=str(self.cfg.storage_root))
+
+    def stop(self) -> None:
+        systemd.notify("STOPPING=1")
+        if self.receiver is not None:
+            self.receiver.stop()
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        if getattr(self, "metrics_server", None) is not None:
+            self.metrics_server.close()
+        self.store.close()
+        log.info("stopped")
+
+    def run_forever(self) -> None:
+        """Start, then wait for SIGTERM/SIGINT while pinging the systemd watchdog."""
+        stop = threading.Event()
+
+        def _on_signal(signum: int, _frame: object) -> None:
+            log.info("signal", signum=signum)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        self.start()
+        interval = systemd.watchdog_interval()
+        tick = interval / 2 if interval else 5.0
+        try:
+            while not stop.wait(tick):
+                if interval and all(t.is_alive() for t in self.threads):
+                    systemd.notify("WATCHDOG=1")
+        finally:
+            self.stop()
+
+
+def serve(cfg: Config) -> int:
+    daemon = Daemon(cfg)
+    daemon.run_forever()
+    return 0
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, every_s: float = 0.1) -> bool:
+    """Poll ``predicate`` until true or timeout (used by the demo and tests)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every_s)
+    return predicate()

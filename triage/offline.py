@@ -1,0 +1,68 @@
+"""Folders -> scored-ready volumes, for the offline commands (`triage score`, `triage models create`).
+
+The daemon gets its volumes from the store; these commands get them from folders of DICOM files
+(searched recursively) or of volumes already built (.npz from ``save_volume``). Both go through
+``triage.assemble`` so an offline score equals the daemon's score for the same study.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from triage.assemble import (
+    AssembledVolume,
+    VolumeError,
+    assemble_study,
+    group_studies,
+    load_volume,
+    read_headers,
+)
+from triage.config import AssemblySettings
+from triage.logs import get_logger
+
+log = get_logger("offline")
+
+
+@dataclass
+class FolderStudy:
+    study_uid: str
+    series_uid: str | None
+    volume: AssembledVolume | None
+    reason: str | None = None  # why there is no volume
+
+
+def list_files(paths: Sequence[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return files
+
+
+def folder_studies(paths: Sequence[str | Path], rules: AssemblySettings) -> Iterator[FolderStudy]:
+    """Every study under ``paths``: DICOM files are assembled, .npz volumes are read as they are."""
+    files = list_files(paths)
+    npz = [f for f in files if f.suffix == ".npz"]
+    dicom = [f for f in files if f.suffix != ".npz" and f.name not in ("labels.csv", "truth.jsonl")]
+    for f in npz:
+        try:
+            vol = load_volume(f)
+        except VolumeError as exc:
+            yield FolderStudy(study_uid=f.stem, series_uid=None, volume=None, reason=str(exc))
+            continue
+        yield FolderStudy(vol.study_uid or f.stem, vol.series_uid or None, vol)
+    headers, errors = read_headers(dicom)
+    for path, reason in errors.items():
+        log.info("file_skipped", file=str(path), reason=reason)
+    for study_uid, series in sorted(group_studies(headers).items()):
+        sel, vol = assemble_study(series, rules)
+        if vol is None or sel.chosen is None:
+            yield FolderStudy(study_uid, None, None, sel.reason or "no usable series")
+        else:
+            yield FolderStudy(study_uid, sel.chosen, vol)
