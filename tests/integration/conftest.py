@@ -493,7 +493,7 @@ class OrthancProcess:
 def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancProcess]]:
     """``make(modalities={...})`` -> a started Orthanc on free ports, stopped after the test."""
     if not Path(ORTHANC).exists():
-        pytest.skip("Orthanc is not installed")
+        pytest.fail("Orthanc is not installed (scripts/bootstrap.sh installs it)")
     started: list[OrthancProcess] = []
 
     def make(modalities: dict[str, list[Any]] | None = None, name: str = "orthanc",
@@ -510,7 +510,7 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancProcess]]:
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed")
+        pytest.fail(f"{name} is not installed (scripts/bootstrap.sh installs it)")
     return path
 
 

@@ -36,7 +36,7 @@ EXEC = "/opt/glowtriage/.venv/bin/triage"
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed")
+        pytest.fail(f"{name} is not installed (scripts/bootstrap.sh installs it)")
     return path
 
 

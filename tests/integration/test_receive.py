@@ -446,7 +446,7 @@ def test_tls_listener_with_a_self_signed_certificate(
 ) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl CLI not installed")
+        pytest.fail("openssl CLI not installed (scripts/bootstrap.sh installs it)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",

@@ -307,7 +307,7 @@ def _openssl_pair(directory: Path, name: str) -> tuple[Path, Path]:
 @pytest.fixture
 def tls_dir(tmp_path: Path) -> Path:
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+        pytest.fail("openssl is not installed (scripts/bootstrap.sh installs it)")
     certs = tmp_path / "certs"
     certs.mkdir()
     _openssl_pair(certs, "server")

@@ -217,7 +217,7 @@ def test_model_set_retrain_and_build_info(m: Metrics) -> None:
 def test_exposition_passes_promtool_check_metrics(m: Metrics, tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool is not installed")
+        pytest.fail("promtool is not installed (scripts/bootstrap.sh installs it)")
     m.bind_queue(lambda: {"assembled": 1}, lambda: {"assembled": 3.0})
     m.bind_spool(tmp_path, 1024)
     m.instance_received(10)
@@ -237,7 +237,7 @@ def test_promtool_check_metrics_does_complain_about_bad_names() -> None:
     # Proves the lint above is not vacuous.
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool is not installed")
+        pytest.fail("promtool is not installed (scripts/bootstrap.sh installs it)")
     bad = b"# HELP glowtriage_thing a counter\n# TYPE glowtriage_thing counter\nglowtriage_thing 1\n"
     proc = subprocess.run([promtool, "check", "metrics"], input=bad, capture_output=True, timeout=30)
     assert proc.returncode != 0
