@@ -139,6 +139,29 @@ def _default_stage(_logger: Any, _method: str, event_dict: EventDict) -> EventDi
 _configured = False
 
 
+class _StdHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stdout (or sys.stderr) is *now*, not to the object it was when the
+    handler was made: test runners and daemons that redirect the streams get the lines too."""
+
+    def __init__(self, use_stderr: bool = False):
+        self._use_stderr = use_stderr
+        self._override: TextIO | None = None
+        self._ready = False
+        super().__init__()
+        self._ready = True
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        if self._override is not None:
+            return self._override
+        return sys.stderr if self._use_stderr else sys.stdout
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        if self._ready:  # an explicit setStream() wins; the constructor's default does not
+            self._override = value
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Set up structlog and route stdlib logging (pynetdicom, apscheduler) through the same chain.
 
@@ -172,7 +195,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(out)
+    handler: logging.Handler = (
+        _StdHandler(stream is sys.stderr) if stream in (None, sys.stderr) else logging.StreamHandler(out)
+    )
     handler.setFormatter(formatter)
     handler.addFilter(_ForeignRecordScrubber())
     root = logging.getLogger()
