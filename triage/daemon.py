@@ -99,7 +99,7 @@ class Daemon:
         log.info("recovered", tmp_removed=rep.tmp_removed, reindexed=rep.reindexed,
                  quarantined=rep.quarantined, missing_files=rep.missing_files)
         METRICS.configure(self.cfg)
-        METRICS.bind_queue(self.store.queue_counts)
+        METRICS.bind_queue(self.store.queue_counts, self.store.queue_oldest_age)
         METRICS.bind_spool(self.cfg.storage_root, self.cfg.settings.storage.min_free_mb * 1024 * 1024)
         self.metrics_server = start_http(self.cfg)
         self.receiver = Receiver(self.cfg, self.store)

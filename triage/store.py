@@ -939,6 +939,15 @@ class Store:
                 counts[r["state"]] = int(r["n"])
         return counts
 
+    def queue_oldest_age(self) -> dict[str, float]:
+        """Seconds the longest-waiting study has been in each state (for the stalled-queue alert)."""
+        now = self.clock()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, MIN(updated_at) AS t FROM studies GROUP BY state"
+            ).fetchall()
+        return {r["state"]: max(0.0, now - float(r["t"])) for r in rows}
+
     def set_series_state(
         self,
         series_uid: str,

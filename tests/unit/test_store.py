@@ -339,3 +339,16 @@ def test_directory_fsync_group_retries_after_a_failure(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert results == [None] * 8 and group.idle and group.synced == group.requested == 9
+
+
+def test_queue_oldest_age_per_state(tmp_path: Path) -> None:
+    now = [100.0]
+    store = Store(tmp_path / "var", clock=lambda: now[0])
+    for i, t in enumerate((100.0, 130.0)):
+        now[0] = t
+        store.put_instance(f"1.2.{i}.1.1", f"1.2.{i}", f"1.2.{i}.1", "1.2.840.10008.5.1.4.1.1.2",
+                           "1.2.840.10008.1.2.1", lambda f: f.write(b"\0" * 128 + b"DICM"), "T")
+    now[0] = 200.0
+    assert store.queue_oldest_age() == {"receiving": 100.0}
+    store.set_study_state("1.2.1", "stable")
+    assert store.queue_oldest_age() == {"receiving": 100.0, "stable": 0.0}
