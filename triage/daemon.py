@@ -14,6 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import pydicom.config
+
 from triage import systemd
 from triage.config import Config
 from triage.logs import get_logger
@@ -32,6 +34,9 @@ class Daemon:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # pydicom's value-validation warnings quote the offending value (a birth date, a name):
+        # the daemon does not validate what it archives, and must not put those values in a log.
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         self.store = Store(cfg.storage_root)
         self.registry = Registry(cfg.models_dir)
         self.stop_event = threading.Event()
