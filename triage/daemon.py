@@ -100,9 +100,7 @@ class Daemon:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        rep = self.store.recover()
-        log.info("recovered", tmp_removed=rep.tmp_removed, reindexed=rep.reindexed,
-                 quarantined=rep.quarantined, missing_files=rep.missing_files)
+        self.store.recover()  # logs what it found itself
         METRICS.configure(self.cfg)
         METRICS.bind_queue(self.store.queue_counts, self.store.queue_oldest_age)
         METRICS.bind_spool(self.cfg.storage_root, self.cfg.settings.storage.min_free_mb * 1024 * 1024)

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 # How tests start the receiver; ``--config FILE`` is appended. Switch to ``triage serve`` here once
 # the daemon's entry point exists, and every receiver test follows.
-RECEIVER_ARGV = [PYTHON, "-m", "triage.receive"]
+RECEIVER_ARGV = [PYTHON, "-m", "triage.cli", "serve"]  # the whole daemon, as deployed
 VERIFICATION = "1.2.840.10008.1.1"
 
 
@@ -383,6 +383,7 @@ def receiver_factory(tmp_path: Path) -> Iterator[Callable[..., ReceiverProcess]]
             "dicom": d,
             "storage": {"root": str(base / "var"), "min_free_mb": 1, **(storage or {})},
             "logging": {"level": "debug", "format": "json"},
+            "metrics": {"enabled": False},
         }
         if tls:
             sections["dicom.tls"] = tls
