@@ -275,6 +275,9 @@ class RetrainSettings(_Section):
     gate_nll_margin_bpd: Annotated[float, Field(ge=0)] = 0.02
     gate_score_shift_sd: Annotated[float, Field(ge=0)] = 1.0
     holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where the retrain process trains and gates
+    threads: Annotated[int, Field(ge=0)] = 0  # CPU threads of the retrain process; 0: torch's default
+    timeout_s: Seconds = 21600.0  # a retrain still running after this is killed; the current set stays
 
     @field_validator("cron")
     @classmethod

@@ -4,12 +4,21 @@ The operating point is set here, once, on studies the models were not trained on
 Youden's cut-off on log p(normal|x) (the paper's choice); without labels, the calibration studies are
 taken as normals and the threshold keeps ``specificity`` of them unflagged. Either way the normals'
 scores are stored, so every later result can be given as a percentile among them.
+
+The normals' *volumes* are kept too, content-addressed under ``<models>/reference/<sha256>.npz`` (pixel
+data only, no UIDs) and named in the manifest's ``calibration.reference_volumes``: the nightly retrain
+(triage.retrain) must score the same normals with a new M1 to gate it (score shift) and to recalibrate
+its threshold, and the archive they came from may be gone by then. Content addressing lets every
+retrained set name the same files without copying them.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +37,53 @@ from triage.score import ModelPair, pick_device
 log = get_logger("models")
 
 DEFAULT_SPECIFICITY = 0.9
+REFERENCE_DIR = "reference"
+
+
+def save_reference_volume(models_root: Path, data: np.ndarray, score: float) -> dict[str, Any]:
+    """Keep one calibration normal's volume under ``<models>/reference/`` (atomic, content-addressed).
+
+    Returns the manifest entry ``{"file", "sha256", "score"}``; ``file`` is relative to the models root.
+    """
+    vol = np.ascontiguousarray(data, dtype=np.uint8)
+    sha = hashlib.sha256(vol.tobytes() + repr(vol.shape).encode()).hexdigest()
+    rel = f"{REFERENCE_DIR}/{sha}.npz"
+    path = Path(models_root) / rel
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{sha}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez_compressed(fh, data=vol)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return {"file": rel, "sha256": sha, "score": float(score)}
+
+
+def load_reference_volumes(model_set: ModelSet, models_root: Path) -> list[np.ndarray]:
+    """The calibration normals' volumes a model set names; RegistryError if any is missing or altered."""
+    entries = model_set.manifest.get("calibration", {}).get("reference_volumes")
+    if not entries:
+        raise RegistryError(
+            f"model set {model_set.version} keeps no reference normal volumes (created before they were "
+            f"kept): recreate it with `triage models create` to enable the nightly retrain"
+        )
+    out = []
+    for e in entries:
+        path = Path(models_root) / str(e["file"])
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                vol = z["data"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise RegistryError(f"model set {model_set.version}: reference volume {path}: {exc}") from None
+        if hashlib.sha256(vol.tobytes() + repr(vol.shape).encode()).hexdigest() != e["sha256"]:
+            raise RegistryError(f"model set {model_set.version}: {path} does not match its manifest hash")
+        out.append(vol)
+    return out
 
 
 def read_labels(path: Path) -> dict[str, tuple[str, str]]:
@@ -79,13 +135,16 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
     pair = ModelPair(g0, g1, dev)
     posteriors: dict[str, float] = {}
     rejected: dict[str, str] = {}
+    lab = read_labels(labels) if labels else None
+    references: dict[str, dict[str, Any]] = {}
     for st in folder_studies([data], cfg.settings.assembly):
         if st.volume is None:
             rejected[st.study_uid] = st.reason or "no volume"
             continue
         lp0, lp1 = pair.log_likelihoods(st.volume.data)
         posteriors[st.study_uid] = lp0 - lp1
-    lab = read_labels(labels) if labels else None
+        if lab is None or lab.get(st.study_uid, ("",))[0] == "normal":  # the normals calibrate() keeps
+            references[st.study_uid] = save_reference_volume(reg.root, st.volume.data, lp0 - lp1)
     threshold, method, normals, details = calibrate(posteriors, lab, spec)
     log.info("calibrated", studies=len(posteriors), rejected=len(rejected), method=method,
              threshold=threshold)
@@ -97,4 +156,5 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
     }
     return reg.create(m0, m1, preset=preset, preprocessing_version=PREPROCESSING_VERSION,
                       threshold=threshold, method=method, normal_scores=normals, provenance=provenance,
-                      software_version=__version__)
+                      software_version=__version__,
+                      calibration_extra={"reference_volumes": list(references.values())})

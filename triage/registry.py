@@ -116,6 +116,9 @@ class Registry:
             return []
         sets = []
         for d in sorted(self.root.iterdir()):
+            # dot-folders are sets being written (or left by a crash): never listed
+            if d.name.startswith("."):
+                continue
             if d.is_dir() and not d.is_symlink() and (d / MANIFEST).is_file():
                 sets.append(self._open(d))
         return sorted(sets, key=lambda s: s.manifest.get("created", ""))

@@ -1,0 +1,309 @@
+"""The nightly M1 retrain (triage.schedule + triage.retrain) on a real store, registry and child process.
+
+A site here is a storage root with an archive of assembled volumes (written with save_volume where the
+daemon writes them, with one spooled DICOM instance each carrying the PatientID), and a current model
+set made by ``create_model_set`` (so it keeps its reference normal volumes). The models are test-tiny
+flows trained once per module; every retrain runs ``python -m triage.retrain`` as the daemon does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from training.train import VolumeSet, train
+from triage.assemble import AssembledVolume, save_volume
+from triage.config import Config, load
+from triage.metrics import Metrics
+from triage.modelset import create_model_set
+from triage.registry import ModelSet, Registry
+from triage.retrain import HISTORY, gather, read_history, run
+from triage.schedule import JOB_ID, RetrainJob, start_scheduler
+from triage.score import Scorer
+from triage.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = (8, 16, 16)  # test-tiny's image_shape; volumes are these blocks repeated up to 32x128x128
+CT = "1.2.840.10008.5.1.4.1.1.2"
+DAY = 86400.0
+PATIENT_IDS = ["PAT-A", "PAT-A", *[f"PAT-{i:02d}" for i in range(2, 12)], None, "PAT-OLD"]  # 14 studies
+
+
+def blob(rng: np.random.Generator) -> np.ndarray:
+    """A smooth bright blob on a dark noisy background (what a tiny flow learns in a few steps)."""
+    grids = np.meshgrid(*[np.arange(s) for s in SMALL], indexing="ij")
+    c = [rng.uniform(s * 0.25, s * 0.75) for s in SMALL]
+    d = sum((g - ci) ** 2 for g, ci in zip(grids, c, strict=True)) / rng.uniform(2.0, 4.0) ** 2
+    small = np.clip(np.round(20 + 90 * np.exp(-d) + rng.normal(0, 2, SMALL)), 0, 127).astype(np.uint8)
+    return np.repeat(np.repeat(np.repeat(small, 4, 0), 8, 1), 8, 2)
+
+
+def blobs(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [blob(rng) for _ in range(n)]
+
+
+def volume(data: np.ndarray, study: str, series: str) -> AssembledVolume:
+    return AssembledVolume(data=data, hu_stats={}, source_geometry={}, grid={}, coverage_mm=150.0,
+                           warnings=[], zero_fraction=0.0, study_uid=study, series_uid=series)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """M0 on normals and M1 on the mixture, trained once (60 steps each)."""
+    d = tmp_path_factory.mktemp("models")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: more threads only spin against each other
+    try:
+        for role, seed in (("normal", 1), ("mixture", 2)):
+            vs = VolumeSet(blobs(16, seed), [f"1.2.3.{seed}.{i}" for i in range(16)])
+            train(vs, "test-tiny", d / f"{role}.pt", role=role, steps=60, progress=False, log_every=0)
+        yield {"m0": d / "normal.pt", "m1": d / "mixture.pt"}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def put_instance(store: Store, study: str, series: str, patient_id: str) -> None:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CT
+    ds.file_meta.MediaStorageSOPInstanceUID = f"{series}.1"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CT, f"{series}.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
+    ds.PatientID = patient_id
+    store.put_instance(f"{series}.1", study, series, CT, ExplicitVRLittleEndian,
+                       lambda f: ds.save_as(f, enforce_file_format=True), "TEST", "CT")
+
+
+def make_site(tmp: Path, models: dict[str, Path], **retrain: Any) -> tuple[Config, Registry, ModelSet]:
+    """Config, archive (14 studies: a patient twice, one study without instances, one too old) and a
+    promoted current model set with 6 reference normals."""
+    settings = {"enabled": True, "cron": "17 3 * * *", "window_days": 90, "min_volumes": 6, "steps": 20,
+                "nice": 5, "gate_nll_margin_bpd": 0.05, "gate_score_shift_sd": 3.0, "holdout_fraction": 0.25,
+                "device": "cpu", "threads": 1, "timeout_s": 300.0, **retrain}
+    lines = ['[storage]\nroot = "var"\nmin_free_mb = 0', '[scoring]\ndevice = "cpu"', "[retrain]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    (tmp / "config.toml").write_text("\n".join(lines) + "\n")
+    cfg = load(tmp / "config.toml")
+    now = time.time()
+    with Store(cfg.storage_root) as store:
+        for k, (pid, data) in enumerate(zip(PATIENT_IDS, blobs(len(PATIENT_IDS), 5), strict=True)):
+            study, series = f"1.2.826.0.1.9.{k}", f"1.2.826.0.1.9.{k}.1"
+            path = save_volume(volume(data, study, series), store.volume_path(study, series, 1))
+            if pid is not None:
+                put_instance(store, study, series, pid)
+            age = 200 * DAY if pid == "PAT-OLD" else (10 * DAY if k == 0 else DAY + 60 * k)
+            os.utime(path, (now - age, now - age))
+    calib = tmp / "calib"
+    for k, data in enumerate(blobs(6, 3)):
+        save_volume(volume(data, f"1.2.826.0.1.8.{k}", f"1.2.826.0.1.8.{k}.1"), calib / f"n{k}.npz")
+    reg = Registry(cfg.models_dir)
+    current = create_model_set(cfg, reg, models["m0"], models["m1"], calib, specificity=0.8, device="cpu")
+    reg.promote(current.version, reason="initial")
+    return cfg, reg, current
+
+
+def gauge(m: Metrics, name: str) -> float | None:
+    return m.registry.get_sample_value(f"glowtriage_retrain_{name}")
+
+
+def no_leftovers(reg: Registry) -> None:
+    left = [p.name for p in reg.root.iterdir() if p.name.startswith(".") and p.name != ".retrain.lock"]
+    assert left == [], left
+
+
+def test_gather_one_volume_per_patient_newest_study_split_by_patient(tmp_path: Path,
+                                                                      models: dict[str, Path]) -> None:
+    cfg, _, _ = make_site(tmp_path, models)
+    g = gather(cfg)
+    assert g.counts == {
+        "studies_in_window": 13, "studies_outside_window": 1, "patients": 12, "duplicates_dropped": 1,
+        "without_patient_id": 1, "unreadable": 0, "other_preprocessing": 0,
+        "train": len(g.train), "holdout": len(g.holdout),
+    }
+    ids = g.train_ids + g.holdout_ids
+    assert len(ids) == 12 and len(set(ids)) == 12
+    assert "1.2.826.0.1.9.1" in ids and "1.2.826.0.1.9.0" not in ids  # PAT-A's newer study is kept
+    assert "1.2.826.0.1.9.13" not in ids  # 200 days old, window 90
+    assert 1 <= len(g.holdout) <= 6 and len(g.train) >= 6
+    assert all(v.dtype == np.uint8 and v.shape == (32, 128, 128) for v in g.train + g.holdout)
+    again = gather(cfg)  # the split is a function of the patients, not of the run
+    assert again.holdout_ids == g.holdout_ids
+
+
+def test_scheduled_job_retrains_gates_and_promotes(tmp_path: Path, models: dict[str, Path]) -> None:
+    cfg, reg, before = make_site(tmp_path, models)
+    (reg.root / ".retrain-left-by-a-crash").mkdir()
+    m = Metrics(CollectorRegistry())
+    sched = start_scheduler(cfg, m, paused=True)
+    try:
+        job = sched.get_job(JOB_ID)
+        # the cron time from a fixed "now": 17 3 * * * local time
+        tz = job.trigger.timezone
+        at = datetime(2024, 5, 1, 2, 0, tzinfo=tz)
+        assert job.trigger.get_next_fire_time(None, at) == datetime(2024, 5, 1, 3, 17, tzinfo=tz)
+        assert job.trigger.get_next_fire_time(None, at.replace(hour=3, minute=18)) == datetime(
+            2024, 5, 2, 3, 17, tzinfo=tz)
+        assert (job.next_run_time.hour, job.next_run_time.minute) == (3, 17)
+        assert timedelta(0) < job.next_run_time - datetime.now(tz) <= timedelta(days=1)
+        assert job.max_instances == 1 and job.coalesce and job.misfire_grace_time == 3600
+        assert gauge(m, "last_success_timestamp_seconds") == 0  # no history yet
+        t0 = time.monotonic()
+        record = job.func()  # what the scheduler runs at 03:17, here synchronously
+        took = time.monotonic() - t0
+    finally:
+        sched.shutdown(wait=False)
+    d = record["data"]
+    print(f"\nretrain job, 20 steps test-tiny, {d['train']} train / {d['holdout']} held out: {took:.1f} s "
+          f"wall, {record['duration_s']:.1f} s inside the child (the rest: process start, imports)")
+    assert record["outcome"] == "promoted", record
+    new = reg.current()
+    assert new.version == record["version"] != before.version
+    promoted = reg.history()[-1]
+    assert promoted["reason"] == "nightly retrain" and promoted["previous"] == before.version
+    assert new.manifest["m0_sha256"] == before.manifest["m0_sha256"]  # M0 is kept
+    assert new.manifest["m1_sha256"] != before.manifest["m1_sha256"]
+    prov = new.manifest["provenance"]["retrain"]
+    assert prov["previous"] == before.version
+    assert prov["data"]["patients"] == 12 and prov["data"]["duplicates_dropped"] == 1
+    assert prov["data"]["train"] + prov["data"]["holdout"] == 12
+    gate = prov["gate"]
+    assert gate["passed"] and gate["nll_new_bpd"] <= gate["nll_current_bpd"] + 0.05
+    assert abs(gate["median_shift"]) <= gate["shift_limit"]
+    assert new.manifest["provenance"]["m1"]["init_from"]["sha256"] == before.manifest["m1_sha256"]  # warm
+    # recalibrated on the same reference normals, keeping the old threshold's specificity
+    refs, old_refs = (s.manifest["calibration"]["reference_volumes"] for s in (new, before))
+    assert [r["sha256"] for r in refs] == [r["sha256"] for r in old_refs] and len(refs) == 6
+    kept = np.mean(np.array(new.calibration_scores) >= new.info().threshold)
+    assert new.manifest["operating_point"]["method"] == f"specificity={kept:g}"
+    assert np.mean(np.array(before.calibration_scores) >= before.info().threshold) == pytest.approx(kept)
+    Scorer.from_registry(reg, device="cpu")  # the promoted set loads and verifies
+    # history, metrics, clean-up
+    hist = read_history(reg.root)
+    assert len(hist) == 1 and hist[0]["outcome"] == "promoted" and hist[0]["version"] == new.version
+    assert "PAT-" not in (reg.root / HISTORY).read_text() and "PAT-" not in json.dumps(new.manifest)
+    assert gauge(m, "gate_passed") == 1
+    assert gauge(m, "last_success_timestamp_seconds") == pytest.approx(hist[0]["finished_at"])
+    assert gauge(m, "duration_seconds") == pytest.approx(hist[0]["duration_s"])
+    no_leftovers(reg)
+    # a restarted daemon remembers the last success
+    fresh = Metrics(CollectorRegistry())
+    start_scheduler(cfg, fresh, paused=True).shutdown(wait=False)
+    assert gauge(fresh, "last_success_timestamp_seconds") == pytest.approx(hist[0]["finished_at"])
+
+
+def test_gate_failure_keeps_the_current_set_and_says_why(tmp_path: Path, models: dict[str, Path]) -> None:
+    # one step from scratch against a trained M1, with no margin: the held-out NLL must fail
+    cfg, reg, before = make_site(tmp_path, models, warm_start=False, steps=1, gate_nll_margin_bpd=0.0)
+    m = Metrics(CollectorRegistry())
+    record = RetrainJob(cfg, m)()
+    assert record["outcome"] == "rejected"
+    assert "held-out NLL" in record["reason"] and "gate_nll_margin_bpd = 0" in record["reason"]
+    assert record["gate"]["nll_new_bpd"] > record["gate"]["nll_current_bpd"]
+    assert not record["gate"]["nll_passed"] and record["version"] is None
+    assert reg.current().version == before.version
+    assert [s.version for s in reg.list()] == [before.version]  # nothing registered
+    assert read_history(reg.root)[-1]["reason"] == record["reason"]
+    assert gauge(m, "gate_passed") == 0 and gauge(m, "last_success_timestamp_seconds") == 0
+    no_leftovers(reg)
+
+
+def test_too_few_volumes_skips_without_training(tmp_path: Path, models: dict[str, Path]) -> None:
+    cfg, reg, before = make_site(tmp_path, models, min_volumes=13)
+    record = run(cfg, reg.root / ".retrain-test")
+    assert record["outcome"] == "skipped"
+    assert record["reason"] == ("12 volumes (one per patient) in the last 90 days, fewer than "
+                                "retrain.min_volumes = 13")
+    assert "training" not in record and reg.current().version == before.version
+    assert read_history(reg.root)[-1]["outcome"] == "skipped"
+
+
+def test_killed_retrain_leaves_the_current_set_serving(tmp_path: Path, models: dict[str, Path]) -> None:
+    cfg, reg, before = make_site(tmp_path, models, steps=1_000_000)
+    m = Metrics(CollectorRegistry())
+    job = RetrainJob(cfg, m)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(job()))
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        ckpt = None
+        while time.monotonic() < deadline:  # mid-training: its first checkpoint (step 100) is written
+            wd = job.workdir
+            if wd is not None and (wd / "m1.pt.ckpt").exists():
+                ckpt = wd / "m1.pt.ckpt"
+                break
+            time.sleep(0.05)
+        assert ckpt is not None, "the retrain child never reached its first checkpoint"
+        pid = json.loads((ckpt.parent / "state.json").read_text())["pid"]
+        assert json.loads((ckpt.parent / "state.json").read_text())["phase"] == "training"
+        assert os.getpriority(os.PRIO_PROCESS, pid) == max(5, os.getpriority(os.PRIO_PROCESS, 0))
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        t.join(timeout=60)
+    assert not t.is_alive()
+    assert out["outcome"] == "failed" and out["reason"] == "retrain process was killed by signal 9 (SIGKILL)"
+    assert reg.current().version == before.version
+    assert [s.version for s in reg.list()] == [before.version]
+    assert Scorer.from_registry(reg, device="cpu").info.version == before.version
+    assert read_history(reg.root)[-1]["run"] == out["run"]
+    assert gauge(m, "gate_passed") == 0 and gauge(m, "last_success_timestamp_seconds") == 0
+    no_leftovers(reg)
+
+
+def wait_for(predicate: Any, what: str, timeout_s: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_scheduler_fires_the_job_and_shutdown_stops_its_child(tmp_path: Path,
+                                                               models: dict[str, Path]) -> None:
+    """The scheduler thread runs the job when due (made due now, not slept until 03:17); the daemon's
+    stop() (shutdown(wait=False)) ends the training child instead of waiting for it."""
+    cfg, reg, before = make_site(tmp_path, models, steps=1_000_000)
+    m = Metrics(CollectorRegistry())
+    sched = start_scheduler(cfg, m)
+    try:
+        job = sched.get_job(JOB_ID)
+        job.modify(next_run_time=datetime.now(job.trigger.timezone))
+        sched.wakeup()
+        wd = wait_for(lambda: sched.retrain_job.workdir, "the scheduler to start the job")
+        wait_for(lambda: (wd / "m1.pt.ckpt").exists(), "the child's first checkpoint")
+        assert sched.get_job(JOB_ID).next_run_time.time().isoformat() == "03:17:00"  # back on the cron
+    finally:
+        sched.shutdown(wait=False)
+    rec = wait_for(lambda: [r for r in read_history(reg.root) if r["outcome"] == "failed"], "the record")[0]
+    assert rec["reason"] == "retrain process was killed by signal 15 (SIGTERM)"
+    assert reg.current().version == before.version and [s.version for s in reg.list()] == [before.version]
+    wait_for(lambda: gauge(m, "duration_seconds") == pytest.approx(rec["duration_s"]), "the metrics")
+    assert gauge(m, "gate_passed") == 0
+    wait_for(lambda: not wd.exists(), "the work folder to be removed")
+
+
+def test_daemon_side_never_imports_training() -> None:
+    code = ("import sys, triage.daemon, triage.schedule, triage.retrain; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'training'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
