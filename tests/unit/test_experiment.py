@@ -1,0 +1,131 @@
+"""training experiment end to end on the test-tiny preset (a handful of 256-matrix studies, no
+distractors): the outputs and their keys, the disjoint sets, and M1 never seeing the mixture's labels."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import experiment as ex
+from training.evaluate import load_scores
+from triage.glow import Glow
+from triage.registry import Registry
+
+ARGS = ["--preset", "test-tiny", "--normal-train", "6", "--mixture-train", "4", "--test", "4", "--steps", "5",
+        "--bootstrap", "20", "--workers", "1", "--slab-samples", "1", "--seed", "3"]
+SCORE_KEYS = {"study_uid", "series_uid", "log_p_normal_model", "log_p_mixture_model", "log_posterior",
+              "threshold", "flagged", "model_version", "percentile", "zero_fraction", "volume"}
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    out = tmp_path_factory.mktemp("exp")
+    rc = ex.main(["--out", str(out), *ARGS])
+    assert rc == 0
+    return out, json.loads((out / "experiment.json").read_text()), str(out)
+
+
+def test_writes_scores_report_and_experiment_json(done, capsys: pytest.CaptureFixture[str]) -> None:
+    out, res, _ = done
+    rows = load_scores(out / "scores.jsonl")  # the evaluator's own validation of every line
+    assert len(rows) == 4
+    for r in rows:
+        assert set(r) >= SCORE_KEYS
+        assert r["log_posterior"] == pytest.approx(r["log_p_normal_model"] - r["log_p_mixture_model"])
+        assert r["flagged"] == (r["log_posterior"] < r["threshold"])
+        vol = np.load(out / r["volume"])["data"]
+        assert vol.shape == (32, 128, 128) and r["zero_fraction"] == pytest.approx(float(np.mean(vol == 0)))
+
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["n_normal"] == 2 and report["n_abnormal"] == 2
+    assert report["auc"] == res["auc_posterior"]["overall"]["auc"]
+    assert {"posterior", "likelihood"} == set(report["metrics"])
+    assert (out / "report" / "roc_posterior.png").is_file()
+
+    for key in ("command", "plan", "sets", "training", "auc_posterior", "auc_likelihood",
+                "seconds_per_volume", "timings_s", "model_set", "mixture_labels", "disjoint", "machine"):
+        assert key in res, key
+    assert res["command"].startswith("training experiment --out ") and "--steps 5" in res["command"]
+    assert set(res["auc_posterior"]["lesions"]) <= {"hemorrhage", "infarct"}
+    assert 0.0 <= res["auc_posterior"]["overall"]["auc"] <= 1.0
+    assert res["auc_likelihood"]["overall"]["auc"] == report["metrics"]["likelihood"]["overall"]["auc"]
+    assert res["training"]["m0"]["steps"] == 5 and res["training"]["m1"]["seconds"] > 0
+    assert res["seconds_per_volume"]["score"] > 0
+    assert res["sets"]["test"]["volumes"] == 4 and res["sets"]["mixture"]["abnormal"] == 2
+    assert res["m0_train_volumes"] + res["calibration_volumes"] == 6 and res["calibration_volumes"] >= 1
+    assert res["disjoint"]["disjoint"] is True
+
+    # the promoted model set is what scored, calibrated on held-out normals, not on the test set
+    cur = Registry(out / "models").current()
+    assert cur is not None and cur.version == res["model_set"]["version"] == rows[0]["model_version"]
+    assert cur.manifest["operating_point"]["method"] == "specificity=0.9"
+    assert len(cur.calibration_scores) == res["calibration_volumes"]
+
+    ex.print_summary(res)
+    text = capsys.readouterr().out
+    assert "posterior AUC" in text and "likelihood AUC" in text and "seconds per volume" in text
+
+
+def test_mixture_labels_are_sealed_before_training_and_never_used(done) -> None:
+    out, res, _ = done
+    mixture = out / "data" / "mixture"
+    assert not (mixture / "labels.csv").exists() and not (mixture / "truth.jsonl").exists()
+    assert (out / "sealed" / "mixture" / "labels.csv").is_file()
+    assert res["mixture_labels"]["read_by_training"] is False
+    m1 = Glow.load(out / "work" / "m1.pt").extra_info
+    assert m1["role"] == "mixture" and m1["data"]["count"] == 4
+    assert "labels" not in m1["data"] and "only" not in m1["data"]
+    m0 = Glow.load(out / "work" / "m0.pt").extra_info
+    assert m0["role"] == "normal" and m0["data"]["count"] == res["m0_train_volumes"]
+
+
+def test_training_works_with_the_mixture_labels_gone(tmp_path: Path) -> None:
+    """Stage by stage: delete every label file of the mixture (sealed copy included) before its
+    volumes are read and M1 is trained; nothing notices."""
+    plan = ex.Plan(preset="test-tiny", normal_train=2, mixture_train=2, test=2, steps=3, seed=7, workers=1,
+                   slab_samples=1)
+    folders = ex.synthesize(tmp_path, plan)
+    for f in (tmp_path / "sealed" / "mixture").iterdir():
+        f.unlink()
+    assert not list(folders["mixture"].rglob("*.csv")) and not list(folders["mixture"].rglob("*.jsonl"))
+    sets = ex.load_sets(tmp_path, folders, plan)
+    assert len(sets["mixture"]) == 2 and all(it.label is None for it in sets["mixture"].items)
+    trained = ex.train_models(tmp_path, sets["normal"], sets["mixture"], plan, ex.Timings())
+    assert trained["m1"]["volumes"] == 2 and (tmp_path / "work" / "m1.pt").is_file()
+
+
+def test_rerun_resumes_and_sets_overlap_is_refused(done, tmp_path: Path) -> None:
+    out, res, _ = done
+    # a second run into the same folder reuses the data, the cache and the finished models
+    again = ex.run(out, ex.plan_from_args(ex._parser().parse_args(["--out", str(out), *ARGS])), "rerun")
+    assert all(again["sets"][s]["built_now"] == 0 for s in ex.SETS)
+    assert again["training"]["m0"]["resumed_from"] == 5
+    assert again["auc_posterior"] == res["auc_posterior"]
+    # another plan does not resume checkpoints written for the old one
+    plan = dataclasses.replace(ex.plan_from_args(ex._parser().parse_args(["--out", str(out), *ARGS])),
+                               calibration_fraction=0.3)
+    sets = ex.load_sets(out, {s: out / "data" / s for s in ex.SETS}, plan)
+    retrained = ex.train_models(out, sets["normal"], sets["mixture"], plan, ex.Timings())
+    assert retrained["m0"]["resumed_from"] is None and retrained["m0"]["volumes"] == 6
+    # a truth file that puts one subject into two sets is caught
+    test_truth = out / "data" / "test" / "truth.jsonl"
+    saved = test_truth.read_text()
+    first_normal = (out / "data" / "normal" / "truth.jsonl").read_text().splitlines()[0]
+    try:
+        test_truth.write_text(saved + first_normal + "\n")
+        with pytest.raises(ex.ExperimentError, match="overlap"):
+            ex.check_disjoint(out)
+    finally:
+        test_truth.write_text(saved)
+
+
+def test_bad_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        ex.main(["--out", str(tmp_path), "--steps", "0"])
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    quick = ex.plan_from_args(ex._parser().parse_args(["--out", "x", "--quick", "--steps", "9"]))
+    assert quick.normal_train == ex.QUICK["normal_train"] and quick.steps == 9

@@ -1,0 +1,471 @@
+"""`training experiment`: the paper's brain-CT protocol (section 4.1, Table 3) on synthetic studies.
+
+The paper trains M0 on 250 normal studies (S_train_normal), M1 on an *unlabelled* mixture of 250
+normal and 250 abnormal studies (S_train_mixture), and tests on 33 + 33 (S_test), scoring each test
+study with log p(normal|x) = log p(x|normal) - log p(x). This command runs that protocol end to end on
+``training synth`` data, scaled to the machine, through the product's own code paths:
+
+1. ``training.synth.write_dataset`` writes three sets with disjoint seeds under ``DIR/data``
+   (``normal``: normals only; ``mixture``: half abnormal; ``test``: half abnormal, labelled). The sets
+   are checked to share no study, patient or phantom. The mixture's ``labels.csv`` and
+   ``truth.jsonl`` are moved to ``DIR/sealed/mixture`` *before anything is trained*, so M1 cannot
+   see its labels even by accident: they are only used to report the mixture's composition.
+2. ``training.data.volumes_from_dicom`` assembles every set (``triage.assemble``, cached under
+   ``DIR/cache/<set>``). The normal set is split by patient into M0's training part and a held-out
+   calibration part (``--calibration-fraction``).
+3. ``training.train.train``: M0 on the normals (``role=normal``), M1 on the mixture (``role=mixture``).
+4. The operating point is set like ``triage models create`` does (``triage.modelset.calibrate``,
+   specificity 0.9 on the held-out normals, never on the test set); the model set is registered and
+   promoted in ``DIR/models`` and the test set is scored with ``triage.score.Scorer``, the daemon's
+   scorer. ``DIR/scores.jsonl`` is in the ``triage score --json`` format plus ``zero_fraction`` and
+   ``volume`` (the .npz, relative to DIR).
+5. ``training.evaluate.evaluate`` writes ``DIR/report`` (ROC, histograms, montages, report.json);
+   ``DIR/experiment.json`` holds the summary, the timings and the exact command line.
+
+What is chosen here and what is not: the preset decides the model and its optimiser (batch size,
+learning rate, warm-up); this command only picks dataset sizes and step counts, to fit the machine.
+Nothing is tuned to the generator's lesion kinds or to the test AUC. Defaults (cpu-small, 80 normal /
+80 mixture / 66 test studies, 600 steps of batch 4 per model, i.e. ~33 epochs of M0's 72 volumes)
+fit a 2-core machine in about 35 minutes when it is otherwise idle (a batch-4 step of cpu-small
+takes ~1.5 s there, so training is ~30 of them; synthesis and assembly ~0.5 s a study each);
+``--quick`` is a few-minute smoke run of the same path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.data import DicomVolumes, split_by_patient, volumes_from_dicom
+from triage.logs import get_logger
+
+log = get_logger("experiment")
+
+SETS = ("normal", "mixture", "test")
+SEALED = "sealed"
+LABEL_FILES = ("labels.csv", "truth.jsonl")
+DONE = ".synth-done.json"
+DEFAULT_SPECIFICITY = 0.9
+# Plan fields that do not change what is trained (a rerun with other values still resumes).
+_NOT_TRAINING = ("steps", "workers", "bootstrap", "montage_k")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes, steps and seeds of one run; every field is recorded in experiment.json."""
+
+    preset: str = "cpu-small"
+    normal_train: int = 80  # normal studies; a calibration_fraction of their patients is held out
+    mixture_train: int = 80  # half normal, half abnormal (rounded down), labels sealed away
+    test: int = 66  # half normal, half abnormal: the paper's 33 + 33
+    steps: int = 600  # per model
+    seed: int = 0
+    calibration_fraction: float = 0.1
+    distractors: bool = False
+    slab_samples: int = 3
+    workers: int = 2
+    bootstrap: int = 1000
+    montage_k: int = 16
+
+    def synth_seed(self, which: str) -> int:
+        """Disjoint per-set seeds: no subject can appear in two sets (write_dataset draws study i of
+        seed s from SeedSequence([s, i]), so different s give unrelated subjects)."""
+        return 1000 * self.seed + 1 + SETS.index(which)
+
+    def counts(self, which: str) -> tuple[int, int]:
+        """(normal, abnormal) studies of a set."""
+        if which == "normal":
+            return self.normal_train, 0
+        n = self.mixture_train if which == "mixture" else self.test
+        return n - n // 2, n // 2
+
+
+QUICK = {"normal_train": 12, "mixture_train": 12, "test": 12, "steps": 40, "bootstrap": 200, "montage_k": 8}
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, t0: float) -> float:
+        dt = time.perf_counter() - t0
+        self.seconds[key] = round(self.seconds.get(key, 0.0) + dt, 3)
+        return dt
+
+
+class ExperimentError(Exception):
+    """The experiment cannot go on (a set without usable studies, overlapping sets); names what."""
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+
+
+def synthesize(out: Path, plan: Plan) -> dict[str, Path]:
+    """Write the three sets (skipping one already written with the same parameters) and seal the
+    mixture's labels. Returns {set: folder}."""
+    from training.synth import SynthOptions, write_dataset
+
+    folders: dict[str, Path] = {}
+    for which in SETS:
+        folder = out / "data" / which
+        n_norm, n_abn = plan.counts(which)
+        params = {"normal": n_norm, "abnormal": n_abn, "seed": plan.synth_seed(which),
+                  "distractors": plan.distractors, "slab_samples": plan.slab_samples, "matrix": 256}
+        done = folder / DONE
+        if not (done.is_file() and json.loads(done.read_text()) == params):
+            if folder.exists():
+                shutil.rmtree(folder)
+            shutil.rmtree(out / SEALED / which, ignore_errors=True)
+            opts = SynthOptions(matrix=256, distractors=plan.distractors, slab_samples=plan.slab_samples)
+            write_dataset(folder, n_norm, n_abn, plan.synth_seed(which), opts)
+            (folder / DONE).write_text(json.dumps(params))
+            log.info("synth_done", set=which, normal=n_norm, abnormal=n_abn, seed=plan.synth_seed(which))
+        folders[which] = folder
+    seal_labels(folders["mixture"], out / SEALED / "mixture")
+    return folders
+
+
+def seal_labels(folder: Path, sealed: Path) -> None:
+    """Move a set's labels out of its folder: what training reads from ``folder`` cannot hold them."""
+    sealed.mkdir(parents=True, exist_ok=True)
+    for name in LABEL_FILES:
+        if (folder / name).exists():
+            os.replace(folder / name, sealed / name)
+
+
+def label_file(out: Path, which: str, name: str = "labels.csv") -> Path:
+    """Where a set's labels.csv / truth.jsonl lives (the mixture's is sealed away)."""
+    return out / SEALED / which / name if which == "mixture" else out / "data" / which / name
+
+
+def check_disjoint(out: Path) -> dict[str, Any]:
+    """No study UID, patient or phantom seed in two sets (truth.jsonl of each set)."""
+    seen: dict[str, dict[str, set[Any]]] = {}
+    for which in SETS:
+        p = label_file(out, which, "truth.jsonl")
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        seen[which] = {
+            "study": {r["study_uid"] for r in rows},
+            "patient": {r["patient_id"] for r in rows},
+            "phantom": {r["phantom_seed"] for r in rows},
+        }
+    overlaps = {}
+    for i, a in enumerate(SETS):
+        for b in SETS[i + 1:]:
+            for kind in ("study", "patient", "phantom"):
+                n = len(seen[a][kind] & seen[b][kind])
+                if n:
+                    overlaps[f"{a}/{b}/{kind}"] = n
+    if overlaps:
+        raise ExperimentError(f"synthetic sets overlap: {overlaps}")
+    return {"disjoint": True, "checked": ["study_uid", "patient_id", "phantom_seed"]}
+
+
+def load_sets(out: Path, folders: dict[str, Path], plan: Plan) -> dict[str, DicomVolumes]:
+    """Assemble every set through the cache. The mixture is read without labels; the test set's labels
+    are not needed to build volumes either (they are read only by the evaluation)."""
+    sets: dict[str, DicomVolumes] = {}
+    for which in SETS:
+        vs = volumes_from_dicom(folders[which], out / "cache" / which, workers=plan.workers)
+        if not len(vs):
+            raise ExperimentError(
+                f"set {which} ({folders[which]}): no usable volume; see {vs.meta['rejects_csv']}")
+        sets[which] = vs
+    return sets
+
+
+def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: Plan,
+                 timings: Timings) -> dict[str, Any]:
+    """M0 on the normals, M1 on the unlabelled mixture. A rerun with the same plan resumes from their
+    checkpoints (or extends them with more ``steps``); another plan starts over."""
+    from training.train import train
+
+    models = out / "work"
+    same = {k: v for k, v in plan.__dict__.items() if k not in _NOT_TRAINING}
+    stamp = models / "plan.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != same:
+        shutil.rmtree(models)
+        log.info("training_restarted", reason="the plan changed since the checkpoints were written")
+    models.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(same, sort_keys=True))
+    results = {}
+    for name, role, data in (("m0", "normal", normal), ("m1", "mixture", mixture)):
+        t0 = time.perf_counter()
+        res = train(data, plan.preset, models / f"{name}.pt", role=role, seed=plan.seed, steps=plan.steps,
+                    resume=True, progress=False, log_every=25, checkpoint_every=50)
+        wall = timings.add(f"train_{name}", t0)
+        s = res.summary()
+        s["wall_seconds"] = round(wall, 3)
+        (models / f"{name}.train.json").write_text(json.dumps(res.summary(with_curve=True), indent=1) + "\n")
+        results[name] = s
+        log.info("model_trained", model=name, role=role, steps=res.steps, final_bpd=s["final_bpd"],
+                 seconds=s["seconds"])
+    return results
+
+
+def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[str, Any]) -> Any:
+    """Operating point on held-out normals (as ``triage models create`` sets it without labels), then
+    create and promote the model set in ``DIR/models``."""
+    import triage
+    from triage.assemble import PREPROCESSING_VERSION
+    from triage.modelset import calibrate
+    from triage.registry import Registry
+    from triage.score import ModelPair, pick_device
+
+    m0, m1 = out / "work" / "m0.pt", out / "work" / "m1.pt"
+    pair = ModelPair.load(m0, m1, pick_device("auto"))
+    posteriors = {}
+    for uid, vol in zip(calib.ids, calib.volumes, strict=True):
+        lp0, lp1 = pair.log_likelihoods(vol)
+        posteriors[uid] = lp0 - lp1
+    threshold, method, normals, details = calibrate(posteriors, None, DEFAULT_SPECIFICITY)
+    reg = Registry(out / "models")
+    ms = reg.create(
+        m0, m1, preset=plan.preset, preprocessing_version=PREPROCESSING_VERSION, threshold=threshold,
+        method=method, normal_scores=normals,
+        provenance={"experiment": str(out), "m0": trained["m0"], "m1": trained["m1"],
+                    "calibration": {"studies": len(posteriors), "held_out_normals_of": "normal set",
+                                    **details}},
+        software_version=getattr(triage, "__version__", "0+unknown"),
+    )
+    reg.promote(ms.version, reason="training experiment")
+    return ms
+
+
+def score_test(out: Path, test: DicomVolumes, timings: Timings) -> tuple[list[dict[str, Any]], float]:
+    """Score the test set with the promoted model set (the daemon's Scorer); write scores.jsonl."""
+    from triage.registry import Registry
+    from triage.score import Scorer, VolumeInput
+
+    scorer = Scorer.from_registry(Registry(out / "models"), device="auto")
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for it, vol in zip(test.items, test.volumes, strict=True):
+        res = scorer.score([VolumeInput(it.study_uid, it.series_uid, vol)])[0]
+        row = res.to_json()
+        row["zero_fraction"] = float(np.mean(vol == 0))
+        row["volume"] = os.path.relpath(it.path, out)
+        rows.append(row)
+    dt = timings.add("score_test", t0)
+    for r in test.rejects:
+        if r.kind == "study":
+            rows.append({"study_uid": r.id, "rejected": True, "reason": r.reason})
+    with (out / "scores.jsonl").open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, allow_nan=False) + "\n")
+    return rows, dt / max(1, len(test))
+
+
+# --------------------------------------------------------------------------------------------------
+# driver
+
+
+def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
+    """The whole experiment; returns (and writes) the experiment.json content."""
+    from training.evaluate import evaluate, load_labels
+
+    out.mkdir(parents=True, exist_ok=True)
+    timings = Timings()
+    t_all = time.perf_counter()
+
+    t0 = time.perf_counter()
+    folders = synthesize(out, plan)
+    timings.add("synth", t0)
+    disjoint = check_disjoint(out)
+
+    t0 = time.perf_counter()
+    sets = load_sets(out, folders, plan)
+    n_vol = sum(len(v) for v in sets.values())
+    assemble_s = timings.add("assemble", t0)
+
+    normal = sets["normal"]
+    m0_part, calib_part = split_by_patient(
+        normal.items, (1.0 - plan.calibration_fraction, plan.calibration_fraction), seed=plan.seed)
+    if not m0_part or not calib_part:
+        raise ExperimentError(
+            f"normal set of {len(normal)} studies split into {len(m0_part)} for M0 and {len(calib_part)} for "
+            f"calibration (--calibration-fraction {plan.calibration_fraction}): use more normal studies")
+    m0_data = normal.subset(m0_part, part="m0-train")
+    calib = normal.subset(calib_part, part="calibration")
+
+    trained = train_models(out, m0_data, sets["mixture"], plan, timings)
+    t0 = time.perf_counter()
+    ms = register_models(out, calib, plan, trained)
+    timings.add("calibrate", t0)
+    rows, s_per_volume = score_test(out, sets["test"], timings)
+
+    t0 = time.perf_counter()
+    labels = load_labels(label_file(out, "test"))
+    report = evaluate(rows, labels, out / "report", k=plan.montage_k, n_boot=plan.bootstrap, seed=plan.seed,
+                      base_dir=out, title=f"synthetic BCT, {plan.preset}")
+    timings.add("evaluate", t0)
+    timings.seconds["total"] = round(time.perf_counter() - t_all, 3)
+
+    sealed = label_file(out, "mixture")
+    mixture_truth = load_labels(sealed) if sealed.is_file() else {}
+    summary = _summary(report)
+    result: dict[str, Any] = {
+        "command": command,
+        "plan": plan.__dict__,
+        "sets": {
+            which: {"folder": os.path.relpath(folders[which], out), "seed": plan.synth_seed(which),
+                    "studies": sum(plan.counts(which)), "normal": plan.counts(which)[0],
+                    "abnormal": plan.counts(which)[1], "volumes": len(sets[which]),
+                    "rejected": sets[which].meta["rejected_studies"],
+                    "built_now": sets[which].meta["built"], "from_cache": sets[which].meta["from_cache"]}
+            for which in SETS
+        },
+        "m0_train_volumes": len(m0_data),
+        "calibration_volumes": len(calib),
+        "mixture_labels": {
+            "sealed_at": os.path.relpath(label_file(out, "mixture"), out),
+            "read_by_training": False,
+            "abnormal_fraction": (sum(1 for v in mixture_truth.values() if v[0] == "abnormal")
+                                  / len(mixture_truth)) if mixture_truth else None,
+        },
+        "disjoint": disjoint,
+        "model_set": {"version": ms.version, "threshold": ms.manifest["operating_point"]["threshold"],
+                      "method": ms.manifest["operating_point"]["method"],
+                      "device_uid": ms.manifest["device_uid"]},
+        "training": trained,
+        **summary,
+        "seconds_per_volume": {"score": round(s_per_volume, 4),
+                               "assemble": round(assemble_s / max(1, n_vol), 4)},
+        "timings_s": timings.seconds,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(), **_torch_info()},
+        "outputs": {"scores": "scores.jsonl", "report": "report/report.json", "models": "models"},
+        "notes": [
+            "dataset sizes and step counts were chosen to fit the machine; the preset decides the model",
+            "nothing was tuned on the test set or on the generator's lesion kinds",
+            "the mixture's labels were moved out of its folder before training (see mixture_labels)",
+            f"operating point: {ms.manifest['operating_point']['method']} on {len(calib)} held-out normals",
+        ],
+    }
+    (out / "experiment.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    return result
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    def curve(c: dict[str, Any]) -> dict[str, Any]:
+        return {"auc": c.get("auc"), "auc_ci95": c.get("auc_ci95"), "n_normal": c.get("n_normal"),
+                "n_abnormal": c.get("n_abnormal")}
+
+    out: dict[str, Any] = {}
+    for metric, key in (("posterior", "auc_posterior"), ("likelihood", "auc_likelihood")):
+        m = report["metrics"][metric]
+        out[key] = {"overall": curve(m["overall"]), "lesions": {k: curve(v) for k, v in m["lesions"].items()}}
+    out["youden"] = report.get("youden")
+    out["operating_point_on_test"] = report.get("operating_point")
+    out["n_test"] = {"normal": report["n_normal"], "abnormal": report["n_abnormal"],
+                     "rejected": report["n_rejected"]}
+    return out
+
+
+def _torch_info() -> dict[str, Any]:
+    import torch
+
+    return {"torch": str(torch.__version__), "torch_threads": torch.get_num_threads()}
+
+
+def _fmt_auc(c: dict[str, Any]) -> str:
+    if c.get("auc") is None:
+        return "undefined"
+    lo, hi = c["auc_ci95"] or (math.nan, math.nan)
+    return f"{c['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def print_summary(res: dict[str, Any], file: Any = None) -> None:
+    f = file or sys.stdout
+    post, lik = res["auc_posterior"], res["auc_likelihood"]
+    print(f"posterior AUC  log p(normal|x): {_fmt_auc(post['overall'])}", file=f)
+    for les, c in post["lesions"].items():
+        print(f"  {les:<12} {_fmt_auc(c)}  (n={c['n_abnormal']})", file=f)
+    print(f"likelihood AUC log p(x|normal): {_fmt_auc(lik['overall'])}", file=f)
+    for les, c in lik["lesions"].items():
+        print(f"  {les:<12} {_fmt_auc(c)}  (n={c['n_abnormal']})", file=f)
+    for name in ("m0", "m1"):
+        t = res["training"][name]
+        print(f"{name}: {t['volumes']} volumes, {t['steps']} steps, {t['seconds']:.0f} s, "
+              f"final {t['final_bpd']:.4f} bits/dim", file=f)
+    spv = res["seconds_per_volume"]
+    print(f"seconds per volume: scoring {spv['score']:.3f} (M0+M1), assembly {spv['assemble']:.3f}", file=f)
+    print(f"total {res['timings_s']['total']:.0f} s; wrote experiment.json, scores.jsonl, report/", file=f)
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = Plan()
+    p = argparse.ArgumentParser(prog="training experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="experiment folder (created; reruns resume)")
+    p.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset})")
+    p.add_argument("--normal-train", type=int,
+                   help=f"normal studies for M0 + calibration (default {d.normal_train})")
+    p.add_argument("--mixture-train", type=int,
+                   help=f"mixture studies for M1, half abnormal (default {d.mixture_train})")
+    p.add_argument("--test", type=int, help=f"test studies, half abnormal (default {d.test})")
+    p.add_argument("--steps", type=int, help=f"training steps per model (default {d.steps})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
+                   help="share of the normal set's patients held out to set the operating point")
+    p.add_argument("--distractors", action="store_true",
+                   help="write localizer/bone/thin/reformat/dose series too (exercises series selection; "
+                        "~3x slower synthesis)")
+    p.add_argument("--slab-samples", type=int, default=d.slab_samples)
+    p.add_argument("--workers", type=int, default=d.workers, help="processes decoding DICOM")
+    p.add_argument("--bootstrap", type=int, help=f"bootstrap resamples for AUC CIs (default {d.bootstrap})")
+    p.add_argument("--quick", action="store_true",
+                   help="a few-minute smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    return p
+
+
+def plan_from_args(a: argparse.Namespace) -> Plan:
+    base = {**Plan().__dict__, **(QUICK if a.quick else {})}
+    for key in ("normal_train", "mixture_train", "test", "steps", "bootstrap"):
+        v = getattr(a, key)
+        if v is not None:
+            base[key] = v
+    base.update(preset=a.preset, seed=a.seed, calibration_fraction=a.calibration_fraction,
+                distractors=a.distractors, slab_samples=a.slab_samples, workers=a.workers)
+    return Plan(**base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    a = _parser().parse_args(args_list)
+    plan = plan_from_args(a)
+    problems = [f"--{k.replace('_', '-')} must be >= {lo}" for k, lo in
+                (("normal_train", 2), ("mixture_train", 2), ("test", 2), ("steps", 1))
+                if getattr(plan, k) < lo]
+    if not 0.0 < plan.calibration_fraction < 1.0:
+        problems.append("--calibration-fraction must be in (0, 1)")
+    if problems:
+        _parser().error("; ".join(problems))
+    from training.train import TrainingError
+    from triage.logs import configure
+
+    configure(level=os.environ.get("GLOWTRIAGE_LOG_LEVEL", "info"), stream=sys.stderr)
+    command = shlex.join(["training", "experiment", *args_list])
+    try:
+        res = run(a.out, plan, command)
+    except (ExperimentError, TrainingError) as exc:
+        print(f"training experiment: error: {exc}", file=sys.stderr)
+        return 1
+    print_summary(res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
