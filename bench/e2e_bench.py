@@ -1,0 +1,405 @@
+"""End-to-end latency: a series found complete -> its Structured Report acknowledged by the PACS.
+
+Real peers on loopback: ``triage serve`` as a subprocess (the shipped defaults except ports, storage
+root and ``[assembly] quiet_seconds = 1``), Orthanc as the PACS the SRs go to, an MLLP listener as the
+RIS, and dcmtk ``storescu`` (``TCP_NODELAY=1``) as the modality/PACS that sends the studies.
+
+What is measured, per study, from the daemon's own database (``state.db``), not from the coarse
+``glowtriage_e2e_latency_seconds`` histogram:
+
+* start: ``assemblies.complete_at``, when the assembler found the series complete. The quiet period
+  (``quiet_seconds`` without a new instance) comes *before* that moment, so it is not part of the
+  figure; it is a site setting, and adds itself to what a radiologist waits.
+* end: ``outbox.sent_at`` of the PACS SR row, written when Orthanc's C-STORE response (success) came
+  back, i.e. the SR is acknowledged by the PACS.
+* stages in between: ``assemblies.created_at`` (volume built and recorded), ``scores.scored_at``,
+  ``outbox.created_at`` (SR and HL7 built and queued), ``sent_at``.
+
+Two arrival patterns: *sequential* (one study, wait until its results are delivered, the next: the
+latency a study sees on an idle daemon) and *burst* (every study in one association, back to back: they
+complete one after the other and queue for the scorer, so the tail shows queueing).
+
+The model set is a random-weights ``cpu-small`` pair with ActNorm initialised on a few volumes: the
+time a flow takes does not depend on its weights, so no training is needed to measure speed (the
+scores themselves mean nothing here). Beside the latency the table gives the model's own inference
+time per study: the daemon's ``glowtriage_inference_seconds`` (mean, both flows) and a direct
+``ModelPair.log_likelihoods`` timing in this process after the daemon has stopped.
+
+    python bench/e2e_bench.py [--studies 24] [--out bench/results/e2e.json] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from training.demo import DaemonProcess, MLLPListener, Orthanc, free_port  # noqa: E402
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
+PRESET = "cpu-small"
+STAGES = ("assemble", "score", "report", "send")
+
+
+# --------------------------------------------------------------------------------------------------
+# setup
+
+
+def _synth(folder: str, normal: int, abnormal: int, seed: int) -> None:
+    from training.synth import SynthOptions, write_dataset
+
+    write_dataset(
+        Path(folder),
+        normal=normal,
+        abnormal=abnormal,
+        seed=seed,
+        options=SynthOptions(distractors=False, matrix=256),
+    )
+
+
+def make_studies(work: Path, n: int) -> dict[str, Path]:
+    """Two disjoint sets of ``n`` studies (half abnormal), written by two processes."""
+    sets = {"sequential": work / "data" / "sequential", "burst": work / "data" / "burst"}
+    with ProcessPoolExecutor(2) as pool:
+        futs = [pool.submit(_synth, str(p), n - n // 2, n // 2, 900 + i) for i, p in enumerate(sets.values())]
+        for f in futs:
+            f.result()
+    return sets
+
+
+def random_model_set(work: Path, root: Path, sample: Path) -> tuple[str, list[np.ndarray]]:
+    """A cpu-small M0/M1 pair with random weights, ActNorm initialised on a few real volumes, registered
+    and promoted under ``root/models``; returns (version, the volumes used)."""
+    import torch
+
+    from triage import __version__
+    from triage.assemble import PREPROCESSING_VERSION
+    from triage.config import AssemblySettings
+    from triage.glow import Glow, config_from_preset, fit_to_shape
+    from triage.offline import folder_studies
+    from triage.registry import Registry
+    from triage.score import ModelPair, pick_device
+
+    vols = [st.volume.data for st in folder_studies([sample], AssemblySettings()) if st.volume is not None][
+        :4
+    ]
+    cfg = config_from_preset(PRESET)
+    x = torch.cat([fit_to_shape(torch.from_numpy(v)[None, None], cfg.image_shape) for v in vols])
+    paths = []
+    for role, seed in (("m0", 0), ("m1", 1)):
+        torch.manual_seed(seed)
+        g = Glow(cfg).train()
+        with torch.no_grad():
+            g.log_prob(g.preprocess(x))  # data-dependent ActNorm init, as training's first batch does
+        g.mark_initialized()
+        p = work / f"{role}.pt"
+        g.save(p, extra={"preset": PRESET, "note": "random weights (e2e benchmark)"})
+        paths.append(p)
+    pair = ModelPair.load(paths[0], paths[1], pick_device("cpu"))
+    post = sorted(float(np.subtract(*pair.log_likelihoods(v))) for v in vols)
+    reg = Registry(root / "models")
+    s = reg.create(
+        paths[0],
+        paths[1],
+        preset=PRESET,
+        preprocessing_version=PREPROCESSING_VERSION,
+        threshold=post[len(post) // 2],
+        method="bench: random weights",
+        normal_scores=post,
+        provenance={"note": "random weights; speed only"},
+        software_version=__version__,
+    )
+    reg.promote(s.version, reason="e2e benchmark")
+    return s.version, vols
+
+
+def write_config(work: Path, dicom: int, metrics: int, pacs: int, hl7: int) -> Path:
+    """The shipped defaults except where the benchmark must differ (ports, root, quiet period)."""
+    path = work / "config.toml"
+    path.write_text(f"""# e2e benchmark: shipped defaults except these keys
+[dicom]
+host = "127.0.0.1"
+port = {dicom}
+[storage]
+root = "var"
+min_free_mb = 1
+[assembly]
+quiet_seconds = 1.0
+[scoring]
+device = "cpu"
+[pacs]
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {pacs}
+[hl7]
+host = "127.0.0.1"
+port = {hl7}
+[metrics]
+host = "127.0.0.1"
+port = {metrics}
+[logging]
+level = "info"
+format = "json"
+""")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring
+
+
+def _db(root: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(f"file:{root / 'state.db'}?mode=ro", uri=True, timeout=30)
+    con.row_factory = sqlite3.Row
+    return con
+
+
+def study_uids(folder: Path) -> list[str]:
+    with (folder / "labels.csv").open() as f:
+        return [line.split(",")[0] for line in f.read().splitlines()[1:] if line.strip()]
+
+
+def storescu(port: int, files: list[Path]) -> None:
+    exe = shutil.which("storescu")
+    if exe is None:
+        raise SystemExit("storescu (dcmtk) is not installed: scripts/bootstrap.sh installs it")
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    out = subprocess.run(
+        [exe, "-aet", "PACS", "-aec", "GLOWTRIAGE", "127.0.0.1", str(port), *map(str, files)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"storescu failed ({out.returncode}): {out.stderr[-1000:]}")
+
+
+def wait_sent(root: Path, uids: list[str], timeout: float, daemon: DaemonProcess) -> None:
+    deadline = time.monotonic() + timeout
+    marks = ",".join("?" * len(uids))
+    while time.monotonic() < deadline:
+        if (root / "state.db").exists():
+            with _db(root) as con:
+                rows = con.execute(f"SELECT state FROM studies WHERE study_uid IN ({marks})", uids).fetchall()
+            states = [r["state"] for r in rows]
+            if len(states) == len(uids) and all(s in ("sent", "rejected", "failed") for s in states):
+                bad = [s for s in states if s != "sent"]
+                if bad:
+                    raise SystemExit(f"studies ended {bad}; see {daemon.log}")
+                return
+        if daemon.proc is not None and daemon.proc.poll() is not None:
+            raise SystemExit(f"triage serve exited: {daemon.tail()}")
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {len(uids)} studies; see {daemon.log}")
+
+
+def latencies(root: Path, uids: list[str]) -> list[dict[str, float]]:
+    """Per study: total (complete -> PACS ack) and the four stages, in seconds."""
+    marks = ",".join("?" * len(uids))
+    with _db(root) as con:
+        rows = con.execute(
+            f"""SELECT a.study_uid, a.complete_at, a.created_at AS assembled_at, s.scored_at,
+                       o.created_at AS queued_at, o.sent_at, o.attempts
+                FROM assemblies a JOIN scores s ON s.study_uid = a.study_uid
+                JOIN outbox o ON o.study_uid = a.study_uid AND o.generation = a.generation
+                WHERE o.kind = 'dicom' AND o.destination = 'PACS' AND o.state = 'sent'
+                  AND a.study_uid IN ({marks})""",
+            uids,
+        ).fetchall()
+    out = []
+    for r in rows:
+        out.append(
+            {
+                "total": r["sent_at"] - r["complete_at"],
+                "assemble": r["assembled_at"] - r["complete_at"],
+                "score": r["scored_at"] - r["assembled_at"],
+                "report": r["queued_at"] - r["scored_at"],
+                "send": r["sent_at"] - r["queued_at"],
+                "attempts": r["attempts"],
+            }
+        )
+    return out
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=float)
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "max": float(a.max()),
+        "mean": float(a.mean()),
+    }
+
+
+def scrape_inference(port: int) -> float | None:
+    """Mean seconds of one scoring (both flows) from the daemon's histogram."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    except OSError:
+        return None
+    s = re.search(r'^glowtriage_inference_seconds_sum\{device="cpu"\} ([0-9.e+-]+)$', text, re.M)
+    c = re.search(r'^glowtriage_inference_seconds_count\{device="cpu"\} ([0-9.e+-]+)$', text, re.M)
+    if not s or not c or float(c.group(1)) == 0:
+        return None
+    return float(s.group(1)) / float(c.group(1))
+
+
+def direct_inference(work: Path, vols: list[np.ndarray], repeat: int = 5) -> float:
+    """Median seconds of ModelPair.log_likelihoods (M0 and M1) on one volume, in this process."""
+    from triage.score import ModelPair, pick_device
+
+    pair = ModelPair.load(work / "m0.pt", work / "m1.pt", pick_device("cpu"))
+    pair.log_likelihoods(vols[0])  # warm-up (oneDNN kernels are compiled on first use)
+    times = []
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        pair.log_likelihoods(vols[i % len(vols)])
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--studies", type=int, default=24, help="studies per arrival pattern (>= 20 for p95)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
+    args = ap.parse_args(argv)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="e2e-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(
+        f"e2e bench in {work}: {args.studies} studies x 2 patterns, preset {PRESET} (random weights)",
+        flush=True,
+    )
+    sets = make_studies(work, args.studies)
+    print(f"  synthetic studies written in {time.perf_counter() - t0:.0f} s", flush=True)
+    root = work / "var"
+    version, vols = random_model_set(work, root, sets["sequential"] / "study_0000")
+    ports = {k: free_port() for k in ("dicom", "metrics", "pacs", "hl7", "http")}
+    cfg = write_config(work, ports["dicom"], ports["metrics"], ports["pacs"], ports["hl7"])
+    mllp = MLLPListener(ports["hl7"])
+    orthanc = Orthanc(
+        work / "pacs", aet="PACS", dicom_port=ports["pacs"], http_port=ports["http"], modalities={}
+    ).start()
+    daemon = DaemonProcess(cfg, work / "daemon.log").start()
+    results: dict[str, list[dict[str, float]]] = {}
+    inference_daemon = None
+    try:
+        uids = study_uids(sets["sequential"])
+        print(f"  sequential: {len(uids)} studies, one at a time ...", flush=True)
+        for i in range(len(uids)):
+            folder = sets["sequential"] / f"study_{i:04d}"
+            files = sorted(folder.rglob("*.dcm"))
+            storescu(ports["dicom"], files)
+            uid = _study_uid(files[0])
+            wait_sent(root, [uid], 300, daemon)
+        results["sequential"] = latencies(root, uids)
+        burst = study_uids(sets["burst"])
+        print(f"  burst: {len(burst)} studies in one association ...", flush=True)
+        storescu(ports["dicom"], sorted(sets["burst"].rglob("*.dcm")))
+        wait_sent(root, burst, 900, daemon)
+        results["burst"] = latencies(root, burst)
+        inference_daemon = scrape_inference(ports["metrics"])
+    finally:
+        daemon.stop()
+        orthanc.stop()
+        mllp.stop()
+    inference_direct = direct_inference(work, vols)
+
+    rows = []
+    for pattern, lat in results.items():
+        row: dict[str, Any] = {
+            "pattern": pattern,
+            "studies": len(lat),
+            "retries": sum(int(r["attempts"]) - 1 for r in lat),
+        }
+        for k in ("total", *STAGES):
+            row[k] = percentiles([r[k] for r in lat])
+        rows.append(row)
+    print()
+    print(
+        f"{'pattern':<11} {'n':>3} {'p50 s':>7} {'p95 s':>7} {'max s':>7}   "
+        + "  ".join(f"{s + ' p50':>12}" for s in STAGES)
+    )
+    for r in rows:
+        print(
+            f"{r['pattern']:<11} {r['studies']:>3} {r['total']['p50']:>7.2f} {r['total']['p95']:>7.2f} "
+            f"{r['total']['max']:>7.2f}   " + "  ".join(f"{r[s]['p50']:>12.2f}" for s in STAGES)
+        )
+    inf_d = f"{inference_daemon:.3f}" if inference_daemon is not None else "n/a"
+    print(
+        f"\nmodel inference per study (M0 + M1, {PRESET}, CPU): daemon mean {inf_d} s, "
+        f"direct ModelPair.log_likelihoods median {inference_direct:.3f} s"
+    )
+    print(
+        "latency = assemblies.complete_at -> outbox.sent_at of the PACS SR (Orthanc's C-STORE success); "
+        "the 1 s quiet period precedes it and is not included"
+    )
+
+    result = {
+        "benchmark": "e2e",
+        "preset": PRESET,
+        "model_set": version,
+        "weights": "random (ActNorm initialised); speed does not depend on training",
+        "studies_per_pattern": args.studies,
+        "config": {
+            "quiet_seconds": 1.0,
+            "outbox_poll_s": 1.0,
+            "scoring_device": "cpu",
+            "note": "shipped defaults except ports, storage root, quiet_seconds",
+        },
+        "start": "assemblies.complete_at (series found complete; after the quiet period)",
+        "end": "outbox.sent_at of the PACS SR row (C-STORE success from Orthanc)",
+        "results": rows,
+        "inference_s": {"daemon_mean": inference_daemon, "direct_median": inference_direct},
+        "host": {
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _study_uid(path: Path) -> str:
+    import pydicom
+
+    return str(
+        pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
