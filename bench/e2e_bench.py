@@ -249,17 +249,27 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def scrape_inference(port: int) -> float | None:
-    """Mean seconds of one scoring (both flows) from the daemon's histogram."""
+def scrape_inference(port: int) -> dict[str, Any] | None:
+    """The daemon's ``glowtriage_inference_seconds`` (one scoring, both flows): mean and the cumulative
+    bucket counts (the first scoring includes oneDNN's kernel compilation, so the mean is pessimistic)."""
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     except OSError:
         return None
-    s = re.search(r'^glowtriage_inference_seconds_sum\{device="cpu"\} ([0-9.e+-]+)$', text, re.M)
-    c = re.search(r'^glowtriage_inference_seconds_count\{device="cpu"\} ([0-9.e+-]+)$', text, re.M)
+    name = "glowtriage_inference_seconds"
+    s = re.search(rf'^{name}_sum\{{device="cpu"\}} ([0-9.e+-]+)$', text, re.M)
+    c = re.search(rf'^{name}_count\{{device="cpu"\}} ([0-9.e+-]+)$', text, re.M)
     if not s or not c or float(c.group(1)) == 0:
         return None
-    return float(s.group(1)) / float(c.group(1))
+    buckets = {
+        le: int(float(n))
+        for le, n in re.findall(rf'^{name}_bucket\{{device="cpu",le="([^"]+)"\}} ([0-9.e+-]+)$', text, re.M)
+    }
+    return {
+        "mean": float(s.group(1)) / float(c.group(1)),
+        "count": int(float(c.group(1))),
+        "cumulative_buckets": buckets,
+    }
 
 
 def direct_inference(work: Path, vols: list[np.ndarray], repeat: int = 5) -> float:
@@ -286,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     args = ap.parse_args(argv)
 
+    from triage.logs import configure
+
+    configure("warning", "console", stream=sys.stderr)
     work = args.work or Path(tempfile.mkdtemp(prefix="e2e-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -348,9 +361,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['pattern']:<11} {r['studies']:>3} {r['total']['p50']:>7.2f} {r['total']['p95']:>7.2f} "
             f"{r['total']['max']:>7.2f}   " + "  ".join(f"{r[s]['p50']:>12.2f}" for s in STAGES)
         )
-    inf_d = f"{inference_daemon:.3f}" if inference_daemon is not None else "n/a"
+    inf_d = "n/a"
+    if inference_daemon is not None:
+        under = inference_daemon["cumulative_buckets"].get("0.5", 0)
+        inf_d = f"{inference_daemon['mean']:.3f} s ({under} of {inference_daemon['count']} under 0.5 s)"
     print(
-        f"\nmodel inference per study (M0 + M1, {PRESET}, CPU): daemon mean {inf_d} s, "
+        f"\nmodel inference per study (M0 + M1, {PRESET}, CPU): daemon mean {inf_d}, "
         f"direct ModelPair.log_likelihoods median {inference_direct:.3f} s"
     )
     print(
@@ -373,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         "start": "assemblies.complete_at (series found complete; after the quiet period)",
         "end": "outbox.sent_at of the PACS SR row (C-STORE success from Orthanc)",
         "results": rows,
-        "inference_s": {"daemon_mean": inference_daemon, "direct_median": inference_direct},
+        "per_study_s": {
+            p: [{k: round(float(v), 4) for k, v in r.items()} for r in lat] for p, lat in results.items()
+        },
+        "inference_s": {"daemon": inference_daemon, "direct_median": inference_direct},
         "host": {
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
