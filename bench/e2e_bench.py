@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="e2e-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    load_start = round(os.getloadavg()[0], 2)  # other work on a shared machine shows up in the tail
     print(
         f"e2e bench in {work}: {args.studies} studies x 2 patterns, preset {PRESET} (random weights)",
         flush=True,
@@ -397,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "load_avg_1m_start": load_start,
+            "load_avg_1m_end": round(os.getloadavg()[0], 2),
         },
         "seconds": round(time.perf_counter() - t0, 1),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -822,14 +822,15 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
 def _wait_for_interrupt() -> None:
     """Block until Ctrl-C or SIGTERM (both end the demo the same way: everything is stopped)."""
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Handlers for both, so a SIGINT also ends it where a shell started the demo with SIGINT ignored
+    # (a background job).
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _prepare_out(out: Path, fresh: bool) -> None:
