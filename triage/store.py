@@ -1010,32 +1010,13 @@ class Store:
         """Move a study to ``state`` (``failed`` also counts an attempt); False if the CAS fails."""
         if state not in STUDY_STATES:
             raise StoreError(f"unknown study state {state!r} (expected one of {', '.join(STUDY_STATES)})")
-        with self._lock:
-            now = self.clock()
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT state FROM studies WHERE study_uid = ?", (study_uid,)
-                ).fetchone()
-                if row is None:
-                    self._db.execute("ROLLBACK")
-                    raise StoreError(f"no study {study_uid!r}")
-                if expected_state is not None and row["state"] != expected_state:
-                    self._db.execute("ROLLBACK")
-                    return False
-                self._db.execute(
-                    "UPDATE studies SET state=?, reason=?, updated_at=?,"
-                    " attempts = attempts + ? WHERE study_uid=?",
-                    (state, reason, now, 1 if state == "failed" else 0, study_uid),
-                )
-                self._event(now, study_uid, None, "state", from_state=row["state"], to_state=state,
-                            reason=reason)
-                self._db.execute("COMMIT")
-            except StoreError:
-                raise
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+            if row is None:
+                raise StoreError(f"no study {study_uid!r}")
+            if expected_state is not None and row["state"] != expected_state:
+                return False
+            self._move_study(db, self.clock(), study_uid, state, reason)
         return True
 
     # ------------------------------------------------------------------ assemble / score / report / send
