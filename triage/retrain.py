@@ -15,8 +15,9 @@ What one run does, and why:
    A volume whose instances are gone counts as its own patient.
 2. **Hold out** ``holdout_fraction`` of the patients, chosen by their hash: the same patients every
    night, so no retrain ever trains on a patient that another night's gate judged with.
-3. **Train** M1 (role ``mixture``) on the rest, warm-started from the current M1 or from scratch, into
-   ``<models>/.retrain-<run>/m1.pt``; nothing under the registry changes while it trains.
+3. **Train** M1 (role ``mixture``) on the rest, started from the current M0 (``init_from``, the
+   default), the current M1 or from scratch, into ``<models>/.retrain-<run>/m1.pt``; nothing under the
+   registry changes while it trains.
 4. **Gate**, on frozen inputs and with dequantization noise off:
    - NLL: the new M1's mean bits/dim on the held-out volumes may exceed the current M1's by at most
      ``gate_nll_margin_bpd`` (the current M1 may have seen those volumes on an earlier night, so
@@ -330,10 +331,11 @@ def _train_m1(cfg: Config, current: ModelSet, g: Gathered, out: Path) -> dict[st
     vs = VolumeSet(g.train, g.train_ids, {"source": "retrain archive", "window_days": rs.window_days})
     res = train(
         vs, str(current.manifest["preset"]), out, role="mixture", seed=0, steps=rs.steps,
-        init_from=current.m1_path if rs.warm_start else None, progress=False, device=rs.device,
+        init_from={"m0": current.m0_path, "m1": current.m1_path}.get(rs.init_from), progress=False,
+        device=rs.device,
     )
     return {"steps": res.steps, "final_bpd": _num(res.final_bpd), "nan_restores": res.nan_restores,
-            "seconds": round(res.seconds, 3), "warm_start": rs.warm_start}
+            "seconds": round(res.seconds, 3), "init_from": rs.init_from}
 
 
 def _gate(cfg: Config, current: ModelSet, new_m1: Path, g: Gathered, refs: list[np.ndarray],
@@ -411,7 +413,7 @@ def run(cfg: Config, workdir: Path, *, now: float | None = None) -> dict[str, An
     record: dict[str, Any] = {
         "run": workdir.name.removeprefix(WORKDIR_PREFIX), "started": _iso(t0), "outcome": "failed",
         "reason": None, "previous": None, "version": None, "data": {}, "gate": {"passed": False},
-        "window_days": rs.window_days, "steps": rs.steps, "warm_start": rs.warm_start,
+        "window_days": rs.window_days, "steps": rs.steps, "init_from": rs.init_from,
     }
     lock_fd = None
     try:

@@ -86,7 +86,7 @@ class RetrainJob:
         workdir = new_workdir(models)
         run_id = workdir.name.removeprefix(WORKDIR_PREFIX)
         log.info("retrain_started", run=run_id, window_days=rs.window_days, steps=rs.steps,
-                 warm_start=rs.warm_start, nice=rs.nice)
+                 init_from=rs.init_from, nice=rs.nice)
         timed_out = False
         rc: int | None = None
         error: str | None = None

@@ -4,6 +4,7 @@ distractors): the outputs and their keys, the disjoint sets, and M1 never seeing
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -81,6 +82,10 @@ def test_mixture_labels_are_sealed_before_training_and_never_used(done) -> None:
     assert "labels" not in m1["data"] and "only" not in m1["data"]
     m0 = Glow.load(out / "work" / "m0.pt").extra_info
     assert m0["role"] == "normal" and m0["data"]["count"] == res["m0_train_volumes"]
+    # M1 was fine-tuned from M0 (the default --m1-init m0); M0 itself started from scratch
+    assert m0["init_from"] is None and res["training"]["m0"]["init_from"] == "scratch"
+    assert m1["init_from"]["sha256"] == hashlib.sha256((out / "work" / "m0.pt").read_bytes()).hexdigest()
+    assert res["training"]["m1"]["init_from"] == "m0" and res["plan"]["m1_init"] == "m0"
 
 
 def test_training_works_with_the_mixture_labels_gone(tmp_path: Path) -> None:
@@ -105,6 +110,11 @@ def test_rerun_resumes_and_sets_overlap_is_refused(done, tmp_path: Path) -> None
     assert all(again["sets"][s]["built_now"] == 0 for s in ex.SETS)
     assert again["training"]["m0"]["resumed_from"] == 5
     assert again["auc_posterior"] == res["auc_posterior"]
+    # more steps extend M0; M1 was started from the old M0, so it starts again from the new one
+    longer = ex.plan_from_args(ex._parser().parse_args(["--out", str(out), *ARGS, "--steps", "6"]))
+    ext = ex.run(out, longer, "longer")["training"]
+    assert ext["m0"]["resumed_from"] == 5 and ext["m0"]["steps"] == 6
+    assert ext["m1"]["resumed_from"] is None and ext["m1"]["steps"] == 6
     # another plan does not resume checkpoints written for the old one
     plan = dataclasses.replace(ex.plan_from_args(ex._parser().parse_args(["--out", str(out), *ARGS])),
                                calibration_fraction=0.3)

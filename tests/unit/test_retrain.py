@@ -187,7 +187,9 @@ def test_scheduled_job_retrains_gates_and_promotes(tmp_path: Path, models: dict[
     gate = prov["gate"]
     assert gate["passed"] and gate["nll_new_bpd"] <= gate["nll_current_bpd"] + 0.05
     assert abs(gate["median_shift"]) <= gate["shift_limit"]
-    assert new.manifest["provenance"]["m1"]["init_from"]["sha256"] == before.manifest["m1_sha256"]  # warm
+    # init_from = "m0" (the default): the new M1 starts from the current M0
+    assert new.manifest["provenance"]["m1"]["init_from"]["sha256"] == before.manifest["m0_sha256"]
+    assert record["training"]["init_from"] == "m0"
     # recalibrated on the same reference normals, keeping the old threshold's specificity
     refs, old_refs = (s.manifest["calibration"]["reference_volumes"] for s in (new, before))
     assert [r["sha256"] for r in refs] == [r["sha256"] for r in old_refs] and len(refs) == 6
@@ -211,7 +213,7 @@ def test_scheduled_job_retrains_gates_and_promotes(tmp_path: Path, models: dict[
 
 def test_gate_failure_keeps_the_current_set_and_says_why(tmp_path: Path, models: dict[str, Path]) -> None:
     # one step from scratch against a trained M1, with no margin: the held-out NLL must fail
-    cfg, reg, before = make_site(tmp_path, models, warm_start=False, steps=1, gate_nll_margin_bpd=0.0)
+    cfg, reg, before = make_site(tmp_path, models, init_from="scratch", steps=1, gate_nll_margin_bpd=0.0)
     m = Metrics(CollectorRegistry())
     record = RetrainJob(cfg, m)()
     assert record["outcome"] == "rejected"
