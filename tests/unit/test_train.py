@@ -165,6 +165,33 @@ def test_nan_loss_restores_last_good_state_halves_lr_and_goes_on(tmp_path: Path)
     assert Glow.load(tmp_path / "m.pt").extra_info["nan_restores"] == 1
 
 
+def test_cosine_schedule_warms_up_decays_to_zero_and_fine_tunes_at_finetune_lr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, fine = 2e-3, 4e-4
+    monkeypatch.setattr(train_mod, "config_from_preset", lambda name: config_from_preset(
+        name, lr=base, finetune_lr=fine, lr_schedule="cosine", warmup_steps=4))
+    vs = toy_set(8)
+    res = quick(vs, tmp_path / "m0.pt", steps=20)
+    lrs = np.array(res.lrs)
+    assert lrs[:4] == pytest.approx(base * np.arange(1, 5) / 4)  # linear warm-up
+    assert lrs[4] == pytest.approx(base)  # the peak, then a cosine down to ~0 at the last step
+    assert np.all(np.diff(lrs[4:]) < 0) and lrs[-1] < base * 0.01
+    assert lrs[12] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    assert Glow.load(tmp_path / "m0.pt").extra_info["lr_schedule"] == "cosine"
+    # a warm start takes the preset's finetune_lr; an explicit lr wins over both
+    ft = quick(vs, tmp_path / "ft.pt", steps=10, init_from=tmp_path / "m0.pt", role="mixture")
+    assert max(ft.lrs) == pytest.approx(fine) and Glow.load(tmp_path / "ft.pt").extra_info["lr"] == fine
+    own = quick(vs, tmp_path / "own.pt", steps=10, init_from=tmp_path / "m0.pt", lr=1e-4)
+    assert max(own.lrs) == pytest.approx(1e-4)
+    with pytest.raises(TrainingError, match="positive"):
+        quick(vs, tmp_path / "bad.pt", steps=2, lr=-1.0)
+    monkeypatch.setattr(train_mod, "config_from_preset", lambda name: config_from_preset(
+        name, lr_schedule="linear"))
+    with pytest.raises(TrainingError, match="lr_schedule must be 'constant' or 'cosine'"):
+        quick(vs, tmp_path / "bad.pt", steps=2)
+
+
 def test_nan_weights_are_rolled_back(tmp_path: Path) -> None:
     """Weights broken in place (as a bad update would) come back from the in-memory snapshot."""
 
