@@ -570,9 +570,10 @@ def _digest(ids: Sequence[str]) -> str:
 
 
 def train_models(out: Path, sets: dict[str, Path], plan: Plan) -> tuple[Path, Path, dict[str, Any]]:
-    """M0 on the normals, M1 on the unlabeled mixture; reused when the plan and data are unchanged."""
+    """M0 on the normals, then M1 on the unlabeled mixture fine-tuned from M0 (as ``training experiment``
+    does, see its docstring for why); each reused when the plan, its data and (M1) its M0 are unchanged."""
     from training.data import volumes_from_dicom
-    from training.train import train
+    from training.train import forget_stale_warm_start, train
 
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -585,12 +586,14 @@ def train_models(out: Path, sets: dict[str, Path], plan: Plan) -> tuple[Path, Pa
         assemble_s = time.perf_counter() - t0
         if not len(vols):
             raise DemoError(f"{sets[role]}: no usable study (see {cache / role / 'rejects.csv'})")
+        init_from = paths["normal"] if role == "mixture" else None
         want = {
             "preset": plan.preset,
             "steps": plan.steps,
             "seed": plan.seed,
             "role": role,
             "ids": _digest(vols.ids),
+            "init_from": hashlib.sha256(init_from.read_bytes()).hexdigest() if init_from else None,
         }
         stamp = models / f"{name.lower()}.json"
         if paths[role].is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("want") == want:
@@ -601,6 +604,8 @@ def train_models(out: Path, sets: dict[str, Path], plan: Plan) -> tuple[Path, Pa
             )
             info[name] = prev
             continue
+        if init_from is not None:
+            forget_stale_warm_start(paths[role], init_from)
         say(
             f"  {name} ({role}): {len(vols)} volumes (assembled in {assemble_s:.0f} s), {plan.steps} steps "
             f"of {plan.preset} ..."
@@ -615,6 +620,7 @@ def train_models(out: Path, sets: dict[str, Path], plan: Plan) -> tuple[Path, Pa
             seed=plan.seed,
             steps=plan.steps,
             resume=True,
+            init_from=init_from,
             progress=True,
             checkpoint_every=max(10, plan.steps // 4),
             hook=hook,

@@ -44,7 +44,6 @@ takes ~1.5 s there, so training is ~30 of them; synthesis and assembly ~0.5 s a 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -204,7 +203,7 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
     """M0 on the normals, then M1 on the unlabelled mixture (from M0's weights when ``plan.m1_init`` is
     "m0"). A rerun with the same plan resumes from their checkpoints (or extends them with more
     ``steps``); another plan starts over, and so does M1 when the M0 it was started from has changed."""
-    from training.train import train
+    from training.train import forget_stale_warm_start, train
 
     models = out / "work"
     same = {k: v for k, v in plan.__dict__.items() if k not in _NOT_TRAINING}
@@ -219,7 +218,7 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
         init_from = None
         if name == "m1" and plan.m1_init == "m0":
             init_from = models / "m0.pt"
-            _forget_stale_warm_start(models / "m1.pt", init_from)
+            forget_stale_warm_start(models / "m1.pt", init_from)
         t0 = time.perf_counter()
         res = train(data, plan.preset, models / f"{name}.pt", role=role, seed=plan.seed, steps=plan.steps,
                     resume=True, init_from=init_from, progress=False, log_every=25, checkpoint_every=50)
@@ -232,19 +231,6 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
         log.info("model_trained", model=name, role=role, steps=res.steps, final_bpd=s["final_bpd"],
                  seconds=s["seconds"])
     return results
-
-
-def _forget_stale_warm_start(m1: Path, m0: Path) -> None:
-    """M1's checkpoint is only resumable while M0 is the file it was started from: after M0 was
-    extended (more ``--steps``), M1 must start again from the new M0."""
-    from training.train import checkpoint_path
-
-    stamp = m1.with_suffix(".init.json")
-    digest = hashlib.sha256(m0.read_bytes()).hexdigest()
-    if stamp.is_file() and json.loads(stamp.read_text()).get("m0_sha256") != digest:
-        checkpoint_path(m1).unlink(missing_ok=True)
-        log.info("training_restarted", model="m1", reason="M0 changed since M1 was started from it")
-    stamp.write_text(json.dumps({"m0_sha256": digest}) + "\n")
 
 
 def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[str, Any]) -> Any:

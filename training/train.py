@@ -575,6 +575,24 @@ def checkpoint_path(out: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
+def forget_stale_warm_start(out: str | os.PathLike[str], init_from: str | os.PathLike[str]) -> bool:
+    """Drop ``out``'s checkpoint when ``init_from`` is no longer the file that run was started from.
+
+    A resumable run started from a model (M1 from M0) must start again once that model has changed (M0
+    trained further); its checkpoint only records the path. The digest is kept in ``OUT.init.json``.
+    Returns whether a checkpoint was dropped."""
+    out = Path(out)
+    stamp = out.with_name(out.name + ".init.json")
+    digest = _sha256_file(Path(init_from))
+    stale = stamp.is_file() and json.loads(stamp.read_text()).get("sha256") != digest
+    if stale:
+        checkpoint_path(out).unlink(missing_ok=True)
+        log.info("train_restarted", out=str(out), reason=f"{init_from} changed since the run started from it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"init_from": str(init_from), "sha256": digest}) + "\n")
+    return stale
+
+
 def _atomic_save(payload: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
