@@ -69,7 +69,7 @@ LABEL_FILES = ("labels.csv", "truth.jsonl")
 DONE = ".synth-done.json"
 DEFAULT_SPECIFICITY = 0.9
 # Plan fields that do not change what is trained (a rerun with other values still resumes).
-_NOT_TRAINING = ("steps", "workers", "bootstrap", "montage_k")
+_NOT_TRAINING = ("steps", "workers", "bootstrap", "montage_k", "compare_scratch")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ class Plan:
     bootstrap: int = 1000
     montage_k: int = 16
     m1_init: str = "m0"  # "m0": M1 fine-tuned from M0's weights; "scratch": trained independently
+    compare_scratch: bool = True  # with m1_init "m0": also train M1 from scratch and report both
 
     def synth_seed(self, which: str) -> int:
         """Disjoint per-set seeds: no subject can appear in two sets (write_dataset draws study i of
@@ -286,6 +287,38 @@ def score_test(out: Path, test: DicomVolumes, timings: Timings) -> tuple[list[di
     return rows, dt / max(1, len(test))
 
 
+def ablation_scratch(out: Path, m0_data: DicomVolumes, mixture: DicomVolumes, test: DicomVolumes,
+                     labels: Any, plan: Plan, timings: Timings) -> dict[str, Any]:
+    """The paper's independent training, in the same run: M1 from scratch on the same mixture with the
+    same steps and seed, paired with the same M0, scoring the same test set. Its scores and report go
+    to ``DIR/ablation-m1-scratch``; the AUCs are returned for experiment.json."""
+    from training.evaluate import evaluate
+    from training.train import train
+    from triage.score import ModelPair, pick_device
+
+    where = out / "ablation-m1-scratch"
+    t0 = time.perf_counter()
+    res = train(mixture, plan.preset, out / "work" / "m1-scratch.pt", role="mixture", seed=plan.seed,
+                steps=plan.steps, resume=True, progress=False, log_every=25, checkpoint_every=50)
+    timings.add("train_m1_scratch", t0)
+    pair = ModelPair.load(out / "work" / "m0.pt", out / "work" / "m1-scratch.pt", pick_device("auto"))
+    rows = []
+    for it, vol in zip(test.items, test.volumes, strict=True):
+        lp0, lp1 = pair.log_likelihoods(vol)
+        rows.append({"study_uid": it.study_uid, "series_uid": it.series_uid, "log_p_normal_model": lp0,
+                     "log_p_mixture_model": lp1, "log_posterior": lp0 - lp1,
+                     "zero_fraction": float(np.mean(vol == 0)), "volume": os.path.relpath(it.path, out)})
+    where.mkdir(parents=True, exist_ok=True)
+    with (where / "scores.jsonl").open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, allow_nan=False) + "\n")
+    report = evaluate(rows, labels, where / "report", k=plan.montage_k, n_boot=plan.bootstrap,
+                      seed=plan.seed, base_dir=out, title=f"synthetic BCT, {plan.preset}, M1 from scratch")
+    summary = _summary(report)
+    return {"m1": {**res.summary(), "init_from": "scratch"}, "auc_posterior": summary["auc_posterior"],
+            "outputs": os.path.relpath(where, out)}
+
+
 # --------------------------------------------------------------------------------------------------
 # driver
 
@@ -329,6 +362,9 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
     report = evaluate(rows, labels, out / "report", k=plan.montage_k, n_boot=plan.bootstrap, seed=plan.seed,
                       base_dir=out, title=f"synthetic BCT, {plan.preset}")
     timings.add("evaluate", t0)
+    ablation = None
+    if plan.m1_init == "m0" and plan.compare_scratch:
+        ablation = ablation_scratch(out, m0_data, sets["mixture"], sets["test"], labels, plan, timings)
     timings.seconds["total"] = round(time.perf_counter() - t_all, 3)
 
     sealed = label_file(out, "mixture")
@@ -359,6 +395,7 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
                       "device_uid": ms.manifest["device_uid"]},
         "training": trained,
         **summary,
+        "ablation_m1_scratch": ablation,
         "seconds_per_volume": {"score": round(s_per_volume, 4),
                                "assemble": round(assemble_s / max(1, n_vol), 4)},
         "timings_s": timings.seconds,
@@ -411,6 +448,10 @@ def print_summary(res: dict[str, Any], file: Any = None) -> None:
     print(f"posterior AUC  log p(normal|x): {_fmt_auc(post['overall'])}", file=f)
     for les, c in post["lesions"].items():
         print(f"  {les:<12} {_fmt_auc(c)}  (n={c['n_abnormal']})", file=f)
+    abl = res.get("ablation_m1_scratch")
+    if abl:
+        print(f"posterior AUC, M1 from scratch (the paper's independent training): "
+              f"{_fmt_auc(abl['auc_posterior']['overall'])}", file=f)
     print(f"likelihood AUC log p(x|normal): {_fmt_auc(lik['overall'])}", file=f)
     for les, c in lik["lesions"].items():
         print(f"  {les:<12} {_fmt_auc(c)}  (n={c['n_abnormal']})", file=f)
@@ -438,6 +479,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--m1-init", choices=("m0", "scratch"), default=d.m1_init,
                    help="start M1 from M0's weights (default; see the module docstring) or from scratch")
+    p.add_argument("--no-compare-scratch", dest="compare_scratch", action="store_false",
+                   help="skip the same-run comparison with an M1 trained from scratch")
     p.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
                    help="share of the normal set's patients held out to set the operating point")
     p.add_argument("--distractors", action="store_true",
@@ -457,7 +500,8 @@ def plan_from_args(a: argparse.Namespace) -> Plan:
         v = getattr(a, key)
         if v is not None:
             base[key] = v
-    base.update(preset=a.preset, seed=a.seed, m1_init=a.m1_init, calibration_fraction=a.calibration_fraction,
+    base.update(preset=a.preset, seed=a.seed, m1_init=a.m1_init, compare_scratch=a.compare_scratch,
+                calibration_fraction=a.calibration_fraction,
                 distractors=a.distractors, slab_samples=a.slab_samples, workers=a.workers)
     return Plan(**base)
 

@@ -86,6 +86,19 @@ def test_mixture_labels_are_sealed_before_training_and_never_used(done) -> None:
     assert m0["init_from"] is None and res["training"]["m0"]["init_from"] == "scratch"
     assert m1["init_from"]["sha256"] == hashlib.sha256((out / "work" / "m0.pt").read_bytes()).hexdigest()
     assert res["training"]["m1"]["init_from"] == "m0" and res["plan"]["m1_init"] == "m0"
+    # the same-run comparison: an M1 trained from scratch on the same mixture, scored with the same M0
+    abl = res["ablation_m1_scratch"]
+    scratch = Glow.load(out / "work" / "m1-scratch.pt").extra_info
+    assert scratch["init_from"] is None and scratch["data"]["ids_sha256"] == m1["data"]["ids_sha256"]
+    assert abl["m1"]["steps"] == res["training"]["m1"]["steps"] and abl["m1"]["init_from"] == "scratch"
+    rows = load_scores(out / "ablation-m1-scratch" / "scores.jsonl")
+    assert {r["study_uid"] for r in rows} == {r["study_uid"] for r in load_scores(out / "scores.jsonl")}
+    for r in rows:  # same M0, another M1
+        assert r["log_p_normal_model"] == pytest.approx(
+            next(x for x in load_scores(out / "scores.jsonl") if x["study_uid"] == r["study_uid"])[
+                "log_p_normal_model"])
+    assert 0.0 <= abl["auc_posterior"]["overall"]["auc"] <= 1.0
+    assert (out / "ablation-m1-scratch" / "report" / "roc_posterior.png").is_file()
 
 
 def test_training_works_with_the_mixture_labels_gone(tmp_path: Path) -> None:
