@@ -234,6 +234,12 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
     return results
 
 
+def _pair(out: Path) -> Any:
+    from triage.score import ModelPair, pick_device
+
+    return ModelPair.load(out / "work" / "m0.pt", out / "work" / "m1.pt", pick_device("auto"))
+
+
 def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[str, Any]) -> Any:
     """Operating point on held-out normals (as ``triage models create`` sets it without labels), then
     create and promote the model set in ``DIR/models``."""
@@ -287,8 +293,16 @@ def score_test(out: Path, test: DicomVolumes, timings: Timings) -> tuple[list[di
     return rows, dt / max(1, len(test))
 
 
+def spread(pair: Any, normals: DicomVolumes) -> dict[str, Any]:
+    """Mean and s.d. of log p(normal|x) over held-out normals: a label-free view of the metric's noise
+    (every one of them is normal, so all of their spread is the two models disagreeing)."""
+    post = np.array([lp0 - lp1 for lp0, lp1 in map(pair.log_likelihoods, normals.volumes)])
+    return {"n": int(post.size), "mean": round(float(post.mean()), 3),
+            "sd": round(float(post.std(ddof=1)), 3) if post.size > 1 else None}
+
+
 def ablation_scratch(out: Path, m0_data: DicomVolumes, mixture: DicomVolumes, test: DicomVolumes,
-                     labels: Any, plan: Plan, timings: Timings) -> dict[str, Any]:
+                     calib: DicomVolumes, labels: Any, plan: Plan, timings: Timings) -> dict[str, Any]:
     """The paper's independent training, in the same run: M1 from scratch on the same mixture with the
     same steps and seed, paired with the same M0, scoring the same test set. Its scores and report go
     to ``DIR/ablation-m1-scratch``; the AUCs are returned for experiment.json."""
@@ -316,6 +330,7 @@ def ablation_scratch(out: Path, m0_data: DicomVolumes, mixture: DicomVolumes, te
                       seed=plan.seed, base_dir=out, title=f"synthetic BCT, {plan.preset}, M1 from scratch")
     summary = _summary(report)
     return {"m1": {**res.summary(), "init_from": "scratch"}, "auc_posterior": summary["auc_posterior"],
+            "posterior_on_held_out_normals": spread(pair, calib),
             "outputs": os.path.relpath(where, out)}
 
 
@@ -354,6 +369,7 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
     trained = train_models(out, m0_data, sets["mixture"], plan, timings)
     t0 = time.perf_counter()
     ms = register_models(out, calib, plan, trained)
+    held_out = spread(_pair(out), calib)
     timings.add("calibrate", t0)
     rows, s_per_volume = score_test(out, sets["test"], timings)
 
@@ -364,7 +380,7 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
     timings.add("evaluate", t0)
     ablation = None
     if plan.m1_init == "m0" and plan.compare_scratch:
-        ablation = ablation_scratch(out, m0_data, sets["mixture"], sets["test"], labels, plan, timings)
+        ablation = ablation_scratch(out, m0_data, sets["mixture"], sets["test"], calib, labels, plan, timings)
     timings.seconds["total"] = round(time.perf_counter() - t_all, 3)
 
     sealed = label_file(out, "mixture")
@@ -395,6 +411,7 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
                       "device_uid": ms.manifest["device_uid"]},
         "training": trained,
         **summary,
+        "posterior_on_held_out_normals": held_out,
         "ablation_m1_scratch": ablation,
         "seconds_per_volume": {"score": round(s_per_volume, 4),
                                "assemble": round(assemble_s / max(1, n_vol), 4)},

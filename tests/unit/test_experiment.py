@@ -99,6 +99,9 @@ def test_mixture_labels_are_sealed_before_training_and_never_used(done) -> None:
                 "log_p_normal_model"])
     assert 0.0 <= abl["auc_posterior"]["overall"]["auc"] <= 1.0
     assert (out / "ablation-m1-scratch" / "report" / "roc_posterior.png").is_file()
+    for spread in (res["posterior_on_held_out_normals"], abl["posterior_on_held_out_normals"]):
+        assert spread["n"] == res["calibration_volumes"]
+        assert spread["sd"] is None or spread["sd"] >= 0
 
 
 def test_training_works_with_the_mixture_labels_gone(tmp_path: Path) -> None:
