@@ -13,8 +13,12 @@ study with log p(normal|x) = log p(x|normal) - log p(x). This command runs that 
 2. ``training.data.volumes_from_dicom`` assembles every set (``triage.assemble``, cached under
    ``DIR/cache/<set>``). The normal set is split by patient into M0's training part and a held-out
    calibration part (``--calibration-fraction``).
-3. ``training.train.train``: M0 on the normals (``role=normal``), then M1 on the mixture
-   (``role=mixture``), started from M0's weights (``--m1-init m0``, the default) or from scratch.
+3. ``training.train.train``: a *trunk* on M0's normals (``--steps``), then two branches from it with
+   the same schedule and budget (``--branch-steps`` each, the preset's ``finetune_lr``): M0 goes on
+   with the normals, M1 goes on with the unlabelled mixture. ``--m1-init scratch`` trains both from
+   scratch for steps + branch-steps instead (the paper's independent training); by default that M1 is
+   also trained after the main result, paired with the same M0 and reported beside it
+   (``DIR/ablation-m1-scratch``).
 4. The operating point is set like ``triage models create`` does (``triage.modelset.calibrate``,
    specificity 0.9 on the held-out normals, never on the test set); the model set is registered and
    promoted in ``DIR/models`` and the test set is scored with ``triage.score.Scorer``, the daemon's
@@ -23,22 +27,25 @@ study with log p(normal|x) = log p(x|normal) - log p(x). This command runs that 
 5. ``training.evaluate.evaluate`` writes ``DIR/report`` (ROC, histograms, montages, report.json);
    ``DIR/experiment.json`` holds the summary, the timings and the exact command line.
 
-Why M1 starts from M0: the metric is the difference of two log-likelihoods of ~5e5 nats each, and what
-it must resolve is a few hundred nats. Two flows trained independently disagree about *normal* anatomy by
-about as much (the first synthetic run: posterior s.d. ~740 nats across normal test studies, while a
-hemorrhage moved the mean by ~520), and that disagreement is noise in the metric. Fine-tuning M1 from M0
-makes the errors they share cancel and leaves, in the difference, what the mixture taught M1 beyond the
-normals: whatever the abnormal studies hold, named or not. M0 itself is still trained on normals only, so
-the likelihood-only comparison is unaffected. Nothing here refers to a lesion kind; the choice follows
-from the variance of a difference, and ``--m1-init scratch`` runs the paper's independent training.
+Why a shared trunk: the metric is the difference of two log-likelihoods of ~5e5 nats each, and what it
+must resolve is a few hundred nats. On a CPU budget both flows end far from convergence, so two flows
+trained apart differ mostly in *how far* each got, subject by subject, not in what their data hold
+(label-free pilot on the first synthetic run: across held-out normals the posterior's s.d. was
+~850 nats; an M1 fine-tuned from a finished M0 scored the normals ~10,000 nats higher than M0 did
+itself, because it had simply trained longer). Branching both from one trunk, with the same steps
+and schedule after it, makes what they share cancel in the difference and leaves what the mixture
+taught M1 beyond the normals: whatever the abnormal studies hold, named or not. The trunk sees only
+M0's normals, so M0 is still a model of normal studies alone, and the likelihood-only comparison is
+M0's. Nothing here refers to a lesion kind: the choice follows from the variance of a difference, and
+was checked on held-out normals and an unlabelled held-out mixture, not on labels.
 
 What is chosen here and what is not: the preset decides the model and its optimiser (batch size,
 learning rate, warm-up); this command only picks dataset sizes and step counts, to fit the machine.
-Nothing is tuned to the generator's lesion kinds or to the test AUC. Defaults (cpu-small, 80 normal /
-80 mixture / 66 test studies, 600 steps of batch 4 per model, i.e. ~33 epochs of M0's 72 volumes)
-fit a 2-core machine in about 35 minutes when it is otherwise idle (a batch-4 step of cpu-small
-takes ~1.5 s there, so training is ~30 of them; synthesis and assembly ~0.5 s a study each);
-``--quick`` is a few-minute smoke run of the same path.
+Nothing is tuned to the generator's lesion kinds or to the test AUC. Defaults (cpu-small, 320 normal /
+320 mixture / 100 test studies, a 600-step trunk and 300-step branches of batch 4, and the 900-step
+scratch M1 of the comparison) fit a 2-core machine in about an hour when it is otherwise idle (a
+batch-4 step of cpu-small takes ~1.5 s there; synthesis and assembly ~1 s a study); ``--quick`` is a
+few-minute smoke run of the same path.
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ LABEL_FILES = ("labels.csv", "truth.jsonl")
 DONE = ".synth-done.json"
 DEFAULT_SPECIFICITY = 0.9
 # Plan fields that do not change what is trained (a rerun with other values still resumes).
-_NOT_TRAINING = ("steps", "workers", "bootstrap", "montage_k", "compare_scratch")
+_NOT_TRAINING = ("steps", "branch_steps", "workers", "bootstrap", "montage_k", "compare_scratch")
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,10 @@ class Plan:
     """Sizes, steps and seeds of one run; every field is recorded in experiment.json."""
 
     preset: str = "cpu-small"
-    normal_train: int = 80  # normal studies; a calibration_fraction of their patients is held out
-    mixture_train: int = 80  # half normal, half abnormal (rounded down), labels sealed away
-    test: int = 66  # half normal, half abnormal: the paper's 33 + 33
-    steps: int = 600  # per model
+    normal_train: int = 320  # normal studies; a calibration_fraction of their patients is held out
+    mixture_train: int = 320  # half normal, half abnormal (rounded down), labels sealed away
+    test: int = 100  # half normal, half abnormal (the paper's 33 + 33 gives CIs of +-0.13)
+    steps: int = 600  # the trunk (M0's first stage, normals only); from scratch: steps + branch_steps
     seed: int = 0
     calibration_fraction: float = 0.1
     distractors: bool = False
@@ -88,8 +95,9 @@ class Plan:
     workers: int = 2
     bootstrap: int = 1000
     montage_k: int = 16
-    m1_init: str = "m0"  # "m0": M1 fine-tuned from M0's weights; "scratch": trained independently
-    compare_scratch: bool = True  # with m1_init "m0": also train M1 from scratch and report both
+    branch_steps: int = 300  # M0 and M1 each go on this many steps from the trunk (see the docstring)
+    m1_init: str = "trunk"  # "trunk": M0 and M1 branch from one trunk; "scratch": trained independently
+    compare_scratch: bool = True  # with m1_init "trunk": also train M1 from scratch and report both
 
     def synth_seed(self, which: str) -> int:
         """Disjoint per-set seeds: no subject can appear in two sets (write_dataset draws study i of
@@ -104,7 +112,8 @@ class Plan:
         return n - n // 2, n // 2
 
 
-QUICK = {"normal_train": 12, "mixture_train": 12, "test": 12, "steps": 40, "bootstrap": 200, "montage_k": 8}
+QUICK = {"normal_train": 12, "mixture_train": 12, "test": 12, "steps": 40, "branch_steps": 20,
+         "bootstrap": 200, "montage_k": 8}
 
 
 @dataclass
@@ -199,11 +208,22 @@ def load_sets(out: Path, folders: dict[str, Path], plan: Plan) -> dict[str, Dico
     return sets
 
 
+def stages(plan: Plan, normal: DicomVolumes, mixture: DicomVolumes
+           ) -> list[tuple[str, str, DicomVolumes, str | None, int]]:
+    """(name, role, data, started from, steps) of each model to train, in order."""
+    if plan.m1_init == "trunk":
+        return [("trunk", "normal", normal, None, plan.steps),
+                ("m0", "normal", normal, "trunk", plan.branch_steps),
+                ("m1", "mixture", mixture, "trunk", plan.branch_steps)]
+    total = plan.steps + plan.branch_steps
+    return [("m0", "normal", normal, None, total), ("m1", "mixture", mixture, None, total)]
+
+
 def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: Plan,
                  timings: Timings) -> dict[str, Any]:
-    """M0 on the normals, then M1 on the unlabelled mixture (from M0's weights when ``plan.m1_init`` is
-    "m0"). A rerun with the same plan resumes from their checkpoints (or extends them with more
-    ``steps``); another plan starts over, and so does M1 when the M0 it was started from has changed."""
+    """The models of :func:`stages`. A rerun with the same plan resumes from their checkpoints (or
+    extends them with more ``steps``); another plan starts over, and so does a branch when the trunk it
+    was started from has changed."""
     from training.train import forget_stale_warm_start, train
 
     models = out / "work"
@@ -215,18 +235,18 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
     models.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(same, sort_keys=True))
     results = {}
-    for name, role, data in (("m0", "normal", normal), ("m1", "mixture", mixture)):
+    for name, role, data, start, steps in stages(plan, normal, mixture):
         init_from = None
-        if name == "m1" and plan.m1_init == "m0":
-            init_from = models / "m0.pt"
-            forget_stale_warm_start(models / "m1.pt", init_from)
+        if start is not None:
+            init_from = models / f"{start}.pt"
+            forget_stale_warm_start(models / f"{name}.pt", init_from)
         t0 = time.perf_counter()
-        res = train(data, plan.preset, models / f"{name}.pt", role=role, seed=plan.seed, steps=plan.steps,
+        res = train(data, plan.preset, models / f"{name}.pt", role=role, seed=plan.seed, steps=steps,
                     resume=True, init_from=init_from, progress=False, log_every=25, checkpoint_every=50)
         wall = timings.add(f"train_{name}", t0)
         s = res.summary()
         s["wall_seconds"] = round(wall, 3)
-        s["init_from"] = "m0" if init_from is not None else "scratch"
+        s["init_from"] = start or "scratch"
         (models / f"{name}.train.json").write_text(json.dumps(res.summary(with_curve=True), indent=1) + "\n")
         results[name] = s
         log.info("model_trained", model=name, role=role, steps=res.steps, final_bpd=s["final_bpd"],
@@ -260,7 +280,7 @@ def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[st
     ms = reg.create(
         m0, m1, preset=plan.preset, preprocessing_version=PREPROCESSING_VERSION, threshold=threshold,
         method=method, normal_scores=normals,
-        provenance={"experiment": str(out), "m0": trained["m0"], "m1": trained["m1"],
+        provenance={"experiment": str(out), **trained,
                     "calibration": {"studies": len(posteriors), "held_out_normals_of": "normal set",
                                     **details}},
         software_version=getattr(triage, "__version__", "0+unknown"),
@@ -313,7 +333,8 @@ def ablation_scratch(out: Path, m0_data: DicomVolumes, mixture: DicomVolumes, te
     where = out / "ablation-m1-scratch"
     t0 = time.perf_counter()
     res = train(mixture, plan.preset, out / "work" / "m1-scratch.pt", role="mixture", seed=plan.seed,
-                steps=plan.steps, resume=True, progress=False, log_every=25, checkpoint_every=50)
+                steps=plan.steps + plan.branch_steps, resume=True, progress=False, log_every=25,
+                checkpoint_every=50)
     timings.add("train_m1_scratch", t0)
     pair = ModelPair.load(out / "work" / "m0.pt", out / "work" / "m1-scratch.pt", pick_device("auto"))
     rows = []
@@ -378,9 +399,6 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
     report = evaluate(rows, labels, out / "report", k=plan.montage_k, n_boot=plan.bootstrap, seed=plan.seed,
                       base_dir=out, title=f"synthetic BCT, {plan.preset}")
     timings.add("evaluate", t0)
-    ablation = None
-    if plan.m1_init == "m0" and plan.compare_scratch:
-        ablation = ablation_scratch(out, m0_data, sets["mixture"], sets["test"], calib, labels, plan, timings)
     timings.seconds["total"] = round(time.perf_counter() - t_all, 3)
 
     sealed = label_file(out, "mixture")
@@ -412,7 +430,7 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
         "training": trained,
         **summary,
         "posterior_on_held_out_normals": held_out,
-        "ablation_m1_scratch": ablation,
+        "ablation_m1_scratch": None,
         "seconds_per_volume": {"score": round(s_per_volume, 4),
                                "assemble": round(assemble_s / max(1, n_vol), 4)},
         "timings_s": timings.seconds,
@@ -427,6 +445,12 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
         ],
     }
     (out / "experiment.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    if plan.m1_init == "trunk" and plan.compare_scratch:
+        # written again with the comparison; the main result is on disk in case this part is cut short
+        result["ablation_m1_scratch"] = ablation_scratch(
+            out, m0_data, sets["mixture"], sets["test"], calib, labels, plan, timings)
+        result["timings_s"]["total"] = round(time.perf_counter() - t_all, 3)
+        (out / "experiment.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     return result
 
 
@@ -472,7 +496,7 @@ def print_summary(res: dict[str, Any], file: Any = None) -> None:
     print(f"likelihood AUC log p(x|normal): {_fmt_auc(lik['overall'])}", file=f)
     for les, c in lik["lesions"].items():
         print(f"  {les:<12} {_fmt_auc(c)}  (n={c['n_abnormal']})", file=f)
-    for name in ("m0", "m1"):
+    for name in res["training"]:
         t = res["training"][name]
         print(f"{name}: {t['volumes']} volumes, {t['steps']} steps from {t.get('init_from', 'scratch')}, "
               f"{t['seconds']:.0f} s, "
@@ -492,10 +516,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mixture-train", type=int,
                    help=f"mixture studies for M1, half abnormal (default {d.mixture_train})")
     p.add_argument("--test", type=int, help=f"test studies, half abnormal (default {d.test})")
-    p.add_argument("--steps", type=int, help=f"training steps per model (default {d.steps})")
+    p.add_argument("--steps", type=int, help=f"trunk steps on the normals (default {d.steps})")
+    p.add_argument("--branch-steps", type=int,
+                   help=f"steps of M0 and of M1 from the trunk (default {d.branch_steps})")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--m1-init", choices=("m0", "scratch"), default=d.m1_init,
-                   help="start M1 from M0's weights (default; see the module docstring) or from scratch")
+    p.add_argument("--m1-init", choices=("trunk", "scratch"), default=d.m1_init,
+                   help="M0 and M1 branch from one trunk trained on normals (default; see the module "
+                        "docstring), or both from scratch")
     p.add_argument("--no-compare-scratch", dest="compare_scratch", action="store_false",
                    help="skip the same-run comparison with an M1 trained from scratch")
     p.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
@@ -513,7 +540,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan_from_args(a: argparse.Namespace) -> Plan:
     base = {**Plan().__dict__, **(QUICK if a.quick else {})}
-    for key in ("normal_train", "mixture_train", "test", "steps", "bootstrap"):
+    for key in ("normal_train", "mixture_train", "test", "steps", "branch_steps", "bootstrap"):
         v = getattr(a, key)
         if v is not None:
             base[key] = v
@@ -528,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(args_list)
     plan = plan_from_args(a)
     problems = [f"--{k.replace('_', '-')} must be >= {lo}" for k, lo in
-                (("normal_train", 2), ("mixture_train", 2), ("test", 2), ("steps", 1))
+                (("normal_train", 2), ("mixture_train", 2), ("test", 2), ("steps", 1), ("branch_steps", 1))
                 if getattr(plan, k) < lo]
     if not 0.0 < plan.calibration_fraction < 1.0:
         problems.append("--calibration-fraction must be in (0, 1)")

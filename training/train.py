@@ -575,15 +575,30 @@ def checkpoint_path(out: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
+def weights_digest(path: Path) -> str:
+    """sha256 over a model file's tensors (names, dtypes, shapes, bytes), in name order."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        raise TrainingError(f"{path}: cannot read model weights: {exc}") from exc
+    h = hashlib.sha256()
+    for name in sorted(state):
+        v = state[name].detach().reshape(-1).contiguous()
+        h.update(f"{name}|{v.dtype}|{tuple(state[name].shape)}|".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
 def forget_stale_warm_start(out: str | os.PathLike[str], init_from: str | os.PathLike[str]) -> bool:
     """Drop ``out``'s checkpoint when ``init_from`` is no longer the file that run was started from.
 
     A resumable run started from a model (M1 from M0) must start again once that model has changed (M0
-    trained further); its checkpoint only records the path. The digest is kept in ``OUT.init.json``.
-    Returns whether a checkpoint was dropped."""
+    trained further); its checkpoint only records the path. The digest of the weights (not of the file,
+    which a resumed run rewrites with new provenance) is kept in ``OUT.init.json``. Returns whether a
+    checkpoint was dropped."""
     out = Path(out)
     stamp = out.with_name(out.name + ".init.json")
-    digest = _sha256_file(Path(init_from))
+    digest = weights_digest(Path(init_from))
     stale = stamp.is_file() and json.loads(stamp.read_text()).get("sha256") != digest
     if stale:
         checkpoint_path(out).unlink(missing_ok=True)

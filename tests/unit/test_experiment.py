@@ -17,7 +17,7 @@ from triage.glow import Glow
 from triage.registry import Registry
 
 ARGS = ["--preset", "test-tiny", "--normal-train", "6", "--mixture-train", "4", "--test", "4", "--steps", "5",
-        "--bootstrap", "20", "--workers", "1", "--slab-samples", "1", "--seed", "3"]
+        "--branch-steps", "3", "--bootstrap", "20", "--workers", "1", "--slab-samples", "1", "--seed", "3"]
 SCORE_KEYS = {"study_uid", "series_uid", "log_p_normal_model", "log_p_mixture_model", "log_posterior",
               "threshold", "flagged", "model_version", "percentile", "zero_fraction", "volume"}
 
@@ -54,7 +54,8 @@ def test_writes_scores_report_and_experiment_json(done, capsys: pytest.CaptureFi
     assert set(res["auc_posterior"]["lesions"]) <= {"hemorrhage", "infarct"}
     assert 0.0 <= res["auc_posterior"]["overall"]["auc"] <= 1.0
     assert res["auc_likelihood"]["overall"]["auc"] == report["metrics"]["likelihood"]["overall"]["auc"]
-    assert res["training"]["m0"]["steps"] == 5 and res["training"]["m1"]["seconds"] > 0
+    assert res["training"]["trunk"]["steps"] == 5 and res["training"]["m1"]["seconds"] > 0
+    assert res["training"]["m0"]["steps"] == res["training"]["m1"]["steps"] == 3
     assert res["seconds_per_volume"]["score"] > 0
     assert res["sets"]["test"]["volumes"] == 4 and res["sets"]["mixture"]["abnormal"] == 2
     assert res["m0_train_volumes"] + res["calibration_volumes"] == 6 and res["calibration_volumes"] >= 1
@@ -82,15 +83,19 @@ def test_mixture_labels_are_sealed_before_training_and_never_used(done) -> None:
     assert "labels" not in m1["data"] and "only" not in m1["data"]
     m0 = Glow.load(out / "work" / "m0.pt").extra_info
     assert m0["role"] == "normal" and m0["data"]["count"] == res["m0_train_volumes"]
-    # M1 was fine-tuned from M0 (the default --m1-init m0); M0 itself started from scratch
-    assert m0["init_from"] is None and res["training"]["m0"]["init_from"] == "scratch"
-    assert m1["init_from"]["sha256"] == hashlib.sha256((out / "work" / "m0.pt").read_bytes()).hexdigest()
-    assert res["training"]["m1"]["init_from"] == "m0" and res["plan"]["m1_init"] == "m0"
+    # M0 and M1 both branch from one trunk trained on the normals only (the default --m1-init trunk)
+    trunk = Glow.load(out / "work" / "trunk.pt").extra_info
+    assert trunk["init_from"] is None and trunk["role"] == "normal"
+    assert trunk["data"]["ids_sha256"] == m0["data"]["ids_sha256"]  # the trunk saw M0's normals, only
+    digest = hashlib.sha256((out / "work" / "trunk.pt").read_bytes()).hexdigest()
+    assert m0["init_from"]["sha256"] == m1["init_from"]["sha256"] == digest
+    assert res["training"]["m1"]["init_from"] == res["training"]["m0"]["init_from"] == "trunk"
+    assert res["plan"]["m1_init"] == "trunk"
     # the same-run comparison: an M1 trained from scratch on the same mixture, scored with the same M0
     abl = res["ablation_m1_scratch"]
     scratch = Glow.load(out / "work" / "m1-scratch.pt").extra_info
     assert scratch["init_from"] is None and scratch["data"]["ids_sha256"] == m1["data"]["ids_sha256"]
-    assert abl["m1"]["steps"] == res["training"]["m1"]["steps"] and abl["m1"]["init_from"] == "scratch"
+    assert abl["m1"]["steps"] == 5 + 3 and abl["m1"]["init_from"] == "scratch"  # M0's whole budget
     rows = load_scores(out / "ablation-m1-scratch" / "scores.jsonl")
     assert {r["study_uid"] for r in rows} == {r["study_uid"] for r in load_scores(out / "scores.jsonl")}
     for r in rows:  # same M0, another M1
@@ -124,19 +129,19 @@ def test_rerun_resumes_and_sets_overlap_is_refused(done, tmp_path: Path) -> None
     # a second run into the same folder reuses the data, the cache and the finished models
     again = ex.run(out, ex.plan_from_args(ex._parser().parse_args(["--out", str(out), *ARGS])), "rerun")
     assert all(again["sets"][s]["built_now"] == 0 for s in ex.SETS)
-    assert again["training"]["m0"]["resumed_from"] == 5
+    assert again["training"]["trunk"]["resumed_from"] == 5 and again["training"]["m1"]["resumed_from"] == 3
     assert again["auc_posterior"] == res["auc_posterior"]
-    # more steps extend M0; M1 was started from the old M0, so it starts again from the new one
+    # more steps extend the trunk; M0 and M1 were started from the old trunk, so they start again
     longer = ex.plan_from_args(ex._parser().parse_args(["--out", str(out), *ARGS, "--steps", "6"]))
     ext = ex.run(out, longer, "longer")["training"]
-    assert ext["m0"]["resumed_from"] == 5 and ext["m0"]["steps"] == 6
-    assert ext["m1"]["resumed_from"] is None and ext["m1"]["steps"] == 6
+    assert ext["trunk"]["resumed_from"] == 5 and ext["trunk"]["steps"] == 6
+    assert ext["m0"]["resumed_from"] is None and ext["m1"]["resumed_from"] is None
     # another plan does not resume checkpoints written for the old one
     plan = dataclasses.replace(ex.plan_from_args(ex._parser().parse_args(["--out", str(out), *ARGS])),
                                calibration_fraction=0.3)
     sets = ex.load_sets(out, {s: out / "data" / s for s in ex.SETS}, plan)
     retrained = ex.train_models(out, sets["normal"], sets["mixture"], plan, ex.Timings())
-    assert retrained["m0"]["resumed_from"] is None and retrained["m0"]["volumes"] == 6
+    assert retrained["trunk"]["resumed_from"] is None and retrained["m0"]["volumes"] == 6
     # a truth file that puts one subject into two sets is caught
     test_truth = out / "data" / "test" / "truth.jsonl"
     saved = test_truth.read_text()
