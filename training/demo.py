@@ -78,7 +78,7 @@ class Plan:
     calibration: int = 12  # held-out normals: operating point and percentiles
     test_normal: int = 10  # the studies sent through the daemon
     test_abnormal: int = 10
-    steps: int = 100  # per model, batch of the preset (cpu-small: 4)
+    steps: int = 100  # the trunk; M0 and M1 then branch for steps // 2 each (batch of the preset)
     seed: int = 7
     specificity: float = 0.9
     test_distractors: bool = True
@@ -570,59 +570,63 @@ def _digest(ids: Sequence[str]) -> str:
 
 
 def train_models(out: Path, sets: dict[str, Path], plan: Plan) -> tuple[Path, Path, dict[str, Any]]:
-    """M0 on the normals, then M1 on the unlabeled mixture fine-tuned from M0 (as ``training experiment``
-    does, see its docstring for why); each reused when the plan, its data and (M1) its M0 are unchanged."""
+    """A trunk on the normals, then M0 (normals) and M1 (unlabeled mixture) branching from it with the
+    same budget, as ``training experiment`` does (its docstring says why). Each model is reused when
+    the plan, its data and the trunk it started from are unchanged."""
     from training.data import volumes_from_dicom
-    from training.train import forget_stale_warm_start, train
+    from training.train import forget_stale_warm_start, train, weights_digest
 
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     info: dict[str, Any] = {}
-    paths = {"normal": models / "m0.pt", "mixture": models / "m1.pt"}
-    for role, name in (("normal", "M0"), ("mixture", "M1")):
+    branch = max(1, plan.steps // 2)
+    stages = (("trunk", "normal", None, plan.steps), ("m0", "normal", "trunk", branch),
+              ("m1", "mixture", "trunk", branch))
+    vols_of: dict[str, Any] = {}
+    for name, role, start, steps in stages:
         t0 = time.perf_counter()
-        vols = volumes_from_dicom(sets[role], cache / role, workers=2)
+        if role not in vols_of:
+            vols_of[role] = volumes_from_dicom(sets[role], cache / role, workers=2)
+        vols = vols_of[role]
         assemble_s = time.perf_counter() - t0
         if not len(vols):
             raise DemoError(f"{sets[role]}: no usable study (see {cache / role / 'rejects.csv'})")
-        init_from = paths["normal"] if role == "mixture" else None
+        path = models / f"{name}.pt"
+        init_from = models / f"{start}.pt" if start else None
         want = {
             "preset": plan.preset,
-            "steps": plan.steps,
+            "steps": steps,
             "seed": plan.seed,
             "role": role,
             "ids": _digest(vols.ids),
-            "init_from": hashlib.sha256(init_from.read_bytes()).hexdigest() if init_from else None,
+            "init_from": weights_digest(init_from) if init_from else None,
         }
-        stamp = models / f"{name.lower()}.json"
-        if paths[role].is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("want") == want:
+        stamp = models / f"{name}.json"
+        label = f"{name.upper() if start else name} ({role}{', from the trunk' if start else ''})"
+        if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("want") == want:
             prev = json.loads(stamp.read_text())
-            say(
-                f"  {name} ({role}): reusing {paths[role].relative_to(out)} "
-                f"({prev['final_bpd']:.3f} bits/dim after {plan.steps} steps)"
-            )
+            say(f"  {label}: reusing {path.relative_to(out)} "
+                f"({prev['final_bpd']:.3f} bits/dim after {steps} steps)")
             info[name] = prev
             continue
         if init_from is not None:
-            forget_stale_warm_start(paths[role], init_from)
-        say(
-            f"  {name} ({role}): {len(vols)} volumes (assembled in {assemble_s:.0f} s), {plan.steps} steps "
-            f"of {plan.preset} ..."
-        )
+            forget_stale_warm_start(path, init_from)
+        say(f"  {label}: {len(vols)} volumes (assembled in {assemble_s:.0f} s), "
+            f"{steps} steps of {plan.preset} ...")
         # tqdm draws a bar on a terminal; elsewhere (CI, a pipe) a line every tenth of the run
-        hook = None if sys.stderr.isatty() else _progress_lines(name, plan.steps)
+        hook = None if sys.stderr.isatty() else _progress_lines(name, steps)
         res = train(
             vols,
             plan.preset,
-            paths[role],
+            path,
             role=role,
             seed=plan.seed,
-            steps=plan.steps,
+            steps=steps,
             resume=True,
             init_from=init_from,
             progress=True,
-            checkpoint_every=max(10, plan.steps // 4),
+            checkpoint_every=max(10, steps // 4),
             hook=hook,
         )
         rec = {
@@ -634,7 +638,7 @@ def train_models(out: Path, sets: dict[str, Path], plan: Plan) -> tuple[Path, Pa
         stamp.write_text(json.dumps(rec))
         info[name] = rec
         say(f"    done in {res.seconds:.0f} s: {res.final_bpd:.3f} bits/dim (mean of the last steps)")
-    return paths["normal"], paths["mixture"], info
+    return models / "m0.pt", models / "m1.pt", info
 
 
 def _progress_lines(name: str, total: int) -> Callable[..., None]:
@@ -984,7 +988,8 @@ def run(args: argparse.Namespace) -> int:
                 f"sensitivity {sens:.2f}, specificity {spec:.2f}"
             )
         say(
-            f"  ({plan.preset}, {plan.steps} steps per model on {plan.normal} normals and "
+            f"  ({plan.preset}, a {plan.steps}-step trunk and {max(1, plan.steps // 2)}-step branches on "
+            f"{plan.normal} normals and "
             f"{plan.mixture_normal + plan.mixture_abnormal} mixture studies:\n   a demo-sized model, not a "
             "validated one; `training experiment` runs the paper's protocol at scale.)"
         )
@@ -1047,7 +1052,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete the output folder first and redo everything")
     p.add_argument("--keep-running", action="store_true", help="leave daemon, PACS and RIS up until Ctrl-C")
     p.add_argument("--free-ports", action="store_true", help="free ports for everything, not the config's")
-    p.add_argument("--steps", type=int, help="training steps per model (default: the plan's)")
+    p.add_argument("--steps", type=int,
+                   help="trunk steps; M0 and M1 branch for half as many (default: the plan's)")
     p.add_argument(
         "--timeout", type=float, default=900.0, help="seconds to wait for the studies (default 900)"
     )

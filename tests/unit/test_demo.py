@@ -62,7 +62,9 @@ def test_quick_demo_runs_end_to_end_and_reuses_its_work(tmp_path: Path) -> None:
     second = _run(tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "reusing normal, mixture, calibration, test" in second.stdout
-    assert "M0 (normal): reusing" in second.stdout and "reusing model set" in second.stdout
+    for name in ("trunk (normal)", "M0 (normal, from the trunk)", "M1 (mixture, from the trunk)"):
+        assert f"{name}: reusing" in second.stdout
+    assert "reusing model set" in second.stdout
     assert f"SRs: {n_test} of {n_test} studies" in second.stdout  # a new daemon state, all sent again
 
 
