@@ -717,14 +717,14 @@ class _Settings:
     local: int
     base_lr: float
     warmup: int
-    schedule: str  # "constant" after warm-up, or "cosine" down to 0 at the last step
+    schedule: str  # "constant" after warm-up, or "cosine" down to ~0 by the last step
     grad_clip: float
     log_every: int
     checkpoint_every: int
     snapshot_every: int
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up to the base lr, then constant or a cosine decay to 0 at the last step.
+        """Linear warm-up to the base lr, then constant or a cosine decay to ~0 by the last step.
 
         Why decay: at a constant lr the last iterate keeps wandering, and its log-likelihoods move by
         hundreds of nats from one checkpoint to the next: noise of the same size as the lesions that
