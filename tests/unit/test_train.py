@@ -192,6 +192,28 @@ def test_cosine_schedule_warms_up_decays_to_zero_and_fine_tunes_at_finetune_lr(
         quick(vs, tmp_path / "bad.pt", steps=2)
 
 
+def test_a_branch_restarts_only_when_the_weights_it_started_from_change(tmp_path: Path) -> None:
+    vs = toy_set(8)
+    quick(vs, tmp_path / "trunk.pt", steps=4, checkpoint_every=2)
+    digest = train_mod.weights_digest(tmp_path / "trunk.pt")
+    branch = tmp_path / "m1.pt"
+    assert not train_mod.forget_stale_warm_start(branch, tmp_path / "trunk.pt")
+    quick(vs, branch, steps=4, init_from=tmp_path / "trunk.pt", checkpoint_every=2, role="mixture")
+    assert checkpoint_path(branch).is_file()
+    # the trunk file rewritten by a resumed, finished run (new provenance, same weights): keep the branch
+    quick(vs, tmp_path / "trunk.pt", steps=4, resume=True)
+    assert train_mod.weights_digest(tmp_path / "trunk.pt") == digest
+    assert not train_mod.forget_stale_warm_start(branch, tmp_path / "trunk.pt")
+    assert checkpoint_path(branch).is_file()
+    # the trunk trained further: the branch's checkpoint is of another start, so it goes
+    quick(vs, tmp_path / "trunk.pt", steps=6, resume=True)
+    assert train_mod.weights_digest(tmp_path / "trunk.pt") != digest
+    assert train_mod.forget_stale_warm_start(branch, tmp_path / "trunk.pt")
+    assert not checkpoint_path(branch).exists()
+    with pytest.raises(TrainingError, match="cannot read model weights"):
+        train_mod.weights_digest(tmp_path / "missing.pt")
+
+
 def test_nan_weights_are_rolled_back(tmp_path: Path) -> None:
     """Weights broken in place (as a bad update would) come back from the in-memory snapshot."""
 
