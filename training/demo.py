@@ -675,7 +675,8 @@ def install_model_set(cfg: Any, m0: Path, m1: Path, calibration: Path, plan: Pla
     ):
         say(f"  reusing model set {cur.version}")
         return cur
-    s = create_model_set(cfg, reg, m0, m1, calibration, specificity=plan.specificity)
+    s = create_model_set(cfg, reg, m0, m1, calibration, specificity=plan.specificity,
+                         trunk=m0.with_name("trunk.pt"))
     reg.promote(s.version, reason="training.demo")
     return s
 

@@ -284,6 +284,7 @@ def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[st
                     "calibration": {"studies": len(posteriors), "held_out_normals_of": "normal set",
                                     **details}},
         software_version=getattr(triage, "__version__", "0+unknown"),
+        trunk=out / "work" / "trunk.pt" if plan.m1_init == "trunk" else None,
     )
     reg.promote(ms.version, reason="training experiment")
     return ms

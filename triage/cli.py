@@ -159,7 +159,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
             s = create_model_set(cfg, reg, Path(args.m0), Path(args.m1), Path(args.calibrate),
                                  labels=Path(args.labels) if args.labels else None,
-                                 specificity=args.specificity, device=args.device)
+                                 specificity=args.specificity, device=args.device,
+                                 trunk=Path(args.trunk) if args.trunk else None)
             print(f"created {s.version}  threshold={s.manifest['operating_point']['threshold']:.3f} "
                   f"({s.manifest['operating_point']['method']})")
             if args.promote:
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason")
     p.add_argument("--m0", help="create: M0 (normal) model file")
     p.add_argument("--m1", help="create: M1 (mixture) model file")
+    p.add_argument("--trunk", help="create: the model M0 and M1 branched from (kept for the nightly retrain)")
     p.add_argument("--calibrate", help="create: DICOM folder (or volumes) to set the operating point on")
     p.add_argument("--labels", help="create: labels.csv (study_uid,label,lesion): Youden cut-off")
     p.add_argument("--specificity", type=float, help="create without labels: specificity to keep")

@@ -269,7 +269,7 @@ class RetrainSettings(_Section):
     cron: str = "30 2 * * *"  # minute hour day month day-of-week, local time
     window_days: Annotated[int, Field(ge=1)] = 90
     min_volumes: Annotated[int, Field(ge=2)] = 50
-    init_from: Literal["m0", "m1", "scratch"] = "m0"  # where the new M1 starts (config.toml says why)
+    init_from: Literal["trunk", "m0", "m1", "scratch"] = "trunk"  # where the new M1 starts (see config.toml)
     steps: Annotated[int, Field(ge=1)] = 2000
     nice: Annotated[int, Field(ge=0, le=19)] = 10
     gate_nll_margin_bpd: Annotated[float, Field(ge=0)] = 0.02

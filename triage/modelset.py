@@ -124,7 +124,7 @@ def calibrate(posteriors: dict[str, float], labels: dict[str, tuple[str, str]] |
 
 def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path, *,
                      labels: Path | None = None, specificity: float | None = None,
-                     device: str | None = None) -> ModelSet:
+                     device: str | None = None, trunk: Path | None = None) -> ModelSet:
     """Score the calibration studies with M0/M1, choose the operating point, register the set."""
     spec = specificity or DEFAULT_SPECIFICITY
     dev = pick_device(device or cfg.settings.scoring.device)
@@ -157,4 +157,4 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
     return reg.create(m0, m1, preset=preset, preprocessing_version=PREPROCESSING_VERSION,
                       threshold=threshold, method=method, normal_scores=normals, provenance=provenance,
                       software_version=__version__,
-                      calibration_extra={"reference_volumes": list(references.values())})
+                      calibration_extra={"reference_volumes": list(references.values())}, trunk=trunk)

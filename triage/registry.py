@@ -79,6 +79,12 @@ class ModelSet:
         return self.path / "m1.pt"
 
     @property
+    def trunk_path(self) -> Path | None:
+        """The model M0 and M1 branched from (``training experiment``), when the set keeps one: the
+        nightly retrain starts the next M1 from it, so M0 and M1 keep sharing it."""
+        return self.path / "trunk.pt" if self.manifest.get("trunk_sha256") else None
+
+    @property
     def calibration_scores(self) -> list[float]:
         return [float(s) for s in self.manifest["calibration"]["normal_scores"]]
 
@@ -96,7 +102,7 @@ class ModelSet:
 
     def verify(self) -> None:
         """Check the files are the ones the manifest names (a copied-over model would change results)."""
-        for role in ("m0", "m1"):
+        for role in ("m0", "m1", *(("trunk",) if self.manifest.get("trunk_sha256") else ())):
             p = self.path / f"{role}.pt"
             if not p.is_file():
                 raise RegistryError(f"model set {self.version}: {p} is missing")
@@ -164,8 +170,10 @@ class Registry:
         provenance: dict[str, Any],
         software_version: str,
         calibration_extra: dict[str, Any] | None = None,
+        trunk: Path | None = None,
     ) -> ModelSet:
-        """Copy two models into a new, immutable version folder with its manifest."""
+        """Copy two models (and the trunk they branched from, if given) into a new, immutable version
+        folder with its manifest. The Device UID depends on M0 and M1 only."""
         self.root.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         version = f"{stamp}-{secrets.token_hex(3)}"
@@ -175,6 +183,8 @@ class Registry:
             shutil.copyfile(m0, tmp / "m0.pt")
             shutil.copyfile(m1, tmp / "m1.pt")
             m0_sha, m1_sha = sha256_file(tmp / "m0.pt"), sha256_file(tmp / "m1.pt")
+            if trunk is not None:
+                shutil.copyfile(trunk, tmp / "trunk.pt")
             manifest = {
                 "format": FORMAT,
                 "version": version,
@@ -183,6 +193,7 @@ class Registry:
                 "preprocessing_version": preprocessing_version,
                 "m0_sha256": m0_sha,
                 "m1_sha256": m1_sha,
+                **({"trunk_sha256": sha256_file(tmp / "trunk.pt")} if trunk is not None else {}),
                 "device_uid": device_uid_for(m0_sha, m1_sha),
                 "operating_point": {"threshold": float(threshold), "method": method},
                 "calibration": {"normal_scores": sorted(float(s) for s in normal_scores),

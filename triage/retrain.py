@@ -15,9 +15,9 @@ What one run does, and why:
    A volume whose instances are gone counts as its own patient.
 2. **Hold out** ``holdout_fraction`` of the patients, chosen by their hash: the same patients every
    night, so no retrain ever trains on a patient that another night's gate judged with.
-3. **Train** M1 (role ``mixture``) on the rest, started from the current M0 (``init_from``, the
-   default), the current M1 or from scratch, into ``<models>/.retrain-<run>/m1.pt``; nothing under the
-   registry changes while it trains.
+3. **Train** M1 (role ``mixture``) on the rest, started from the current set's trunk (``init_from``,
+   the default; its M0 when it has none), M0, M1 or from scratch, into
+   ``<models>/.retrain-<run>/m1.pt``; nothing under the registry changes while it trains.
 4. **Gate**, on frozen inputs and with dequantization noise off:
    - NLL: the new M1's mean bits/dim on the held-out volumes may exceed the current M1's by at most
      ``gate_nll_margin_bpd`` (the current M1 may have seen those volumes on an earlier night, so
@@ -329,13 +329,16 @@ def _train_m1(cfg: Config, current: ModelSet, g: Gathered, out: Path) -> dict[st
 
     rs = cfg.settings.retrain
     vs = VolumeSet(g.train, g.train_ids, {"source": "retrain archive", "window_days": rs.window_days})
+    started_from = rs.init_from
+    if started_from == "trunk" and current.trunk_path is None:
+        started_from = "m0"  # a set made without its trunk: M0 is the closest common start
+    start = {"trunk": current.trunk_path, "m0": current.m0_path, "m1": current.m1_path}.get(started_from)
     res = train(
         vs, str(current.manifest["preset"]), out, role="mixture", seed=0, steps=rs.steps,
-        init_from={"m0": current.m0_path, "m1": current.m1_path}.get(rs.init_from), progress=False,
-        device=rs.device,
+        init_from=start, progress=False, device=rs.device,
     )
     return {"steps": res.steps, "final_bpd": _num(res.final_bpd), "nan_restores": res.nan_restores,
-            "seconds": round(res.seconds, 3), "init_from": rs.init_from}
+            "seconds": round(res.seconds, 3), "init_from": started_from}
 
 
 def _gate(cfg: Config, current: ModelSet, new_m1: Path, g: Gathered, refs: list[np.ndarray],
@@ -392,7 +395,7 @@ def _register(reg: Registry, current: ModelSet, new_m1: Path, gate: dict[str, An
                         current.manifest["operating_point"]["method"], "n_normal": len(refs)},
     }
     return reg.create(
-        current.m0_path, new_m1, preset=str(current.manifest["preset"]),
+        current.m0_path, new_m1, trunk=current.trunk_path, preset=str(current.manifest["preset"]),
         preprocessing_version=str(current.manifest["preprocessing_version"]), threshold=threshold,
         method=f"specificity={spec:g}", normal_scores=[float(s) for s in new_scores], provenance=provenance,
         software_version=__version__,

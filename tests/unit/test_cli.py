@@ -66,7 +66,8 @@ def test_models_create_list_show_promote_rollback_and_score(data: Path, tmp_path
               str(data / "m1.pt"), "--calibrate", str(data / "studies"), "--labels", str(labels), "--promote")
     assert "(youden)" in out.stdout and "promoted" in out.stdout
     out2 = run("models", "create", "--config", str(cfg), "--m0", str(data / "m1.pt"), "--m1",
-               str(data / "m0.pt"), "--calibrate", str(data / "studies"), "--specificity", "0.5")
+               str(data / "m0.pt"), "--calibrate", str(data / "studies"), "--specificity", "0.5",
+               "--trunk", str(data / "m0.pt"))
     assert "(specificity=0.5)" in out2.stdout
     listing = run("models", "list", "--config", str(cfg)).stdout.splitlines()
     assert len(listing) == 2 and sum(line.startswith("*") for line in listing) == 1
@@ -74,6 +75,9 @@ def test_models_create_list_show_promote_rollback_and_score(data: Path, tmp_path
     v2 = next(line[2:].split()[0] for line in listing if not line.startswith("*"))
     shown = json.loads(run("models", "show", "--config", str(cfg)).stdout)
     assert shown["version"] == v1 and shown["operating_point"]["method"] == "youden"
+    assert "trunk_sha256" not in shown  # created without --trunk
+    with_trunk = json.loads(run("models", "show", v2, "--config", str(cfg)).stdout)
+    assert with_trunk["trunk_sha256"] == with_trunk["m1_sha256"]  # --trunk was the file given as --m1
     assert shown["provenance"]["calibration"]["studies"] == 3
     run("models", "promote", v2, "--config", str(cfg))
     assert json.loads(run("status", "--json", "--config", str(cfg)).stdout)["model_set"] == v2

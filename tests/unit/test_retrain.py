@@ -32,7 +32,7 @@ from triage.assemble import AssembledVolume, save_volume
 from triage.config import Config, load
 from triage.metrics import Metrics
 from triage.modelset import create_model_set
-from triage.registry import ModelSet, Registry
+from triage.registry import ModelSet, Registry, RegistryError, sha256_file
 from triage.retrain import HISTORY, gather, read_history, run
 from triage.schedule import JOB_ID, RetrainJob, start_scheduler
 from triage.score import Scorer
@@ -66,15 +66,16 @@ def volume(data: np.ndarray, study: str, series: str) -> AssembledVolume:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    """M0 on normals and M1 on the mixture, trained once (60 steps each)."""
+    """M0 on normals, M1 on the mixture and a trunk (normals of another seed), trained once (60 steps
+    each)."""
     d = tmp_path_factory.mktemp("models")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: more threads only spin against each other
     try:
-        for role, seed in (("normal", 1), ("mixture", 2)):
+        for name, role, seed in (("normal", "normal", 1), ("mixture", "mixture", 2), ("trunk", "normal", 3)):
             vs = VolumeSet(blobs(16, seed), [f"1.2.3.{seed}.{i}" for i in range(16)])
-            train(vs, "test-tiny", d / f"{role}.pt", role=role, steps=60, progress=False, log_every=0)
-        yield {"m0": d / "normal.pt", "m1": d / "mixture.pt"}
+            train(vs, "test-tiny", d / f"{name}.pt", role=role, steps=60, progress=False, log_every=0)
+        yield {"m0": d / "normal.pt", "m1": d / "mixture.pt", "trunk": d / "trunk.pt"}
     finally:
         torch.set_num_threads(threads)
 
@@ -92,7 +93,8 @@ def put_instance(store: Store, study: str, series: str, patient_id: str) -> None
                        lambda f: ds.save_as(f, enforce_file_format=True), "TEST", "CT")
 
 
-def make_site(tmp: Path, models: dict[str, Path], **retrain: Any) -> tuple[Config, Registry, ModelSet]:
+def make_site(tmp: Path, models: dict[str, Path], *, trunk: Path | None = None,
+              **retrain: Any) -> tuple[Config, Registry, ModelSet]:
     """Config, archive (14 studies: a patient twice, one study without instances, one too old) and a
     promoted current model set with 6 reference normals."""
     settings = {"enabled": True, "cron": "17 3 * * *", "window_days": 90, "min_volumes": 6, "steps": 20,
@@ -115,7 +117,8 @@ def make_site(tmp: Path, models: dict[str, Path], **retrain: Any) -> tuple[Confi
     for k, data in enumerate(blobs(6, 3)):
         save_volume(volume(data, f"1.2.826.0.1.8.{k}", f"1.2.826.0.1.8.{k}.1"), calib / f"n{k}.npz")
     reg = Registry(cfg.models_dir)
-    current = create_model_set(cfg, reg, models["m0"], models["m1"], calib, specificity=0.8, device="cpu")
+    current = create_model_set(cfg, reg, models["m0"], models["m1"], calib, specificity=0.8, device="cpu",
+                               trunk=trunk)
     reg.promote(current.version, reason="initial")
     return cfg, reg, current
 
@@ -187,7 +190,7 @@ def test_scheduled_job_retrains_gates_and_promotes(tmp_path: Path, models: dict[
     gate = prov["gate"]
     assert gate["passed"] and gate["nll_new_bpd"] <= gate["nll_current_bpd"] + 0.05
     assert abs(gate["median_shift"]) <= gate["shift_limit"]
-    # init_from = "m0" (the default): the new M1 starts from the current M0
+    # init_from = "trunk" (the default) on a set made without a trunk: the new M1 starts from its M0
     assert new.manifest["provenance"]["m1"]["init_from"]["sha256"] == before.manifest["m0_sha256"]
     assert record["training"]["init_from"] == "m0"
     # recalibrated on the same reference normals, keeping the old threshold's specificity
@@ -209,6 +212,24 @@ def test_scheduled_job_retrains_gates_and_promotes(tmp_path: Path, models: dict[
     fresh = Metrics(CollectorRegistry())
     start_scheduler(cfg, fresh, paused=True).shutdown(wait=False)
     assert gauge(fresh, "last_success_timestamp_seconds") == pytest.approx(hist[0]["finished_at"])
+
+
+def test_retrain_branches_the_new_m1_from_the_sets_trunk_and_keeps_it(tmp_path: Path,
+                                                                     models: dict[str, Path]) -> None:
+    cfg, reg, before = make_site(tmp_path, models, trunk=models["trunk"], gate_nll_margin_bpd=1.0)
+    assert before.trunk_path is not None
+    assert before.manifest["trunk_sha256"] == sha256_file(models["trunk"])
+    record = RetrainJob(cfg, Metrics(CollectorRegistry()))()
+    assert record["outcome"] == "promoted", record
+    assert record["training"]["init_from"] == "trunk"
+    new = reg.current()
+    assert new.manifest["provenance"]["m1"]["init_from"]["sha256"] == before.manifest["trunk_sha256"]
+    assert new.manifest["trunk_sha256"] == before.manifest["trunk_sha256"]  # kept for the next night
+    new.verify()
+    # a set whose trunk file was swapped does not verify (and so does not load)
+    new.trunk_path.write_bytes(models["m0"].read_bytes())
+    with pytest.raises(RegistryError, match=r"trunk\.pt does not match"):
+        new.verify()
 
 
 def test_gate_failure_keeps_the_current_set_and_says_why(tmp_path: Path, models: dict[str, Path]) -> None:
