@@ -62,6 +62,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,12 +258,6 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
     return results
 
 
-def _pair(out: Path) -> Any:
-    from triage.score import ModelPair, pick_device
-
-    return ModelPair.load(out / "work" / "m0.pt", out / "work" / "m1.pt", pick_device("auto"))
-
-
 def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[str, Any]) -> Any:
     """Operating point on held-out normals (as ``triage models create`` sets it without labels), then
     create and promote the model set in ``DIR/models``."""
@@ -317,10 +312,10 @@ def score_test(out: Path, test: DicomVolumes, timings: Timings) -> tuple[list[di
     return rows, dt / max(1, len(test))
 
 
-def spread(pair: Any, normals: DicomVolumes) -> dict[str, Any]:
+def spread(posteriors: Sequence[float]) -> dict[str, Any]:
     """Mean and s.d. of log p(normal|x) over held-out normals: a label-free view of the metric's noise
     (every one of them is normal, so all of their spread is the two models disagreeing)."""
-    post = np.array([lp0 - lp1 for lp0, lp1 in map(pair.log_likelihoods, normals.volumes)])
+    post = np.asarray(posteriors, dtype=float)
     return {"n": int(post.size), "mean": round(float(post.mean()), 3),
             "sd": round(float(post.std(ddof=1)), 3) if post.size > 1 else None}
 
@@ -356,7 +351,8 @@ def ablation_scratch(out: Path, mixture: DicomVolumes, test: DicomVolumes, calib
                       seed=plan.seed, base_dir=out, title=f"synthetic BCT, {plan.preset}, M1 from scratch")
     summary = _summary(report)
     return {"m1": {**res.summary(), "init_from": "scratch"}, "auc_posterior": summary["auc_posterior"],
-            "posterior_on_held_out_normals": spread(pair, calib),
+            "posterior_on_held_out_normals": spread(
+                [lp0 - lp1 for lp0, lp1 in map(pair.log_likelihoods, calib.volumes)]),
             "outputs": os.path.relpath(where, out)}
 
 
@@ -395,7 +391,7 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
     trained = train_models(out, m0_data, sets["mixture"], plan, timings)
     t0 = time.perf_counter()
     ms = register_models(out, calib, plan, trained)
-    held_out = spread(_pair(out), calib)
+    held_out = spread(ms.manifest["calibration"]["normal_scores"])
     timings.add("calibrate", t0)
     rows, s_per_volume = score_test(out, sets["test"], timings)
 
