@@ -63,7 +63,7 @@ STAGES = ("assemble", "score", "report", "send")
 
 
 def _synth(folder: str, normal: int, abnormal: int, seed: int) -> None:
-    from training.synth import SynthOptions, write_dataset
+    from training.synth.head import SynthOptions, write_dataset
 
     write_dataset(
         Path(folder),
@@ -89,13 +89,14 @@ def random_model_set(work: Path, root: Path, sample: Path) -> tuple[str, list[np
     and promoted under ``root/models``; returns (version, the volumes used)."""
     import torch
 
+    from training.presets import config_from_preset
     from triage import __version__
-    from triage.assemble import PREPROCESSING_VERSION
+    from triage.assemble.folders import folder_studies
+    from triage.assemble.volume import PREPROCESSING_VERSION
     from triage.config import AssemblySettings
-    from triage.glow import Glow, config_from_preset, fit_to_shape
-    from triage.offline import folder_studies
-    from triage.registry import Registry
-    from triage.score import ModelPair, pick_device
+    from triage.model.glow import Glow, fit_to_shape
+    from triage.model.registry import Registry
+    from triage.model.score import ModelPair, pick_device
 
     vols = [st.volume.data for st in folder_studies([sample], AssemblySettings()) if st.volume is not None][
         :4
@@ -274,7 +275,7 @@ def scrape_inference(port: int) -> dict[str, Any] | None:
 
 def direct_inference(work: Path, vols: list[np.ndarray], repeat: int = 5) -> float:
     """Median seconds of ModelPair.log_likelihoods (M0 and M1) on one volume, in this process."""
-    from triage.score import ModelPair, pick_device
+    from triage.model.score import ModelPair, pick_device
 
     pair = ModelPair.load(work / "m0.pt", work / "m1.pt", pick_device("cpu"))
     pair.log_likelihoods(vols[0])  # warm-up (oneDNN kernels are compiled on first use)
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
     args = ap.parse_args(argv)
 
-    from triage.logs import configure
+    from triage.ops.logs import configure
 
     configure("warning", "console", stream=sys.stderr)
     work = args.work or Path(tempfile.mkdtemp(prefix="e2e-bench-"))

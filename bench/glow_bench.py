@@ -28,7 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from triage.glow import Glow, config_from_preset, load_presets  # noqa: E402
+from training.presets import config_from_preset, load_presets  # noqa: E402
+from triage.model.glow import Glow  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "glow.json"
 

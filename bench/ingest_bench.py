@@ -7,7 +7,7 @@ the first storescu start to the last storescu exit; every peer must then hold ev
 
 Peers, each with its storage on a temp folder of the same disk:
 
-* glowtriage: ``python -m triage.receive`` (fsync of file and directory plus a SQLite commit per
+* glowtriage: ``python -m triage.receive.scp`` (fsync of file and directory plus a SQLite commit per
   instance before the success status);
 * storescp: ``storescp --fork`` (one process per association; it does not fsync);
 * Orthanc: temporary configuration, ``SyncStorageArea`` true (its default: fsync per instance).
@@ -169,14 +169,14 @@ def glowtriage(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
         encoding="utf-8",
     )
     with open(work / "receiver.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "triage.receive", "--config", str(cfg)], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "triage.receive.scp", "--config", str(cfg)], cwd=REPO,
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_port(port, proc)
 
         def count() -> int:
             sys.path.insert(0, str(REPO))
-            from triage.store import Store
+            from triage.store.db import Store
 
             with Store(work / "var") as st:
                 return st.instance_total()

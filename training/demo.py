@@ -2,14 +2,15 @@
 
 What it does, in the order a hospital would meet it:
 
-1. **Data.** ``training.synth`` writes four disjoint sets of synthetic head-CT studies under
+1. **Data.** ``training.synth.head`` writes four disjoint sets of synthetic head-CT studies under
    ``demo-out/data``: normals (M0's training set), an unlabeled mixture of normals and abnormals (M1's;
    its ``labels.csv``/``truth.jsonl`` are moved to ``demo-out/sealed`` before anything is trained, so
    M1 cannot see them), held-out normals for calibration, and a labeled held-out test set written
    *with* its distractor series (scouts, bone kernel, thin slices, reformats, dose report), because
    that is what a PACS sends.
-2. **Models.** M0 and M1 are trained (``training.train``, the ``cpu-small`` preset) on the volumes
-   ``training.data`` builds through ``triage.assemble``; ``triage.modelset.create_model_set`` sets the
+2. **Models.** M0 and M1 are trained (``training.train.loop``, the ``cpu-small`` preset) on the volumes
+   ``training.data.volumes`` builds through ``triage.assemble.volume``;
+   ``triage.model.modelset.create_model_set`` sets the
    operating point on the calibration normals (specificity 0.9, no lesion label used) and the set is
    promoted in the daemon's registry.
 3. **Peers.** Orthanc stands in for the PACS (a real one, temporary config, own storage), an MLLP
@@ -501,7 +502,7 @@ def _set_spec(plan: Plan) -> dict[str, dict[str, Any]]:
 
 def _write_set(folder: str, spec: dict[str, Any], slab_samples: int) -> float:
     """One set (runs in a worker process); returns its seconds."""
-    from training.synth import SynthOptions, write_dataset
+    from training.synth.head import SynthOptions, write_dataset
 
     t0 = time.perf_counter()
     out = Path(folder)
@@ -573,8 +574,8 @@ def train_models(out: Path, sets: dict[str, Path], plan: Plan) -> tuple[Path, Pa
     """A trunk on the normals, then M0 (normals) and M1 (unlabeled mixture) branching from it with the
     same budget, as ``training experiment`` does (its docstring says why). Each model is reused when
     the plan, its data and the trunk it started from are unchanged."""
-    from training.data import volumes_from_dicom
-    from training.train import forget_stale_warm_start, train, weights_digest
+    from training.data.volumes import volumes_from_dicom
+    from training.train.loop import forget_stale_warm_start, train, weights_digest
 
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -657,8 +658,8 @@ def _progress_lines(name: str, total: int) -> Callable[..., None]:
 def install_model_set(cfg: Any, m0: Path, m1: Path, calibration: Path, plan: Plan) -> Any:
     """create_model_set on the calibration normals (specificity rule) and promote it; reused when the
     current set holds these very models calibrated on this folder."""
-    from triage.modelset import create_model_set
-    from triage.registry import Registry, RegistryError, sha256_file
+    from triage.model.modelset import create_model_set
+    from triage.model.registry import Registry, RegistryError, sha256_file
 
     reg = Registry(cfg.models_dir)
     try:
@@ -774,7 +775,7 @@ def build_rows(
     srs: dict[str, int],
     hl7: dict[str, list[str]],
 ) -> list[dict[str, Any]]:
-    from triage.store import Store
+    from triage.store.db import Store
 
     rows = []
     with Store(store_root) as store:
@@ -866,13 +867,13 @@ def run(args: argparse.Namespace) -> int:
         timings[name] = round(time.perf_counter() - t0, 1)
 
     say(f"glowtriage demo -> {out}  (preset {plan.preset}{', --quick' if args.quick else ''})")
-    say("\n[1/5] synthetic head-CT studies (training.synth)")
+    say("\n[1/5] synthetic head-CT studies (training.synth.head)")
     t0 = time.perf_counter()
     sets = make_data(out, plan)
     lap("data", t0)
 
     from triage.config import ConfigError, load
-    from triage.logs import configure
+    from triage.ops.logs import configure
 
     configure("warning", "console", stream=sys.stderr)
     if args.quick:
@@ -881,7 +882,7 @@ def run(args: argparse.Namespace) -> int:
         # test-tiny is far too small to gain from threads, and on a busy machine idle OpenMP threads
         # spinning against other processes' make it 30x slower
         torch.set_num_threads(1)
-    say("\n[2/5] models: M0 on normals, M1 on the unlabeled mixture (training.train)")
+    say("\n[2/5] models: M0 on normals, M1 on the unlabeled mixture (training.train.loop)")
     t0 = time.perf_counter()
     m0, m1, train_info = train_models(out, sets, plan)
     lap("train", t0)

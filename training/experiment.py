@@ -5,26 +5,26 @@ normal and 250 abnormal studies (S_train_mixture), and tests on 33 + 33 (S_test)
 study with log p(normal|x) = log p(x|normal) - log p(x). This command runs that protocol end to end on
 ``training synth`` data, scaled to the machine, through the product's own code paths:
 
-1. ``training.synth.write_dataset`` writes three sets with disjoint seeds under ``DIR/data``
+1. ``training.synth.head.write_dataset`` writes three sets with disjoint seeds under ``DIR/data``
    (``normal``: normals only; ``mixture``: half abnormal; ``test``: half abnormal, labelled). The sets
    are checked to share no study, patient or phantom. The mixture's ``labels.csv`` and
    ``truth.jsonl`` are moved to ``DIR/sealed/mixture`` *before anything is trained*, so M1 cannot
    see its labels even by accident: they are only used to report the mixture's composition.
-2. ``training.data.volumes_from_dicom`` assembles every set (``triage.assemble``, cached under
+2. ``training.data.volumes.volumes_from_dicom`` assembles every set (``triage.assemble.volume``, cached under
    ``DIR/cache/<set>``). The normal set is split by patient into M0's training part and a held-out
    calibration part (``--calibration-fraction``).
-3. ``training.train.train``: a *trunk* on M0's normals (``--steps``), then two branches from it with
+3. ``training.train.loop.train``: a *trunk* on M0's normals (``--steps``), then two branches from it with
    the same schedule and budget (``--branch-steps`` each, the preset's ``finetune_lr``): M0 goes on
    with the normals, M1 goes on with the unlabelled mixture. ``--m1-init scratch`` trains both from
    scratch for steps + branch-steps instead (the paper's independent training); by default that M1 is
    also trained after the main result, paired with the same M0 and reported beside it
    (``DIR/ablation-m1-scratch``).
-4. The operating point is set like ``triage models create`` does (``triage.modelset.calibrate``,
+4. The operating point is set like ``triage models create`` does (``triage.model.modelset.calibrate``,
    specificity 0.9 on the held-out normals, never on the test set); the model set is registered and
-   promoted in ``DIR/models`` and the test set is scored with ``triage.score.Scorer``, the daemon's
+   promoted in ``DIR/models`` and the test set is scored with ``triage.model.score.Scorer``, the daemon's
    scorer. ``DIR/scores.jsonl`` is in the ``triage score --json`` format plus ``zero_fraction`` and
    ``volume`` (the .npz, relative to DIR).
-5. ``training.evaluate.evaluate`` writes ``DIR/report`` (ROC, histograms, montages, report.json);
+5. ``training.evaluate.report.evaluate`` writes ``DIR/report`` (ROC, histograms, montages, report.json);
    ``DIR/experiment.json`` holds the summary, the timings and the exact command line.
 
 Why a shared trunk: the metric is the difference of two log-likelihoods of ~5e5 nats each, and what it
@@ -69,8 +69,8 @@ from typing import Any
 
 import numpy as np
 
-from training.data import DicomVolumes, split_by_patient, volumes_from_dicom
-from triage.logs import get_logger
+from training.data.volumes import DicomVolumes, split_by_patient, volumes_from_dicom
+from triage.ops.logs import get_logger
 
 log = get_logger("experiment")
 
@@ -141,7 +141,7 @@ class ExperimentError(Exception):
 def synthesize(out: Path, plan: Plan) -> dict[str, Path]:
     """Write the three sets (skipping one already written with the same parameters) and seal the
     mixture's labels. Returns {set: folder}."""
-    from training.synth import SynthOptions, write_dataset
+    from training.synth.head import SynthOptions, write_dataset
 
     folders: dict[str, Path] = {}
     for which in SETS:
@@ -228,7 +228,7 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
     """The models of :func:`stages`. A rerun with the same plan resumes from their checkpoints (or
     extends them with more ``steps``); another plan starts over, and so does a branch when the trunk it
     was started from has changed."""
-    from training.train import forget_stale_warm_start, train
+    from training.train.loop import forget_stale_warm_start, train
 
     models = out / "work"
     same = {k: v for k, v in plan.__dict__.items() if k not in _NOT_TRAINING}
@@ -262,10 +262,10 @@ def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[st
     """Operating point on held-out normals (as ``triage models create`` sets it without labels), then
     create and promote the model set in ``DIR/models``."""
     import triage
-    from triage.assemble import PREPROCESSING_VERSION
-    from triage.modelset import calibrate
-    from triage.registry import Registry
-    from triage.score import ModelPair, pick_device
+    from triage.assemble.volume import PREPROCESSING_VERSION
+    from triage.model.modelset import calibrate
+    from triage.model.registry import Registry
+    from triage.model.score import ModelPair, pick_device
 
     m0, m1 = out / "work" / "m0.pt", out / "work" / "m1.pt"
     pair = ModelPair.load(m0, m1, pick_device("auto"))
@@ -290,8 +290,8 @@ def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[st
 
 def score_test(out: Path, test: DicomVolumes, timings: Timings) -> tuple[list[dict[str, Any]], float]:
     """Score the test set with the promoted model set (the daemon's Scorer); write scores.jsonl."""
-    from triage.registry import Registry
-    from triage.score import Scorer, VolumeInput
+    from triage.model.registry import Registry
+    from triage.model.score import Scorer, VolumeInput
 
     scorer = Scorer.from_registry(Registry(out / "models"), device="auto")
     rows: list[dict[str, Any]] = []
@@ -326,9 +326,9 @@ def ablation_scratch(out: Path, mixture: DicomVolumes, test: DicomVolumes, calib
     whole budget (trunk + branch steps) and with the same seed, paired with the same M0, scoring the same
     test set. Its scores and report go
     to ``DIR/ablation-m1-scratch``; the AUCs are returned for experiment.json."""
-    from training.evaluate import evaluate
-    from training.train import train
-    from triage.score import ModelPair, pick_device
+    from training.evaluate.report import evaluate
+    from training.train.loop import train
+    from triage.model.score import ModelPair, pick_device
 
     where = out / "ablation-m1-scratch"
     t0 = time.perf_counter()
@@ -362,7 +362,7 @@ def ablation_scratch(out: Path, mixture: DicomVolumes, test: DicomVolumes, calib
 
 def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
     """The whole experiment; returns (and writes) the experiment.json content."""
-    from training.evaluate import evaluate, load_labels
+    from training.evaluate.report import evaluate, load_labels
 
     out.mkdir(parents=True, exist_ok=True)
     timings = Timings()
@@ -562,8 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.append("--calibration-fraction must be in (0, 1)")
     if problems:
         _parser().error("; ".join(problems))
-    from training.train import TrainingError
-    from triage.logs import configure
+    from training.train.loop import TrainingError
+    from triage.ops.logs import configure
 
     configure(level=os.environ.get("GLOWTRIAGE_LOG_LEVEL", "info"), stream=sys.stderr)
     command = shlex.join(["training", "experiment", *args_list])

@@ -3,7 +3,7 @@
 Why: samples show what a model has learned of anatomy, and a model whose samples are noise or flat
 grey has not converged, whatever its bits/dim say. Each sample is written as ``sample_NNN.npz`` (key
 ``data``, uint8 on the model's 7-bit lattice, the same layout as assembled volumes, so the viewers and
-``training.train.load_volume_dir`` read them) and a PNG montage of their middle slices. Seeded: the same
+``training.train.loop.load_volume_dir`` read them) and a PNG montage of their middle slices. Seeded: the same
 model, seed and temperature give the same files.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from triage.glow import Glow
+from triage.model.glow import Glow
 
 
 class SampleError(Exception):

@@ -26,7 +26,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _configure_logs(cfg: Config, stream_json: bool = False) -> None:
-    from triage.logs import configure
+    from triage.ops.logs import configure
 
     s = cfg.settings.logging
     configure(s.level, "json" if stream_json else s.format, stream=sys.stderr if stream_json else None)
@@ -50,9 +50,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     """Score DICOM folders offline, one JSON object a study (the contract in DESIGN.md)."""
     cfg = _config(args)
     _configure_logs(cfg, stream_json=True)
-    from triage.offline import folder_studies
-    from triage.registry import Registry
-    from triage.score import Scorer, ScoringError, VolumeInput
+    from triage.assemble.folders import folder_studies
+    from triage.model.registry import Registry
+    from triage.model.score import Scorer, ScoringError, VolumeInput
 
     models = Path(args.models) if args.models else cfg.models_dir
     try:
@@ -73,7 +73,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             res = scorer.score([VolumeInput(st.study_uid, st.series_uid, st.volume.data)])[0]
             row = res.to_json()
             if args.save_volumes:
-                from triage.assemble import save_volume
+                from triage.assemble.volume import save_volume
 
                 out = Path(args.save_volumes) / f"{st.study_uid}.npz"
                 save_volume(st.volume, out)
@@ -94,8 +94,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from triage.registry import Registry, RegistryError
-    from triage.store import Store
+    from triage.model.registry import Registry, RegistryError
+    from triage.store.db import Store
 
     root = cfg.storage_root
     if not (root / "state.db").exists():
@@ -129,7 +129,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    from triage.registry import Registry, RegistryError
+    from triage.model.registry import Registry, RegistryError
 
     reg = Registry(Path(args.models) if args.models else cfg.models_dir)
     try:
@@ -155,7 +155,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             s = reg.rollback(reason=args.reason or "manual rollback")
             print(f"rolled back to {s.version}")
         elif args.action == "create":
-            from triage.modelset import create_model_set
+            from triage.model.modelset import create_model_set
 
             s = create_model_set(cfg, reg, Path(args.m0), Path(args.m1), Path(args.calibrate),
                                  labels=Path(args.labels) if args.labels else None,

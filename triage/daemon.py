@@ -16,15 +16,15 @@ from collections.abc import Callable
 
 import pydicom.config
 
-from triage import systemd
 from triage.config import Config
-from triage.logs import get_logger
-from triage.metrics import METRICS, start_http
+from triage.model.registry import Registry, RegistryError
+from triage.model.score import Scorer, ScoringError
+from triage.ops import systemd
+from triage.ops.logs import get_logger
+from triage.ops.metrics import METRICS, start_http
 from triage.pipeline import Sender, assemble_due, report_scored, score_assembled
-from triage.receive import Receiver
-from triage.registry import Registry, RegistryError
-from triage.score import Scorer, ScoringError
-from triage.store import Store
+from triage.receive.scp import Receiver
+from triage.store.db import Store
 
 log = get_logger("daemon")
 
@@ -119,7 +119,7 @@ class Daemon:
             t.start()
             self.threads.append(t)
         if self.cfg.settings.retrain.enabled:
-            from triage.schedule import start_scheduler
+            from triage.ops.schedule import start_scheduler
 
             self.scheduler = start_scheduler(self.cfg)
         systemd.notify(f"READY=1\nSTATUS=receiving on port {self.receiver.address[1]}")

@@ -18,15 +18,15 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from triage.assemble import VolumeError, assemble_study, load_volume, read_header, save_volume
+from triage.assemble.volume import VolumeError, assemble_study, load_volume, read_header, save_volume
 from triage.config import Config
-from triage.logs import get_logger
-from triage.metrics import METRICS
-from triage.registry import UID_PREFIX
-from triage.report import build_oru, build_sr, plan_routes
-from triage.results import ScoreResult
-from triage.score import Scorer, VolumeInput
-from triage.send import (
+from triage.model.registry import UID_PREFIX
+from triage.model.results import ScoreResult
+from triage.model.score import Scorer, VolumeInput
+from triage.ops.logs import get_logger
+from triage.ops.metrics import METRICS
+from triage.report.sr import build_oru, build_sr, plan_routes
+from triage.send.base import (
     Delivery,
     Destination,
     DicomStoreDestination,
@@ -34,7 +34,7 @@ from triage.send import (
     SendError,
     backoff_delay,
 )
-from triage.store import Store
+from triage.store.db import Store
 
 log = get_logger("pipeline")
 

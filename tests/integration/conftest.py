@@ -154,7 +154,7 @@ def ct_series() -> Callable[..., list[Path]]:
 
 def dataset_bytes(path: Path) -> bytes:
     """The dataset of a Part-10 file: everything after the File Meta group (what goes on the wire)."""
-    from triage.store import dataset_offset
+    from triage.store.db import dataset_offset
 
     raw = Path(path).read_bytes()
     return raw[dataset_offset(raw) :]
@@ -291,7 +291,7 @@ def send_files(
 # -------------------------------------------------------------------------------- receiver
 @dataclass
 class ReceiverProcess:
-    """``python -m triage.receive --config FILE`` as a real subprocess (the lead later swaps in
+    """``python -m triage.receive.scp --config FILE`` as a real subprocess (the lead later swaps in
     ``triage serve``). Logs (JSON lines) go to ``log_path``."""
 
     config_path: Path
@@ -360,7 +360,7 @@ class ReceiverProcess:
         return events
 
     def store(self) -> Any:
-        from triage.store import Store
+        from triage.store.db import Store
 
         return Store(self.root)
 

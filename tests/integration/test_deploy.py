@@ -265,7 +265,7 @@ def _metric_names_in_exposition() -> set[str]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from triage.metrics import Metrics
+    from triage.ops.metrics import Metrics
 
     m = Metrics()
     m.bind_queue(lambda: {"assembled": 1}, lambda: {"assembled": 5.0})

@@ -31,12 +31,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from training.synth import SynthOptions, write_dataset
-from training.train import VolumeSet, train
-from triage.assemble import assemble_study, group_studies, read_headers
+from training.synth.head import SynthOptions, write_dataset
+from training.train.loop import VolumeSet, train
+from triage.assemble.volume import assemble_study, group_studies, read_headers
 from triage.config import AssemblySettings
-from triage.registry import Registry
-from triage.score import ModelPair, pick_device
+from triage.model.registry import Registry
+from triage.model.score import ModelPair, pick_device
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from triage.store import dataset_offset
+from triage.store.db import dataset_offset
 
 # Tests that drive real peers carry @pytest.mark.integration; the structure-walk tests at the end
 # are plain unit tests (no network) kept here beside the receiver they belong to.
@@ -417,7 +417,7 @@ def test_a_taken_port_fails_fast_naming_the_key(receiver_factory) -> None:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         rx = receiver_factory(start=False, port=squatter.getsockname()[1])
-        done = subprocess.run([sys.executable, "-m", "triage.receive", "--config", str(rx.config_path)],
+        done = subprocess.run([sys.executable, "-m", "triage.receive.scp", "--config", str(rx.config_path)],
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "dicom.host/dicom.port: cannot listen on 127.0.0.1:" in done.stderr
@@ -492,7 +492,7 @@ _SEQ_END = bytes.fromhex("feffdde000000000")
 
 
 def _check(data: bytes) -> dict[str, list[str]]:
-    from triage.receive import check_structure
+    from triage.receive.scp import check_structure
 
     return check_structure(memoryview(data), ExplicitVRLittleEndian)
 
@@ -529,7 +529,7 @@ def test_walk_reads_index_values_and_nested_sequences() -> None:
     ],
 )
 def test_walk_refuses_malformed_datasets(data: bytes, reason: str) -> None:
-    from triage.receive import CANNOT_UNDERSTAND, BadInstance
+    from triage.receive.scp import CANNOT_UNDERSTAND, BadInstance
 
     with pytest.raises(BadInstance) as err:
         _check(data)
@@ -539,7 +539,7 @@ def test_walk_refuses_malformed_datasets(data: bytes, reason: str) -> None:
 
 
 def test_walk_refuses_a_nesting_bomb() -> None:
-    from triage.receive import BadInstance
+    from triage.receive.scp import BadInstance
 
     data = b""
     for _ in range(40):

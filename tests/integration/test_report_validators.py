@@ -18,8 +18,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from triage.report import build_sr
-from triage.results import ModelSetInfo, ScoreResult
+from triage.model.results import ModelSetInfo, ScoreResult
+from triage.report.sr import build_sr
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""triage.assemble against series whose ground truth is known: a head phantom written as real DICOM.
+"""triage.assemble.volume against series whose ground truth is known: a head phantom written as real DICOM.
 
 The phantom is analytic (an ellipsoidal skull around brain, a marker sphere, a table plate), so every
 geometric claim can be checked against where the phantom really is in patient coordinates, for any
@@ -26,7 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from triage.assemble import (
+from triage.assemble.volume import (
     PREPROCESSING_VERSION,
     TARGET_SHAPE,
     AssembledVolume,
@@ -718,14 +718,14 @@ def test_save_load_roundtrip(tmp_path: Path, reference: tuple[list[Path], Assemb
 
 
 # ---------------------------------------------------------------------------------------------------
-# against training.synth: vendor-flavoured studies with distractors, hard cases and exact ground truth
+# against training.synth.head: vendor-flavoured studies with distractors, hard cases and exact ground truth
 
 SYNTH_SEED = 3
 
 
 @pytest.fixture(scope="module")
 def synth() -> ModuleType:
-    return pytest.importorskip("training.synth")
+    return pytest.importorskip("training.synth.head")
 
 
 def _synth_primary(

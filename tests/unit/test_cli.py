@@ -13,9 +13,9 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from training.synth import SynthOptions, write_dataset
-from triage.glow import Glow
-from triage.modelset import calibrate
+from training.presets import glow_from_preset
+from training.synth.head import SynthOptions, write_dataset
+from triage.model.modelset import calibrate
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRACT = {"study_uid", "series_uid", "log_p_normal_model", "log_p_mixture_model", "log_posterior",
@@ -29,7 +29,7 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def _model(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    m = Glow.from_preset("test-tiny")
+    m = glow_from_preset("test-tiny")
     m.train()
     m.bits_per_dim(torch.randint(0, 128, (4, 1, *m.cfg.image_shape)), noise=True)
     m.save(path)

@@ -1,4 +1,5 @@
-"""training.data: DICOM folders -> cached volumes (cache hits decode nothing, rebuilds on a changed key),
+"""training.data.volumes: DICOM folders -> cached volumes (cache hits decode nothing, rebuilds on a changed
+key),
 rejects with reasons, label selection, patient-level splits, and the daemon's archive as a source."""
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from training.data import (
+from training.data.volumes import (
     DataError,
     patient_key,
     split_by_patient,
     volumes_from_dicom,
 )
-from training.synth import SynthOptions, write_dataset
-from triage.assemble import PREPROCESSING_VERSION, load_volume, save_volume
+from training.synth.head import SynthOptions, write_dataset
+from triage.assemble.volume import PREPROCESSING_VERSION, load_volume, save_volume
 from triage.config import AssemblySettings
 
 FAST = SynthOptions(matrix=256, distractors=False, slab_samples=1)
@@ -206,8 +207,8 @@ def test_studies_of_one_patient_are_split_together(clean, tmp_path: Path) -> Non
 
 
 def test_daemon_storage_root_is_read_directly(clean, tmp_path: Path) -> None:
-    from training.train import resolve_data
-    from triage.store import Store
+    from training.train.loop import resolve_data
+    from triage.store.db import Store
 
     root, _ = clean
     built = volumes_from_dicom(root, tmp_path / "cache")

@@ -1,4 +1,4 @@
-"""training.evaluate on scores whose answers are known: Gaussian scores with a known AUC, hand-made
+"""training.evaluate.report on scores whose answers are known: Gaussian scores with a known AUC, hand-made
 operating points, and small .npz volumes for the montages."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from matplotlib.image import imread
 from scipy.stats import norm
 
-from training import evaluate as ev
+from training.evaluate import report as ev
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from training import experiment as ex
-from training.evaluate import load_scores
-from triage.glow import Glow
-from triage.registry import Registry
+from training.evaluate.report import load_scores
+from triage.model.glow import Glow
+from triage.model.registry import Registry
 
 ARGS = ["--preset", "test-tiny", "--normal-train", "6", "--mixture-train", "4", "--test", "4", "--steps", "5",
         "--branch-steps", "3", "--bootstrap", "20", "--workers", "1", "--slab-samples", "1", "--seed", "3"]

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from triage.glow import ActNorm, Glow, GlowConfig, config_from_preset, fit_to_shape, load_presets
+from training.presets import config_from_preset, glow_from_preset, load_presets
+from triage.model.glow import ActNorm, Glow, GlowConfig, fit_to_shape
 
 SHAPES = {2: (8, 8), 3: (4, 4, 4)}  # 64 dimensions each, 2 levels of squeeze
 
@@ -279,7 +280,7 @@ def test_presets_are_consistent() -> None:
     cxr = config_from_preset("paper-cxr")
     assert (cxr.ndim, cxr.image_shape, cxr.levels, cxr.depth, cxr.width) == (2, (512, 512), 7, 32, 512)
     assert cxr.extra["batch_size"] == 128 and cxr.extra["lr"] == 1e-3
-    tiny = Glow.from_preset("test-tiny")
+    tiny = glow_from_preset("test-tiny")
     x = torch.randint(0, 128, (2, 1, *tiny.cfg.image_shape))
     assert torch.isfinite(tiny.bits_per_dim(x)).all()
     with pytest.raises(KeyError, match="unknown preset"):

@@ -13,7 +13,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
-from triage.logs import FOREIGN_REDACTED, REDACTED, configure, get_logger, scrub_phi
+from triage.ops.logs import FOREIGN_REDACTED, REDACTED, configure, get_logger, scrub_phi
 
 NAME, PID, DOB = "Doe^Jane", "MRN-4711-0815", "19620417"
 

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from triage.config import parse
-from triage.metrics import (
+from triage.ops.metrics import (
     MAX_LABEL_VALUES,
     OTHER,
     OUTCOMES,

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from triage.glow import Glow, fit_to_shape
-from triage.registry import Registry, RegistryError
-from triage.score import Scorer, ScoringError, VolumeInput, percentile_of, pick_device
+from training.presets import glow_from_preset
+from triage.model.glow import Glow, fit_to_shape
+from triage.model.registry import Registry, RegistryError
+from triage.model.score import Scorer, ScoringError, VolumeInput, percentile_of, pick_device
 
 
 def tiny_model(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    m = Glow.from_preset("test-tiny")
+    m = glow_from_preset("test-tiny")
     x = torch.randint(0, 128, (4, 1, *m.cfg.image_shape))
     m.train()
     m.bits_per_dim(x, noise=True)

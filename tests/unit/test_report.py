@@ -1,4 +1,4 @@
-"""triage.report: the SR's content and identity, the ORU^R01's fields and escaping, ACK parsing, routes."""
+"""triage.report.sr: the SR's content and identity, the ORU^R01's fields and escaping, ACK parsing, routes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from triage.config import HL7Settings, PacsSettings, RouteRule, RoutingSettings
-from triage.report import (
+from triage.model.results import ModelSetInfo, ScoreResult
+from triage.report.sr import (
     COMPREHENSIVE_3D_SR,
     ReportError,
     Route,
@@ -29,7 +30,6 @@ from triage.report import (
     plan_routes,
     summary_text,
 )
-from triage.results import ModelSetInfo, ScoreResult
 
 WHEN = datetime(2024, 1, 2, 11, 0, 0)
 

@@ -1,9 +1,10 @@
-"""The nightly M1 retrain (triage.schedule + triage.retrain) on a real store, registry and child process.
+"""The nightly M1 retrain (triage.ops.schedule + training.train.retrain)
+on a real store, registry and child process.
 
 A site here is a storage root with an archive of assembled volumes (written with save_volume where the
 daemon writes them, with one spooled DICOM instance each carrying the PatientID), and a current model
 set made by ``create_model_set`` (so it keeps its reference normal volumes). The models are test-tiny
-flows trained once per module; every retrain runs ``python -m triage.retrain`` as the daemon does.
+flows trained once per module; every retrain runs ``python -m training.train.retrain`` as the daemon does.
 """
 
 from __future__ import annotations
@@ -27,16 +28,17 @@ from prometheus_client import CollectorRegistry
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from training.train import VolumeSet, train
-from triage.assemble import AssembledVolume, save_volume
+from training.train.loop import VolumeSet, train
+from training.train.retrain import gather, run
+from triage.assemble.volume import AssembledVolume, save_volume
 from triage.config import Config, load
-from triage.metrics import Metrics
-from triage.modelset import create_model_set
-from triage.registry import ModelSet, Registry, RegistryError, sha256_file
-from triage.retrain import HISTORY, gather, read_history, run
-from triage.schedule import JOB_ID, RetrainJob, start_scheduler
-from triage.score import Scorer
-from triage.store import Store
+from triage.model.modelset import create_model_set
+from triage.model.registry import ModelSet, Registry, RegistryError, sha256_file
+from triage.model.score import Scorer
+from triage.ops.history import HISTORY, read_history
+from triage.ops.metrics import Metrics
+from triage.ops.schedule import JOB_ID, RetrainJob, start_scheduler
+from triage.store.db import Store
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = (8, 16, 16)  # test-tiny's image_shape; volumes are these blocks repeated up to 32x128x128
@@ -326,7 +328,9 @@ def test_scheduler_fires_the_job_and_shutdown_stops_its_child(tmp_path: Path,
 
 
 def test_daemon_side_never_imports_training() -> None:
-    code = ("import sys, triage.daemon, triage.schedule, triage.retrain; "
+    """The daemon only starts the retrain as a child process: loading every daemon module (and the
+    scheduler that starts the job) must not load one module of the training side."""
+    code = ("import sys, triage.cli, triage.daemon, triage.pipeline, triage.ops.schedule; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'training'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

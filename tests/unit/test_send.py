@@ -17,8 +17,8 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage  # type: ignore[attr-d
 
 from triage.config import parse
 from triage.pipeline import Sender
-from triage.send import Delivery, DicomStoreDestination, MLLPDestination, SendError, backoff_delay
-from triage.store import Store
+from triage.send.base import Delivery, DicomStoreDestination, MLLPDestination, SendError, backoff_delay
+from triage.store.db import Store
 
 
 def _port() -> int:

@@ -1,4 +1,4 @@
-"""Tests for training.synth: the synthetic DICOM studies are the ground truth for everything else,
+"""Tests for training.synth.head: the synthetic DICOM studies are the ground truth for everything else,
 so these check that files are valid DICOM, that headers say exactly what the pixels are, and that
 the hard cases and distractors are what StudyTruth claims they are."""
 
@@ -13,8 +13,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-from training import synth
-from training.synth import (
+from training.synth import head as synth
+from training.synth.head import (
     CT_IMAGE_STORAGE,
     SC_IMAGE_STORAGE,
     TISSUE,

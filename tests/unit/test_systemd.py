@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from triage.systemd import notify, watchdog_interval
+from triage.ops.systemd import notify, watchdog_interval
 
 
 @pytest.fixture

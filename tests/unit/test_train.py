@@ -1,4 +1,4 @@
-"""training.train and training.sample on the test-tiny preset: learning, resume, NaN guard, data
+"""training.train.loop and training.sample on the test-tiny preset: learning, resume, NaN guard, data
 selection, provenance, DDP under torchrun (two gloo processes) and sampling."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from training import sample as sample_mod
-from training import train as train_mod
-from training.train import (
+from training.presets import config_from_preset
+from training.train import loop as train_mod
+from training.train.loop import (
     TrainingError,
     VolumeSet,
     checkpoint_path,
@@ -26,7 +27,7 @@ from training.train import (
     resolve_data,
     train,
 )
-from triage.glow import Glow, config_from_preset
+from triage.model.glow import Glow
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (8, 16, 16)  # test-tiny's image_shape
@@ -325,9 +326,10 @@ def test_bad_volumes_are_named(tmp_path: Path) -> None:
 
 
 def test_dicom_folders_go_through_training_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The contract with training.data: DICOM input is handed to volumes_from_dicom, whatever it returns
-    in the documented shapes becomes a VolumeSet. (training.data is another module; its own tests
-    drive real DICOM through triage.assemble, so this only checks the hand-over.)"""
+    """The contract with training.data.volumes: DICOM input is handed to volumes_from_dicom, whatever it
+    returns in the documented shapes becomes a VolumeSet. (training.data.volumes is another module; its own
+    tests
+    drive real DICOM through triage.assemble.volume, so this only checks the hand-over.)"""
     study = tmp_path / "dicom" / "study1"
     study.mkdir(parents=True)
     (study / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # sniffed by magic, no suffix
@@ -339,9 +341,9 @@ def test_dicom_folders_go_through_training_data(tmp_path: Path, monkeypatch: pyt
         calls.append((Path(path), Path(cache_dir), labels, only))
         return {"1.2.3": blobs(1)[0]}
 
-    fake = types.ModuleType("training.data")
+    fake = types.ModuleType("training.data.volumes")
     fake.volumes_from_dicom = volumes_from_dicom  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "training.data", fake)
+    monkeypatch.setitem(sys.modules, "training.data.volumes", fake)
     labels = tmp_path / "labels.csv"
     labels.write_text("study_uid,label,lesion\n1.2.3,normal,\n")
     vs = resolve_data(tmp_path / "dicom", labels, "normal", cache_dir=tmp_path / "cache")
@@ -349,7 +351,7 @@ def test_dicom_folders_go_through_training_data(tmp_path: Path, monkeypatch: pyt
     assert calls == [(tmp_path / "dicom", tmp_path / "cache", labels, "normal")]
     assert vs.meta["only"] == "normal"
 
-    monkeypatch.setitem(sys.modules, "training.data", types.ModuleType("training.data"))
+    monkeypatch.setitem(sys.modules, "training.data.volumes", types.ModuleType("training.data.volumes"))
     with pytest.raises(TrainingError, match="volumes_from_dicom is not available"):
         resolve_data(tmp_path / "dicom")
 
@@ -368,7 +370,7 @@ def test_ddp_two_gloo_processes_follow_the_single_process_curve(tmp_path: Path) 
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "training.train",
+        "training.train.loop",
         str(data),
         "--role",
         "normal",

@@ -1,9 +1,11 @@
 """The nightly M1 retrain job: archive -> new M1 -> gate -> recalibrate -> register -> promote.
 
-``python -m triage.retrain --config FILE`` is the job's entry point; :mod:`triage.schedule` starts it as
+``python -m training.train.retrain --config FILE`` is the job's entry point;
+:mod:`triage.ops.schedule` starts it as
 a child process at a lower CPU priority (``[retrain] nice``), so a training run never takes the
-daemon's GIL, memory or scheduling priority from scoring. It is also the only place in ``triage`` that
-imports ``training`` (inside :func:`_train_m1`), so the daemon never loads the training code.
+daemon's GIL, memory or scheduling priority from scoring. It lives on the training side of the line
+(``triage`` never imports ``training``): the daemon only starts this process, so it never loads the
+training code. The history it writes is :mod:`triage.ops.history`, which the scheduler reads.
 
 What one run does, and why:
 
@@ -22,7 +24,7 @@ What one run does, and why:
    - NLL: the new M1's mean bits/dim on the held-out volumes may exceed the current M1's by at most
      ``gate_nll_margin_bpd`` (the current M1 may have seen those volumes on an earlier night, so
      this errs towards keeping it);
-   - score shift: on the reference normal studies the model set keeps (``triage.modelset`` stores
+   - score shift: on the reference normal studies the model set keeps (``triage.model.modelset`` stores
      their volumes), the median of log p(normal|x) with the new M1 may move by at most
      ``gate_score_shift_sd`` standard deviations of their current scores. A flood of abnormal
      studies in the archive, a scanner change or a broken run shows up here before a patient does.
@@ -62,20 +64,18 @@ import pydicom
 import torch
 
 from triage import __version__
-from triage.assemble import PREPROCESSING_VERSION, VolumeError, load_volume
-from triage.calibrate import threshold_at_specificity
+from triage.assemble.volume import PREPROCESSING_VERSION, VolumeError, load_volume
 from triage.config import Config, ConfigError, load
-from triage.glow import Glow, fit_to_shape
-from triage.logs import get_logger
-from triage.modelset import load_reference_volumes
-from triage.registry import ModelSet, Registry, RegistryError
-from triage.score import pick_device
-from triage.store import Store
+from triage.model.calibrate import threshold_at_specificity
+from triage.model.glow import Glow, fit_to_shape
+from triage.model.modelset import load_reference_volumes
+from triage.model.registry import ModelSet, Registry, RegistryError
+from triage.model.score import pick_device
+from triage.ops.history import RESULT, WORKDIR_PREFIX, append_history, new_workdir
+from triage.ops.logs import get_logger
+from triage.store.db import Store
 
-HISTORY = "retrain.jsonl"
-WORKDIR_PREFIX = ".retrain-"
 LOCK = ".retrain.lock"
-RESULT = "result.json"
 STATE = "state.json"
 PROMOTE_REASON = "nightly retrain"
 _PATIENT_SALT = b"glowtriage-retrain-patient\0"
@@ -85,44 +85,6 @@ log = get_logger("retrain")
 
 class RetrainSkipped(Exception):
     """Nothing to retrain tonight (not an error): the message says why."""
-
-
-# ----------------------------------------------------------------------------------------- history
-
-
-def history_path(models_dir: Path) -> Path:
-    return Path(models_dir) / HISTORY
-
-
-def read_history(models_dir: Path) -> list[dict[str, Any]]:
-    """Every run recorded under ``models_dir``, oldest first; a damaged line is skipped, not fatal."""
-    p = history_path(models_dir)
-    if not p.is_file():
-        return []
-    out = []
-    for line in p.read_text(errors="replace").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rec = json.loads(line)
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
-def append_history(models_dir: Path, record: dict[str, Any]) -> None:
-    """One JSON line per run, fsync'd: the record survives a crash right after the run."""
-    Path(models_dir).mkdir(parents=True, exist_ok=True)
-    with history_path(models_dir).open("a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def last_success(models_dir: Path) -> float | None:
-    """Unix time of the newest promoted retrain in the history, or None."""
-    for rec in reversed(read_history(models_dir)):
-        if rec.get("outcome") == "promoted" and isinstance(rec.get("finished_at"), (int, float)):
-            return float(rec["finished_at"])
-    return None
 
 
 # ---------------------------------------------------------------------------------------- gathering
@@ -307,12 +269,6 @@ def _num(v: float) -> float | None:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def new_workdir(models_dir: Path) -> Path:
-    """``<models>/.retrain-<UTC time>-<random>``: a fresh, unique work folder name (not created)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    return Path(models_dir) / f"{WORKDIR_PREFIX}{stamp}-{os.urandom(3).hex()}"
-
-
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -324,8 +280,8 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def _train_m1(cfg: Config, current: ModelSet, g: Gathered, out: Path) -> dict[str, Any]:
-    """Train the new M1; the one place ``triage`` imports ``training``."""
-    from training.train import VolumeSet, train
+    """Train the new M1 (imported here: the gather and gate steps do not need the training loop)."""
+    from training.train.loop import VolumeSet, train
 
     rs = cfg.settings.retrain
     vs = VolumeSet(g.train, g.train_ids, {"source": "retrain archive", "window_days": rs.window_days})
@@ -507,7 +463,8 @@ def _die_with_parent(parent_pid: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m triage.retrain", description="One nightly M1 retrain.")
+    p = argparse.ArgumentParser(prog="python -m training.train.retrain",
+                                description="One nightly M1 retrain.")
     p.add_argument("--config", help="config.toml (default: $GLOWTRIAGE_CONFIG, else built-in defaults)")
     p.add_argument("--workdir", type=Path, help="work folder (default: <models>/.retrain-<UTC time>)")
     p.add_argument("--parent-pid", type=int, help="exit if this process is no longer the parent")
@@ -518,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines:
             print(line, file=sys.stderr)
         return 2
-    from triage.logs import configure
+    from triage.ops.logs import configure
 
     configure(cfg.settings.logging.level, cfg.settings.logging.format)
     _die_with_parent(args.parent_pid)

@@ -7,7 +7,7 @@ scores are stored, so every later result can be given as a percentile among them
 
 The normals' *volumes* are kept too, content-addressed under ``<models>/reference/<sha256>.npz`` (pixel
 data only, no UIDs) and named in the manifest's ``calibration.reference_volumes``: the nightly retrain
-(triage.retrain) must score the same normals with a new M1 to gate it (score shift) and to recalibrate
+(training.train.retrain) must score the same normals with a new M1 to gate it (score shift) and to recalibrate
 its threshold, and the archive they came from may be gone by then. Content addressing lets every
 retrained set name the same files without copying them.
 """
@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 
 from triage import __version__
-from triage.assemble import PREPROCESSING_VERSION
-from triage.calibrate import threshold_at_specificity, youden
+from triage.assemble.folders import folder_studies
+from triage.assemble.volume import PREPROCESSING_VERSION
 from triage.config import Config
-from triage.glow import Glow
-from triage.logs import get_logger
-from triage.offline import folder_studies
-from triage.registry import ModelSet, Registry, RegistryError
-from triage.score import ModelPair, pick_device
+from triage.model.calibrate import threshold_at_specificity, youden
+from triage.model.glow import Glow
+from triage.model.registry import ModelSet, Registry, RegistryError
+from triage.model.score import ModelPair, pick_device
+from triage.ops.logs import get_logger
 
 log = get_logger("models")
 

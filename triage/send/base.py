@@ -24,8 +24,8 @@ import hl7.client
 from pydicom import dcmread
 from pynetdicom import AE
 
-from triage.logs import get_logger
-from triage.report import parse_ack
+from triage.ops.logs import get_logger
+from triage.report.sr import parse_ack
 
 log = get_logger("send")
 

@@ -21,10 +21,10 @@ processes and however often it was interrupted:
   event is counted in the model's provenance. Only ``max_nan_failures`` failures in a row give up.
 
 Input is a *volume source* (:class:`VolumeSet`): uint8 volumes in any shape that
-``triage.glow.fit_to_shape`` reduces to the preset's ``image_shape`` (the same code as scoring), with
-ids. :func:`resolve_data` makes one from a folder: DICOM studies go through ``training.data`` (and
-so through ``triage.assemble``, the scoring code path); otherwise ``*.npz`` volumes (key ``data``,
-optional ``study_uid``) are read, which is how the daemon's archive and training.data's cache store
+``triage.model.glow.fit_to_shape`` reduces to the preset's ``image_shape`` (the same code as scoring), with
+ids. :func:`resolve_data` makes one from a folder: DICOM studies go through ``training.data.volumes`` (and
+so through ``triage.assemble.volume``, the scoring code path); otherwise ``*.npz`` volumes (key ``data``,
+optional ``study_uid``) are read, which is how the daemon's archive and training.data.volumes's cache store
 them.
 """
 
@@ -55,8 +55,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from triage.glow import Glow, GlowConfig, config_from_preset, fit_to_shape
-from triage.logs import get_logger
+from training.presets import config_from_preset
+from triage.model.glow import Glow, GlowConfig, fit_to_shape
+from triage.ops.logs import get_logger
 
 ROLES = ("normal", "mixture")
 CKPT_FORMAT = "glowtriage.train-ckpt/1"
@@ -246,9 +247,9 @@ def contains_dicom(path: Path, max_files: int = 20000) -> bool:
 
 def _dicom_loader() -> Callable[..., Any] | None:
     try:
-        mod = importlib.import_module("training.data")
+        mod = importlib.import_module("training.data.volumes")
     except ModuleNotFoundError as exc:
-        if exc.name in ("training.data", "training"):
+        if exc.name in ("training.data.volumes", "training"):
             return None
         raise
     fn = getattr(mod, "volumes_from_dicom", None)
@@ -286,9 +287,9 @@ def resolve_data(
 ) -> VolumeSet:
     """DATA argument -> VolumeSet.
 
-    DICOM studies go through ``training.data.volumes_from_dicom(path, cache_dir, labels=, only=)``
+    DICOM studies go through ``training.data.volumes.volumes_from_dicom(path, cache_dir, labels=, only=)``
     (labels is the CSV path), which also does the label selection; without DICOM (or without
-    training.data) the ``*.npz`` volumes are read and selected here by their ``study_uid``.
+    training.data.volumes) the ``*.npz`` volumes are read and selected here by their ``study_uid``.
     """
     p = Path(path)
     if not p.exists():
@@ -309,7 +310,7 @@ def resolve_data(
             return vs
         if not any(p.rglob("*.npz")):
             raise TrainingError(
-                f"{p} holds DICOM files, but training.data.volumes_from_dicom is not available "
+                f"{p} holds DICOM files, but training.data.volumes.volumes_from_dicom is not available "
                 "to assemble them"
             )
     vs = load_volume_dir(p)
@@ -1177,7 +1178,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="training train",
         description="Train M0 (--role normal) or M1 (--role mixture). Runs as is, or under "
-        "`torchrun --nproc_per_node=N -m training.train ...` for data-parallel training.",
+        "`torchrun --nproc_per_node=N -m training.train.loop ...` for data-parallel training.",
     )
     p.add_argument("data", type=Path, help="folder of DICOM studies (recursive), or of .npz volumes")
     p.add_argument("--role", required=True, choices=ROLES)
@@ -1209,7 +1210,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from triage.logs import configure
+    from triage.ops.logs import configure
 
     configure(level=os.environ.get("GLOWTRIAGE_LOG_LEVEL", "info"))
     rank0 = int(os.environ.get("RANK", "0")) == 0

@@ -23,7 +23,6 @@ bin's midpoint when scoring, so the same volume always gets the same score.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LOG_2PI = math.log(2.0 * math.pi)
-PRESETS_FILE = Path(__file__).resolve().parent.parent / "training" / "presets.toml"
 
 
 @dataclass
@@ -484,44 +482,6 @@ class Glow(nn.Module):
         model.load_state_dict(payload["state_dict"])
         model.extra_info = payload.get("extra", {})  # type: ignore[attr-defined]
         return model
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> Glow:
-        return cls(config_from_preset(name, **overrides))
-
-
-# --------------------------------------------------------------------------------------------------
-# Presets (training/presets.toml is the one place model sizes live)
-
-_ARCH_KEYS = {"ndim", "image_shape", "levels", "depth", "width", "in_channels", "n_bits", "scale_fn",
-              "learn_split_prior", "actnorm_scale"}
-
-
-def load_presets(path: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Read all presets from training/presets.toml."""
-    p = path or PRESETS_FILE
-    if not p.exists():  # installed as a wheel: the file ships as package data of `training`
-        from importlib.resources import files
-
-        p = Path(str(files("training").joinpath("presets.toml")))
-    with p.open("rb") as f:
-        return tomllib.load(f)
-
-
-def preset(name: str) -> dict[str, Any]:
-    presets = load_presets()
-    if name not in presets:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(presets))}")
-    return dict(presets[name])
-
-
-def config_from_preset(name: str, **overrides: Any) -> GlowConfig:
-    p = preset(name)
-    p.update(overrides)
-    arch = {k: v for k, v in p.items() if k in _ARCH_KEYS}
-    extra = {k: v for k, v in p.items() if k not in _ARCH_KEYS}
-    extra["preset"] = name
-    return GlowConfig(**arch, extra=extra)
 
 
 def fit_to_shape(volume: Tensor, image_shape: tuple[int, ...]) -> Tensor:

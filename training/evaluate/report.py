@@ -35,8 +35,8 @@ from matplotlib.figure import Figure
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from triage.calibrate import threshold_at_specificity, youden
-from triage.logs import get_logger
+from triage.model.calibrate import threshold_at_specificity, youden
+from triage.ops.logs import get_logger
 
 log = get_logger("evaluate")
 

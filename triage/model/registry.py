@@ -31,7 +31,7 @@ from typing import Any
 
 from pydicom.uid import generate_uid
 
-from triage.results import ModelSetInfo
+from triage.model.results import ModelSetInfo
 
 MANIFEST = "manifest.json"
 CURRENT = "current"

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from triage.logs import get_logger
+from triage.ops.logs import get_logger
 
 log = get_logger("store")
 

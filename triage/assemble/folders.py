@@ -2,7 +2,7 @@
 
 The daemon gets its volumes from the store; these commands get them from folders of DICOM files
 (searched recursively) or of volumes already built (.npz from ``save_volume``). Both go through
-``triage.assemble`` so an offline score equals the daemon's score for the same study.
+``triage.assemble.volume`` so an offline score equals the daemon's score for the same study.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from triage.assemble import (
+from triage.assemble.volume import (
     AssembledVolume,
     VolumeError,
     assemble_study,
@@ -20,7 +20,7 @@ from triage.assemble import (
     read_headers,
 )
 from triage.config import AssemblySettings
-from triage.logs import get_logger
+from triage.ops.logs import get_logger
 
 log = get_logger("offline")
 

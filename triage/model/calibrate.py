@@ -3,7 +3,7 @@
 Two ways, as the registry records them: with labels, Youden's J on the calibration studies (the
 paper's cut-off, Fig. 3/4); without labels, the threshold that keeps a configured specificity on a
 held-out set of normal studies. Lives in ``triage`` because ``triage models create`` calibrates;
-``training.evaluate`` uses the same functions so a report and the daemon agree on what a cut-off is.
+``training.evaluate.report`` uses the same functions so a report and the daemon agree on what a cut-off is.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from triage.glow import Glow, fit_to_shape
-from triage.registry import ModelSet, Registry, RegistryError
-from triage.results import ModelSetInfo, ScoreResult
+from triage.model.glow import Glow, fit_to_shape
+from triage.model.registry import ModelSet, Registry, RegistryError
+from triage.model.results import ModelSetInfo, ScoreResult
 
 __all__ = [
     "ModelPair", "ModelSetInfo", "ScoreResult", "Scorer", "ScoringError", "VolumeInput", "percentile_of",

@@ -110,7 +110,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from triage.config import AssemblySettings
-from triage.logs import get_logger
+from triage.ops.logs import get_logger
 
 PREPROCESSING_VERSION = "assemble-1"  # bump whenever a change here can change a voxel
 TARGET_SHAPE: tuple[int, int, int] = (32, 128, 128)  # (z, y, x)
@@ -531,7 +531,7 @@ def rejection(info: SeriesInfo, rules: AssemblySettings) -> tuple[str, str] | No
     """``(category, reason)`` when a series cannot be the scored one, None when it is a candidate.
 
     The category is one of a small closed set (``not_ct``, ``image_type``, ``not_head``,
-    ``slice_thickness``, ``geometry``, ``tilt``, ``coverage``; the names :mod:`triage.metrics` counts
+    ``slice_thickness``, ``geometry``, ``tilt``, ``coverage``; the names :mod:`triage.ops.metrics` counts
     by), for labels; the reason is the full sentence, for people.
     """
     classes = set(info.sop_class_uids)

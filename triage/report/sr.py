@@ -51,8 +51,8 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM, PersonName
 
 from triage.config import HL7Settings, PacsSettings, RoutingSettings
-from triage.registry import UID_PREFIX
-from triage.results import ModelSetInfo, ScoreResult
+from triage.model.registry import UID_PREFIX
+from triage.model.results import ModelSetInfo, ScoreResult
 
 __all__ = [
     "COMPREHENSIVE_3D_SR",

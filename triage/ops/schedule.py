@@ -5,8 +5,8 @@
 ``max_instances=1`` (a retrain still running when the next one is due is not doubled), ``coalesce``
 (runs missed while the machine slept collapse into one) and a misfire grace of an hour.
 
-The job (:class:`RetrainJob`) does no training itself: it starts ``python -m triage.retrain`` as a
-child process (which lowers its own priority to ``[retrain] nice``, see :mod:`triage.retrain`) and
+The job (:class:`RetrainJob`) does no training itself: it starts ``python -m training.train.retrain`` as a
+child process (which lowers its own priority to ``[retrain] nice``, see :mod:`training.train.retrain`) and
 waits for it. So the daemon process never imports ``training`` nor holds the GIL for a training step,
 and a child that crashes, is killed by the OOM killer or runs past ``timeout_s`` costs one night's
 retrain and nothing else: the registry is only touched after the gate. The job then turns the run's
@@ -39,9 +39,16 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from triage.config import Config
-from triage.logs import get_logger
-from triage.metrics import METRICS, Metrics
-from triage.retrain import RESULT, WORKDIR_PREFIX, append_history, last_success, new_workdir, read_history
+from triage.ops.history import (
+    RESULT,
+    WORKDIR_PREFIX,
+    append_history,
+    last_success,
+    new_workdir,
+    read_history,
+)
+from triage.ops.logs import get_logger
+from triage.ops.metrics import METRICS, Metrics
 
 JOB_ID = "retrain"
 MISFIRE_GRACE_S = 3600
@@ -72,7 +79,7 @@ class RetrainJob:
         self.workdir: Path | None = None  # of the run in progress (tests watch it)
 
     def command(self, workdir: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "triage.retrain", "--workdir", str(workdir),
+        cmd = [sys.executable, "-m", "training.train.retrain", "--workdir", str(workdir),
                "--parent-pid", str(os.getpid())]
         if self.cfg.source is not None:
             cmd += ["--config", str(self.cfg.source.resolve())]

@@ -1,15 +1,15 @@
 """DICOM folders (or the daemon's archive) -> cached canonical volumes for training.
 
 Why this module exists: training must see exactly the volumes the daemon scores, so every study goes
-through :mod:`triage.assemble` (``read_headers`` -> ``group_studies`` -> ``select_series`` ->
+through :mod:`triage.assemble.volume` (``read_headers`` -> ``group_studies`` -> ``select_series`` ->
 ``build_volume``, falling back to the next candidate series like the daemon's pipeline does); there is
 no second reader here. What this module adds is what training needs on top:
 
 Cache
     Decoding a study costs ~0.3 s on this machine, and an epoch visits every study, so each volume is
-    written once with :func:`triage.assemble.save_volume` and read back on later calls. The key is
+    written once with :func:`triage.assemble.volume.save_volume` and read back on later calls. The key is
     the study UID, the series UID, a hash of the series' SOP Instance UIDs, the assembly rules that can
-    change a voxel, and :data:`~triage.assemble.PREPROCESSING_VERSION`: a re-sent series with another
+    change a voxel, and :data:`~triage.assemble.volume.PREPROCESSING_VERSION`: a re-sent series with another
     instance, a changed rule or a new preprocessing version gets a new key and is rebuilt; nothing
     stale is ever read. Series that could not be built are cached too (a small JSON with the reason),
     so a second call decodes nothing at all. Headers are re-read on every call (no pixels: ~2 ms a
@@ -54,8 +54,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pydicom
 
-from training.train import TrainingError
-from triage.assemble import (
+from training.train.loop import TrainingError
+from triage.assemble.volume import (
     PREPROCESSING_VERSION,
     InstanceHeader,
     VolumeError,
@@ -67,7 +67,7 @@ from triage.assemble import (
     select_series,
 )
 from triage.config import AssemblySettings
-from triage.logs import get_logger
+from triage.ops.logs import get_logger
 
 log = get_logger("data")
 
@@ -90,7 +90,7 @@ _PATHS_IN_META = ("source", "cache", "rejects_csv", "labels")  # long; the log l
 class DataError(TrainingError):
     """The data source cannot be read at all (no such folder, unreadable labels); names what and where.
 
-    A :class:`~training.train.TrainingError`, so ``training train`` reports it as one line."""
+    A :class:`~training.train.loop.TrainingError`, so ``training train`` reports it as one line."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ class Reject:
 
 @dataclass(eq=False)
 class DicomVolumes(Sequence):
-    """What :func:`volumes_from_dicom` returns: a volume source in the shape ``training.train``'s
+    """What :func:`volumes_from_dicom` returns: a volume source in the shape ``training.train.loop``'s
     ``VolumeSet`` takes (``volumes``, ``ids`` = study UIDs, ``meta``, ``skipped``) plus the per-study
     ``items`` (aligned with ``ids``) and the ``rejects``."""
 

@@ -60,9 +60,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from triage.config import Config, ConfigError, load
-from triage.logs import configure, get_logger
-from triage.metrics import METRICS
-from triage.store import LONG_VRS, Store, StoreError, dataset_offset
+from triage.ops.logs import configure, get_logger
+from triage.ops.metrics import METRICS
+from triage.store.db import LONG_VRS, Store, StoreError, dataset_offset
 
 log = get_logger("receive")
 
@@ -998,7 +998,7 @@ def serve_receiver(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m triage.receive", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m triage.receive.scp", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="config.toml (default: $GLOWTRIAGE_CONFIG or embedded defaults)")
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,2 @@
+"""data: DICOM folders and archives -> cached canonical volumes (through triage.assemble),
+labels, patients."""

@@ -1,0 +1,1 @@
+"""model: the Glow flows, the scorer, model sets (registry, calibration) and what scoring returns."""

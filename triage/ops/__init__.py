@@ -1,0 +1,1 @@
+"""ops: logs, metrics, systemd notification and the nightly scheduler: what runs beside the data path."""
