@@ -1,0 +1,312 @@
+"""Series selection: describe every series of a study from its headers, reject with a reason or rank.
+
+The checks, in order: image storage SOP class, modality, ImageType (all of ``required_image_type``,
+none of ``rejected_image_type``), head (BodyPartExamined, SeriesDescription or ProtocolName match
+``head_patterns``; with no body part, a StudyDescription that matches is enough), slice thickness
+range, geometry present, orientation (slice normal within ``max_tilt_deg`` of the patient z axis),
+coverage along the normal. Candidates are ranked by kernel (soft, then unknown, then sharp), then
+slice thickness closest to 4-5 mm, then more coverage, then series UID, so the result is
+deterministic. A series whose instances have more than one orientation keeps its largest
+orientation group; equal-sized groups are ambiguous and the series is rejected.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from triage.assemble.common import (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_STORAGE,
+    NOT_PREFERRED,
+    VolumeError,
+    _sop_class_name,
+)
+from triage.assemble.geometry import OrientationGroup, _main_group, _orientation_groups
+from triage.assemble.headers import InstanceHeader
+from triage.config import AssemblySettings
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """A series as far as the headers tell: what selection ranks and what a rejection reason quotes."""
+
+    series_uid: str
+    study_uid: str
+    n_instances: int
+    modality: str
+    sop_class_uids: tuple[str, ...]
+    image_type: tuple[str, ...]  # the most common ImageType of the instances
+    image_type_values: frozenset[str]  # every value that occurs in any instance's ImageType
+    body_part: str
+    study_description: str
+    series_description: str
+    protocol_name: str
+    kernel: str
+    slice_thickness: float | None  # median SliceThickness, else the median step between slices
+    pixel_spacing: tuple[float, float] | None
+    matrix: tuple[int, int] | None  # (rows, columns) when all instances agree
+    orientations: tuple[OrientationGroup, ...]  # largest first
+    orientation: str  # axial / coronal / sagittal / oblique / mixed / none (the largest group's)
+    tilt_deg: float | None  # of the largest orientation group
+    slice_spacing: float | None  # median step along the normal, largest group
+    coverage_mm: float  # centre-to-centre extent along the normal, largest group
+    n_frames: int  # the largest NumberOfFrames (1 for single-frame images)
+    missing_geometry: int  # instances without position, orientation or pixel spacing
+    problems: tuple[str, ...]
+
+
+def _most_common(values: Iterable[Any], default: Any) -> Any:
+    counts = Counter(v for v in values if v not in (None, "", ()))
+    return counts.most_common(1)[0][0] if counts else default
+
+
+def describe_series(headers: Sequence[InstanceHeader]) -> SeriesInfo:
+    """Summarise one series' headers (all from the same SeriesInstanceUID)."""
+    if not headers:
+        raise VolumeError("describe_series: no instances")
+    hs = list(headers)
+    groups = _orientation_groups(hs)
+    main = groups[0] if groups else None
+    positions = []
+    if main is not None:
+        n = np.asarray(main.normal)
+        positions = sorted(float(np.dot(h.position, n)) for h in main.headers if h.position is not None)
+    steps = np.diff(np.unique(np.round(positions, 3))) if len(positions) > 1 else np.array([])
+    spacing = float(np.median(steps)) if steps.size else None
+    thick = [h.slice_thickness for h in hs if h.slice_thickness and h.slice_thickness > 0]
+    matrices = {(h.rows, h.columns) for h in hs if h.rows and h.columns}
+    if len(groups) > 1:
+        label = "mixed" if len(groups[1].headers) == len(groups[0].headers) else groups[0].label
+    else:
+        label = main.label if main else "none"
+    problems = sorted({f"{p}" for h in hs for p in h.problems})
+    return SeriesInfo(
+        series_uid=hs[0].series_uid,
+        study_uid=hs[0].study_uid,
+        n_instances=len({h.sop_instance_uid for h in hs}),
+        modality=_most_common((h.modality for h in hs), ""),
+        sop_class_uids=tuple(sorted({h.sop_class_uid for h in hs})),
+        image_type=_most_common((h.image_type for h in hs), ()),
+        image_type_values=frozenset(v for h in hs for v in h.image_type),
+        body_part=_most_common((h.body_part for h in hs), ""),
+        study_description=_most_common((h.study_description for h in hs), ""),
+        series_description=_most_common((h.series_description for h in hs), ""),
+        protocol_name=_most_common((h.protocol_name for h in hs), ""),
+        kernel=_most_common((h.kernel for h in hs), ""),
+        slice_thickness=float(np.median(thick)) if thick else spacing,
+        pixel_spacing=_most_common((h.pixel_spacing for h in hs), None),
+        matrix=next(iter(matrices)) if len(matrices) == 1 else None,
+        orientations=tuple(groups),
+        orientation=label,
+        tilt_deg=main.tilt_deg if main else None,
+        slice_spacing=spacing,
+        coverage_mm=(positions[-1] - positions[0]) if len(positions) > 1 else 0.0,
+        n_frames=max(h.number_of_frames for h in hs),
+        missing_geometry=sum(
+            1 for h in hs if h.position is None or h.orientation is None or h.pixel_spacing is None
+        ),
+        problems=tuple(problems),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# selection
+
+
+def _matches(text: str, patterns: Iterable[str]) -> str | None:
+    up = text.upper()
+    for p in patterns:
+        if p and p.upper() in up:
+            return p
+    return None
+
+
+def kernel_class(info: SeriesInfo, rules: AssemblySettings) -> str:
+    """'soft', 'sharp' or 'unknown' from ConvolutionKernel, else from the series description.
+
+    Sharp wins when both match: a bone-kernel series scored as brain would be out of distribution.
+    """
+    for text in (info.kernel, info.series_description):
+        if not text:
+            continue
+        if _matches(text, rules.sharp_kernel_patterns):
+            return "sharp"
+        if _matches(text, rules.soft_kernel_patterns):
+            return "soft"
+    return "unknown"
+
+
+def _is_head(info: SeriesInfo, rules: AssemblySettings) -> bool:
+    for text in (info.body_part, info.series_description, info.protocol_name):
+        if text and _matches(text, rules.head_patterns):
+            return True
+    if info.body_part:
+        return False  # a body part that is not the head outranks a study description that mentions it
+    return bool(_matches(info.study_description, rules.head_patterns))
+
+
+def rejection(info: SeriesInfo, rules: AssemblySettings) -> tuple[str, str] | None:
+    """``(category, reason)`` when a series cannot be the scored one, None when it is a candidate.
+
+    The category is one of a small closed set (``not_ct``, ``image_type``, ``not_head``,
+    ``slice_thickness``, ``geometry``, ``tilt``, ``coverage``; the names :mod:`triage.ops.metrics` counts
+    by), for labels; the reason is the full sentence, for people.
+    """
+    classes = set(info.sop_class_uids)
+    if classes & set(ENHANCED_CT_STORAGE):
+        return "not_ct", "Enhanced CT (multi-frame) images are not supported; export as CT Image Storage"
+    if classes != {CT_IMAGE_STORAGE}:
+        other = sorted(classes - {CT_IMAGE_STORAGE})
+        return "not_ct", f"SOP class {', '.join(_sop_class_name(c) for c in other)} is not CT Image Storage"
+    if info.n_frames > 1:
+        return "not_ct", f"multi-frame CT image ({info.n_frames} frames) is not supported"
+    allowed = [m.upper() for m in rules.modalities]
+    if info.modality not in allowed:
+        return "not_ct", f"modality {info.modality or '(none)'} is not one of {allowed}"
+    shown = "\\".join(info.image_type) or "(none)"
+    bad = [v for v in rules.rejected_image_type if v.upper() in info.image_type_values]
+    if bad:
+        return "image_type", f"ImageType {shown} contains {'/'.join(bad)}"
+    lacking = [v for v in rules.required_image_type if v.upper() not in info.image_type_values]
+    if lacking:
+        return "image_type", f"ImageType {shown} lacks {'/'.join(lacking)}"
+    if not _is_head(info, rules):
+        seen = ", ".join(
+            f"{k} {v!r}"
+            for k, v in (
+                ("BodyPartExamined", info.body_part),
+                ("SeriesDescription", info.series_description),
+                ("ProtocolName", info.protocol_name),
+                ("StudyDescription", info.study_description),
+            )
+            if v
+        )
+        what = seen or "no body part or description"
+        return "not_head", f"not a head series: {what} match none of head_patterns"
+    if info.slice_thickness is None:
+        return "slice_thickness", "no SliceThickness and no slice positions to derive it from"
+    lo, hi = rules.min_slice_thickness_mm, rules.max_slice_thickness_mm
+    if not lo <= info.slice_thickness <= hi:
+        return "slice_thickness", f"slice thickness {info.slice_thickness:g} mm outside [{lo:g}, {hi:g}] mm"
+    if info.missing_geometry:
+        return "geometry", (
+            f"{info.missing_geometry} of {info.n_instances} instances lack ImagePositionPatient, "
+            "ImageOrientationPatient or PixelSpacing"
+        )
+    try:
+        main, _ = _main_group(list(info.orientations), info.series_uid)
+    except VolumeError as exc:
+        return exc.category, exc.reason.split(": ", 1)[1]
+    if main.tilt_deg > rules.max_tilt_deg:
+        return "tilt", (
+            f"orientation {main.label}: slice normal {main.tilt_deg:.1f} deg from the patient z axis "
+            f"(max_tilt_deg {rules.max_tilt_deg:g})"
+        )
+    if info.matrix is None:
+        return "geometry", "instances differ in Rows/Columns"
+    if info.coverage_mm < rules.min_coverage_mm:
+        return "coverage", (
+            f"coverage {info.coverage_mm:.1f} mm along the slice normal is below min_coverage_mm "
+            f"{rules.min_coverage_mm:g}"
+        )
+    return None
+
+
+def rejection_reason(info: SeriesInfo, rules: AssemblySettings) -> str | None:
+    """Why a series cannot be the scored one (the sentence of :func:`rejection`), or None."""
+    found = rejection(info, rules)
+    return None if found is None else found[1]
+
+
+def _thickness_distance(t: float) -> float:
+    return 0.0 if 4.0 <= t <= 5.0 else min(abs(t - 4.0), abs(t - 5.0))
+
+
+@dataclass
+class SelectionResult:
+    """Which series of a study to score, and why each other series was not chosen.
+
+    ``candidates`` lists every acceptable series best first (``chosen`` is the first): when
+    :func:`build_volume` rejects the chosen one (a missing slice, say), a caller may try the next.
+    """
+
+    chosen: str | None
+    skipped: dict[str, str]
+    reason: str | None = None  # why nothing was chosen
+    candidates: list[str] = field(default_factory=list)
+    instances: list[InstanceHeader] = field(default_factory=list)  # the chosen series' usable instances
+    warnings: list[str] = field(default_factory=list)
+    series: dict[str, SeriesInfo] = field(default_factory=dict)
+    categories: dict[str, str] = field(default_factory=dict)  # skipped series -> short category
+
+
+def _summary(info: SeriesInfo, rules: AssemblySettings) -> str:
+    klass = kernel_class(info, rules)
+    kernel = f"{klass} kernel {info.kernel!r}" if info.kernel else f"{klass} kernel"
+    return f"{kernel}, {info.slice_thickness:g} mm, {info.coverage_mm:.0f} mm coverage"
+
+
+def _ranked_below(chosen: SeriesInfo, other: SeriesInfo, rules: AssemblySettings) -> str:
+    return (
+        f"candidate ranked below {chosen.series_uid} ({_summary(chosen, rules)}; "
+        f"this one: {_summary(other, rules)})"
+    )
+
+
+def select_series(
+    series: Mapping[str, Sequence[InstanceHeader]], rules: AssemblySettings | None = None
+) -> SelectionResult:
+    """Choose the axial soft-tissue head-CT series of one study; every other series gets a reason."""
+    rules = rules or AssemblySettings()
+    skipped: dict[str, str] = {}
+    categories: dict[str, str] = {}
+    infos: dict[str, SeriesInfo] = {}
+    ranked: list[tuple[tuple[Any, ...], str]] = []
+    for uid in sorted(series):
+        headers = list(series[uid])
+        if not headers:
+            categories[uid], skipped[uid] = "invalid", "no instances"
+            continue
+        info = describe_series(headers)
+        infos[uid] = info
+        found = rejection(info, rules)
+        if found:
+            categories[uid], skipped[uid] = found
+            continue
+        klass = kernel_class(info, rules)
+        assert info.slice_thickness is not None
+        key = (
+            {"soft": 0, "unknown": 1, "sharp": 2}[klass],
+            round(_thickness_distance(info.slice_thickness), 3),
+            -round(info.coverage_mm, 1),
+            uid,
+        )
+        ranked.append((key, uid))
+    ranked.sort()
+    if not ranked:
+        detail = "; ".join(f"{uid}: {why}" for uid, why in skipped.items()) or "the study has no series"
+        return SelectionResult(
+            chosen=None,
+            skipped=skipped,
+            reason=f"no axial head-CT series qualifies ({detail})",
+            series=infos,
+            categories=categories,
+        )
+    chosen = ranked[0][1]
+    for _, uid in ranked[1:]:
+        categories[uid], skipped[uid] = NOT_PREFERRED, _ranked_below(infos[chosen], infos[uid], rules)
+    main, warnings = _main_group(list(infos[chosen].orientations), chosen)
+    return SelectionResult(
+        chosen=chosen,
+        skipped=skipped,
+        candidates=[uid for _, uid in ranked],
+        instances=list(main.headers),
+        warnings=warnings,
+        series=infos,
+        categories=categories,
+    )
