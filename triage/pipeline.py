@@ -25,7 +25,9 @@ from triage.model.results import ScoreResult
 from triage.model.score import Scorer, VolumeInput
 from triage.ops.logs import get_logger
 from triage.ops.metrics import METRICS
-from triage.report.sr import build_oru, build_sr, plan_routes
+from triage.report.hl7 import build_oru
+from triage.report.routes import plan_routes
+from triage.report.sr import build_sr
 from triage.send.base import (
     Delivery,
     Destination,

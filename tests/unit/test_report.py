@@ -1,4 +1,5 @@
-"""triage.report.sr: the SR's content and identity, the ORU^R01's fields and escaping, ACK parsing, routes."""
+"""triage.report: the SR's content and identity (sr), the ORU^R01's fields and escaping, ACK parsing
+(hl7), routes (routes)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from triage.config import HL7Settings, PacsSettings, RouteRule, RoutingSettings
 from triage.model.results import ModelSetInfo, ScoreResult
-from triage.report.sr import (
-    COMPREHENSIVE_3D_SR,
-    ReportError,
-    Route,
-    build_oru,
-    build_sr,
-    hl7_escape,
-    parse_ack,
-    plan_routes,
-    summary_text,
-)
+from triage.report.codes import ReportError, summary_text
+from triage.report.hl7 import build_oru, hl7_escape, parse_ack
+from triage.report.routes import Route, plan_routes
+from triage.report.sr import COMPREHENSIVE_3D_SR, build_sr
 
 WHEN = datetime(2024, 1, 2, 11, 0, 0)
 

@@ -25,7 +25,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from triage.ops.logs import get_logger
-from triage.report.sr import parse_ack
+from triage.report.hl7 import parse_ack
 
 log = get_logger("send")
 
