@@ -20,7 +20,7 @@ import ssl
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -195,6 +195,13 @@ class PacsSettings(_Section):
     port: Port = 4242
     calling_ae_title: AETitle = "GLOWTRIAGE"
 
+    kind: ClassVar[str] = "dicom"  # the destination kind (triage.send) that delivers here
+
+    @property
+    def target(self) -> str:
+        """Where the outbox delivers, in the kind's notation (``AE@host:port``)."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
 
 class HL7Settings(_Section):
     """The RIS/worklist that takes ORU^R01 priority flags."""
@@ -208,16 +215,29 @@ class HL7Settings(_Section):
     receiving_facility: str = "HOSPITAL"
     timeout: Seconds = 10.0
 
+    kind: ClassVar[str] = "hl7"  # the destination kind (triage.send) that delivers here
+
+    @property
+    def target(self) -> str:
+        """Where the outbox delivers: ``@host:port`` (no AE title; the notation outbox rows have)."""
+        return f"@{self.host}:{self.port}"
+
 
 class RouteRule(_Section):
-    """One routing rule: what to send where, and when."""
+    """One routing rule to a DICOM peer (C-STORE): what to send where, and when."""
 
     name: Annotated[str, Field(min_length=1)]
+    kind: Literal["dicom"] = "dicom"  # the destination kind (triage.send) that delivers it
     when: Literal["flagged", "always", "normal"] = "flagged"
     send: Literal["source", "sr"] = "source"
     ae_title: AETitle
     host: PeerHost
     port: Port
+
+    @property
+    def target(self) -> str:
+        """Where the outbox delivers, in the kind's notation (``AE@host:port``)."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class RoutingSettings(_Section):

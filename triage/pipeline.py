@@ -11,30 +11,32 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from triage.assemble.volume import VolumeError, assemble_study, load_volume, read_header, save_volume
 from triage.config import Config
 from triage.model.registry import UID_PREFIX
-from triage.model.results import ScoreResult
+from triage.model.results import ModelSetInfo, ScoreResult
 from triage.model.score import Scorer, VolumeInput
 from triage.ops.logs import get_logger
 from triage.ops.metrics import METRICS
 from triage.report.hl7 import build_oru
-from triage.report.routes import plan_routes
+from triage.report.routes import Payload, plan_routes
 from triage.report.sr import build_sr
 from triage.send.base import (
     Delivery,
     Destination,
-    DicomStoreDestination,
-    MLLPDestination,
     SendError,
     backoff_delay,
+    destination_class,
+    make_destination,
 )
 from triage.store.db import Store
 
@@ -137,8 +139,61 @@ def score_assembled(store: Store, scorer: Scorer, limit: int = 16) -> int:
 # ------------------------------------------------------------------------------------------ report
 
 
+@dataclass
+class _Report:
+    """One scored study's inputs to its payloads; each payload file is written once and reused."""
+
+    store: Store
+    cfg: Config
+    result: ScoreResult
+    info: ModelSetInfo
+    paths: list[Path]  # the scored series' instance files, in the store's order
+    source: list[Dataset]
+    generation: int
+    key: tuple[str, ...]  # study, series, generation, model version: the seed of every UID
+    scored_at: float
+
+    @property
+    def folder(self) -> Path:
+        return self.store.results_dir(self.result.study_uid)
+
+    def sr(self) -> list[Path]:
+        path = self.folder / f"sr-{self.generation}.dcm"
+        if not path.exists():
+            sr = build_sr(self.result, self.source, self.info,
+                          series_instance_uid=_uid("sr-series", *self.key),
+                          sop_instance_uid=_uid("sr", *self.key),
+                          content_datetime=datetime.fromtimestamp(self.scored_at, UTC))
+            self.store.write_result_file(path, lambda f: sr.save_as(f, enforce_file_format=True))
+        return [path]
+
+    def source_series(self) -> list[Path]:
+        return list(self.paths)
+
+    def oru(self) -> list[Path]:
+        path = self.folder / f"oru-{self.generation}.hl7"
+        if not path.exists():
+            msg = build_oru(self.result, self.source[0], self.info, self.cfg.settings.hl7,
+                            control_id=_uid("hl7", *self.key)[-20:],
+                            when=datetime.fromtimestamp(self.scored_at, UTC))
+            self.store.write_result_file(path, lambda f: f.write(msg.encode("utf-8")))
+        return [path]
+
+    def files(self, payload: Payload) -> list[Path]:
+        """The payload files of a route (what is sent; the destination kind decides how)."""
+        build: dict[str, Callable[[], list[Path]]] = {
+            "sr": self.sr, "source": self.source_series, "oru": self.oru,
+        }
+        return build[payload]()
+
+
 def report_scored(store: Store, scorer: Scorer, cfg: Config, limit: int = 16) -> int:
-    """Build SR and HL7 payloads for scored studies and put them in the outbox, then -> reported."""
+    """Build SR and HL7 payloads for scored studies and put them in the outbox, then -> reported.
+
+    Each planned route becomes one outbox row (kind, destination name, payload files, target); the
+    kind is only checked against the registry here (an unknown one, or one that cannot carry the
+    payload, is a bug: the config admits neither), never dispatched on.
+    """
     s = cfg.settings
     n = 0
     for study in store.studies_in_state("scored", limit=limit):
@@ -148,37 +203,23 @@ def report_scored(store: Store, scorer: Scorer, cfg: Config, limit: int = 16) ->
             store.set_study_state(study.study_uid, "failed", reason="scored without a recorded score")
             continue
         result = ScoreResult(**{k: score[k] for k in ScoreResult.__dataclass_fields__ if k in score})
-        instances = store.series_instances(asm.series_uid)
-        source = [dcmread(i.path, stop_before_pixels=True) for i in instances]
-        info = scorer.info
-        key = (study.study_uid, asm.series_uid, str(asm.generation), result.model_version)
-        folder = store.results_dir(study.study_uid)
+        paths = [i.path for i in store.series_instances(asm.series_uid)]
+        report = _Report(
+            store, cfg, result, scorer.info, paths,
+            [dcmread(p, stop_before_pixels=True) for p in paths], asm.generation,
+            (study.study_uid, asm.series_uid, str(asm.generation), result.model_version),
+            score["scored_at"],
+        )
         items: list[tuple[str, str, list[Path], str]] = []
         for route in plan_routes(result, s.routing, s.pacs, s.hl7):
-            if route.kind == "dicom-sr":
-                sr_path = folder / f"sr-{asm.generation}.dcm"
-                if not sr_path.exists():
-                    sr = build_sr(result, source, info, series_instance_uid=_uid("sr-series", *key),
-                                  sop_instance_uid=_uid("sr", *key),
-                                  content_datetime=datetime.fromtimestamp(score["scored_at"], UTC))
-                    store.write_result_file(sr_path, lambda f, sr=sr: sr.save_as(f, enforce_file_format=True))
-                items.append(("dicom", route.destination, [sr_path], _route_target(route)))
-            elif route.kind == "dicom-source":
-                items.append(("dicom", route.destination, [i.path for i in instances], _route_target(route)))
-            elif route.kind == "hl7":
-                hl7_path = folder / f"oru-{asm.generation}.hl7"
-                if not hl7_path.exists():
-                    msg = build_oru(result, source[0], info, s.hl7, control_id=_uid("hl7", *key)[-20:],
-                                    when=datetime.fromtimestamp(score["scored_at"], UTC))
-                    store.write_result_file(hl7_path, lambda f, m=msg: f.write(m.encode("utf-8")))
-                items.append(("hl7", route.destination, [hl7_path], _route_target(route)))
+            carries = destination_class(route.kind).payloads
+            if route.payload not in carries:
+                raise SendError(f"{route.destination}: destination kind {route.kind!r} cannot carry "
+                                f"{route.payload!r} (only {', '.join(sorted(carries))})")
+            items.append((route.kind, route.destination, report.files(route.payload), route.target))
         store.enqueue_results(study.study_uid, asm.generation, items)
         n += 1
     return n
-
-
-def _route_target(route) -> str:
-    return f"{route.ae_title}@{route.host}:{route.port}"
 
 
 # ------------------------------------------------------------------------------------------ send
@@ -192,21 +233,17 @@ class Sender:
     cfg: Config
 
     def destination(self, kind: str, name: str, target: str) -> Destination:
-        s = self.cfg.settings
-        ae, _, hostport = target.partition("@")
-        host, _, port = hostport.rpartition(":")
-        if kind == "hl7":
-            return MLLPDestination(name, host, int(port), timeout_s=s.hl7.timeout)
-        return DicomStoreDestination(name, ae, host, int(port), s.pacs.calling_ae_title,
-                                     timeout_s=s.dicom.network_timeout)
+        """The registered destination kind's object for one outbox row (built per attempt, so a
+        changed timeout or credential applies to rows already waiting)."""
+        return make_destination(kind, name, target, self.cfg)
 
     def drain(self, now: float | None = None, limit: int = 32) -> int:
         o = self.cfg.settings.outbox
         now = time.time() if now is None else now
         done = 0
         for row in self.store.outbox_due(now, limit=limit):
-            dest = self.destination(row.kind, row.destination, row.target)
             try:
+                dest = self.destination(row.kind, row.destination, row.target)
                 ack = dest.send(Delivery(row.id, row.kind, row.destination, row.files))
             except (SendError, OSError, ValueError, RuntimeError) as exc:
                 attempts = row.attempts + 1

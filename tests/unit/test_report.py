@@ -366,14 +366,14 @@ def test_routes_for_flagged_and_normal() -> None:
     src = ct_headers(1)
     flagged = plan_routes(score(src, flagged=True), routing, pacs, hl7s)
     assert flagged == [
-        Route("dicom-sr", "PACS", "PACS", "127.0.0.1", 4242),
-        Route("dicom-source", "stat-reading", "STAT", "10.0.0.5", 104),
-        Route("dicom-sr", "mirror", "MIRROR", "10.0.0.7", 11112),
-        Route("hl7", "HL7", "", "127.0.0.1", 2575),
+        Route("sr", "dicom", "PACS", "PACS@127.0.0.1:4242"),
+        Route("source", "dicom", "stat-reading", "STAT@10.0.0.5:104"),
+        Route("sr", "dicom", "mirror", "MIRROR@10.0.0.7:11112"),
+        Route("oru", "hl7", "HL7", "@127.0.0.1:2575"),
     ]
     normal = plan_routes(score(src, flagged=False), routing, pacs, hl7s)
     assert [r.destination for r in normal] == ["PACS", "archive-normals", "mirror", "HL7"]
-    assert normal[1].kind == "dicom-sr"
+    assert (normal[1].payload, normal[1].kind) == ("sr", "dicom")
 
 
 def test_routes_follow_switches_and_skip_duplicates() -> None:
@@ -384,6 +384,6 @@ def test_routes_follow_switches_and_skip_duplicates() -> None:
     same_as_pacs = RouteRule(name="again", when="always", send="sr", ae_title="PACS", host="127.0.0.1",
                              port=4242)
     routes = plan_routes(res, RoutingSettings(rules=[same_as_pacs]), PacsSettings(), off)
-    assert routes == [Route("dicom-sr", "PACS", "PACS", "127.0.0.1", 4242)]
+    assert routes == [Route("sr", "dicom", "PACS", "PACS@127.0.0.1:4242")]
     with pytest.raises(AttributeError):
-        routes[0].port = 1  # type: ignore[misc]
+        routes[0].target = "X@h:1"  # type: ignore[misc]

@@ -1,4 +1,5 @@
-"""Delivery: back-off, C-STORE and MLLP destinations against real listeners, the outbox state machine."""
+"""Delivery: the destination registry, back-off, C-STORE and MLLP destinations against real listeners,
+the outbox state machine."""
 
 from __future__ import annotations
 
@@ -17,7 +18,17 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage  # type: ignore[attr-d
 
 from triage.config import parse
 from triage.pipeline import Sender
-from triage.send.base import Delivery, DicomStoreDestination, MLLPDestination, SendError, backoff_delay
+from triage.send.base import (
+    KINDS,
+    Delivery,
+    SendError,
+    UnknownDestinationKind,
+    backoff_delay,
+    destination_class,
+    make_destination,
+)
+from triage.send.dicom import DicomStoreDestination
+from triage.send.mllp import MLLPDestination
 from triage.store.db import Store
 
 
@@ -25,6 +36,75 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -------------------------------------------------------------------------------------- registry
+def test_registry_finds_each_kind() -> None:
+    assert destination_class("dicom") is DicomStoreDestination
+    assert destination_class("hl7") is MLLPDestination
+    assert {"dicom", "hl7"} <= set(KINDS)
+    for kind, cls in KINDS.items():
+        assert cls.kind == kind and cls.payloads, cls
+
+
+def test_registry_refuses_an_unknown_kind_with_the_known_ones() -> None:
+    cfg = parse({}, None)
+    expected = r"unknown destination kind .fax. \(known kinds: .*dicom.*hl7.*; each is a module of triage/"
+    with pytest.raises(UnknownDestinationKind, match=expected):
+        destination_class("fax")
+    with pytest.raises(SendError, match="'fax'"):  # a SendError: the outbox retries, then dead-letters it
+        make_destination("fax", "RIS", "@127.0.0.1:2575", cfg)
+
+
+def test_register_refuses_a_second_module_claiming_a_kind() -> None:
+    from triage.send.base import Destination, register
+
+    class Impostor(Destination):
+        kind = "dicom"
+        payloads = frozenset({"sr"})
+
+        @classmethod
+        def from_target(cls, name: str, target: str, cfg) -> Destination:  # type: ignore[override]
+            raise AssertionError
+
+        def send(self, delivery: Delivery) -> str:
+            raise AssertionError
+
+    with pytest.raises(TypeError, match="'dicom' is claimed by"):
+        register(Impostor)
+    assert KINDS["dicom"] is DicomStoreDestination
+
+
+def test_destinations_are_built_from_outbox_targets_and_the_live_config() -> None:
+    cfg = parse({"pacs": {"calling_ae_title": "US"}, "dicom": {"network_timeout": 7.0},
+                 "hl7": {"timeout": 3.0}}, None)
+    d = make_destination("dicom", "stat", "ST@T@10.0.0.5:104", cfg)  # "@" is legal in an AE title
+    assert isinstance(d, DicomStoreDestination)
+    assert (d.name, d.ae_title, d.host, d.port, d.calling_ae_title, d.timeout_s) == (
+        "stat", "ST@T", "10.0.0.5", 104, "US", 7.0)
+    m = make_destination("hl7", "HL7", "@::1:2575", cfg)
+    assert isinstance(m, MLLPDestination)
+    assert (m.host, m.port, m.timeout_s) == ("::1", 2575, 3.0)
+    with pytest.raises(SendError, match="not host:port"):
+        make_destination("dicom", "PACS", "PACS@10.0.0.5", cfg)
+
+
+def test_every_planned_route_has_a_registered_kind_that_carries_its_payload() -> None:
+    from triage.config import RouteRule
+    from triage.model.results import ScoreResult
+    from triage.report.routes import plan_routes
+
+    rules = [RouteRule(name="stat", when="always", send="source", ae_title="STAT", host="h", port=104)]
+    cfg = parse({"routing": {"rules": [r.model_dump() for r in rules]}}, None)
+    s = cfg.settings
+    result = ScoreResult(study_uid="1.2", series_uid="1.2.3", log_posterior=-1.0, threshold=-2.0,
+                         flagged=False, percentile=50.0, log_p_normal_model=-1.0, log_p_mixture_model=0.0,
+                         model_version="v1")
+    routes = plan_routes(result, s.routing, s.pacs, s.hl7)
+    assert {r.payload for r in routes} == {"sr", "source", "oru"}
+    for route in routes:
+        dest = make_destination(route.kind, route.destination, route.target, cfg)
+        assert route.payload in dest.payloads and dest.name == route.destination
 
 
 def test_backoff_doubles_caps_and_jitters() -> None:
@@ -196,3 +276,19 @@ def test_outbox_retries_with_backoff_then_dead_letters_and_survives_restart(tmp_
         assert store.study(study).state == "sent"
     finally:
         ok.shutdown()
+
+
+def test_an_outbox_row_of_an_unknown_kind_is_retried_and_says_why(tmp_path: Path) -> None:
+    """A row whose kind no module handles (written by a newer version, or a removed plug-in) does not
+    stop the drain: it is a failed attempt like any other, then a dead letter naming the kind."""
+    now = [1000.0]
+    store, study = _store_with_reported_study(tmp_path, lambda: now[0])
+    assert store.enqueue_results(study, 0, [("fax", "FAX", [_oru(tmp_path)], "+1-555-0100")]) == 1
+    cfg = parse({"outbox": {"max_attempts": 2, "backoff_initial_s": 10.0}}, None)
+    sender = Sender(store, cfg)
+    assert sender.drain(now=now[0]) == 0
+    row = store.outbox(study)[0]
+    assert row.state == "pending" and row.attempts == 1 and row.next_attempt_at > now[0]
+    assert "unknown destination kind 'fax'" in (row.last_error or "")
+    sender.drain(now=now[0] + 100)
+    assert store.outbox(study)[0].state == "dead"

@@ -6,32 +6,46 @@ back-off (the next attempt time is stored, so the schedule survives restarts); a
 attempts the row is dead-lettered: logged, counted, kept, never silently dropped. A re-send uses the
 same payload file, so a PACS sees the same SOP Instance UID (a duplicate, not a second report).
 
-Destination kinds (DICOM C-STORE, HL7 MLLP; DICOMweb later) implement :class:`Destination`; adding
-a kind is one class and one entry in :data:`KINDS`.
+Destination kinds are plug-ins: each is one module of this package (:mod:`triage.send.dicom` C-STORE,
+:mod:`triage.send.mllp` HL7 MLLP, :mod:`triage.send.dicomweb` STOW-RS) whose :class:`Destination`
+subclass is entered in :data:`KINDS` by :func:`register`; the package imports every module in it, so
+adding a kind is one new module plus its config section, and nothing that delivers (the outbox
+drain, the report stage) names a kind. An outbox row stores the kind and a target string in the kind's
+own notation; :func:`make_destination` turns the two back into a destination with the live config.
 """
 
 from __future__ import annotations
 
 import random
-import socket
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, TypeVar
 
-import hl7
-import hl7.client
-from pydicom import dcmread
-from pynetdicom import AE
+from triage.config import Config
 
-from triage.ops.logs import get_logger
-from triage.report.hl7 import parse_ack
-
-log = get_logger("send")
+__all__ = [
+    "KINDS",
+    "Delivery",
+    "Destination",
+    "SendError",
+    "UnknownDestinationKind",
+    "backoff_delay",
+    "destination_class",
+    "make_destination",
+    "register",
+]
 
 
 class SendError(Exception):
     """A delivery attempt failed; the message says where and why (never patient data)."""
+
+
+class UnknownDestinationKind(SendError):
+    """No destination module handles this kind. A SendError, so an outbox row naming a kind this
+    version does not know (written by a newer one, or a removed plug-in) is retried and finally
+    dead-lettered with this message instead of stopping the drain loop."""
 
 
 @dataclass(frozen=True)
@@ -39,17 +53,83 @@ class Delivery:
     """What the outbox hands to a destination: the payload files of one outbox row."""
 
     outbox_id: int
-    kind: str  # "dicom" | "hl7"
-    destination: str  # a name for logs and metrics: "PACS", "RIS", a routing rule's name
+    kind: str  # a key of KINDS: "dicom", "hl7", "dicomweb"
+    destination: str  # a name for logs and metrics: "PACS", "HL7", a routing rule's name
     files: Sequence[Path]
 
 
-class Destination(Protocol):
+class Destination(ABC):
+    """One peer results are delivered to; a subclass per kind, entered in :data:`KINDS`.
+
+    What the outbox needs and nothing more: build one from an outbox row (``from_target``) and
+    ``send`` a delivery, returning an acknowledgement text or raising :class:`SendError`. The outbox
+    owns retries, back-off and dead letters, so a destination makes exactly one attempt per call.
+    """
+
+    #: the outbox's name for this kind (the ``kind`` column, ``kind = ...`` in a routing rule)
+    kind: ClassVar[str]
+    #: which payloads (:data:`triage.report.routes.Payload`) this kind can carry
+    payloads: ClassVar[frozenset[str]]
+
     name: str
 
+    @classmethod
+    @abstractmethod
+    def from_target(cls, name: str, target: str, cfg: Config) -> Destination:
+        """The destination for an outbox row: its ``destination`` name and ``target`` (in this
+        kind's notation, as the config section's ``target`` wrote it), plus the live config for what
+        the row does not store (timeouts, our AE title, credentials)."""
+
+    @abstractmethod
     def send(self, delivery: Delivery) -> str:
-        """Deliver and return a short acknowledgement text; raise SendError on any failure."""
-        ...
+        """Deliver once and return a short acknowledgement text; raise SendError on any failure."""
+
+
+#: kind -> Destination subclass; filled by :func:`register` when the package imports the kind modules
+KINDS: dict[str, type[Destination]] = {}
+
+D = TypeVar("D", bound=type[Destination])
+
+
+def register(cls: D) -> D:
+    """Class decorator: enter a Destination subclass in :data:`KINDS` under its ``kind``."""
+    kind = getattr(cls, "kind", "")
+    if not kind or not isinstance(kind, str):
+        raise TypeError(f"{cls.__name__} has no kind to register under")
+    old = KINDS.get(kind)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        # a reloaded module may register its class again; two modules claiming one kind is a mistake
+        raise TypeError(f"destination kind {kind!r} is claimed by {old.__module__} and {cls.__module__}")
+    KINDS[kind] = cls
+    return cls
+
+
+def destination_class(kind: str) -> type[Destination]:
+    """The class registered for ``kind``; :class:`UnknownDestinationKind` naming the known ones."""
+    try:
+        return KINDS[kind]
+    except KeyError:
+        known = ", ".join(sorted(KINDS)) or "none"
+        raise UnknownDestinationKind(
+            f"unknown destination kind {kind!r} (known kinds: {known}; each is a module of triage/send/)"
+        ) from None
+
+
+def make_destination(kind: str, name: str, target: str, cfg: Config) -> Destination:
+    """The destination an outbox row of ``kind`` is delivered through (see Destination.from_target)."""
+    return destination_class(kind).from_target(name, target, cfg)
+
+
+def split_host_port(target: str, what: str) -> tuple[str, int]:
+    """``host:port`` (an IPv6 host keeps its colons: the port is after the last one) -> (host, port)."""
+    host, _, port = target.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = 0
+    if not host or not 1 <= number <= 65535:
+        raise SendError(f"{what}: target {target!r} is not host:port")
+    return host, number
 
 
 def backoff_delay(
@@ -61,84 +141,3 @@ def backoff_delay(
     """
     base = min(max_s, initial_s * (2 ** max(0, attempts - 1)))
     return base * (0.9 + 0.2 * rng())
-
-
-class DicomStoreDestination:
-    """C-STORE SCU to a PACS or reading station (pynetdicom)."""
-
-    def __init__(self, name: str, ae_title: str, host: str, port: int, calling_ae_title: str,
-                 timeout_s: float = 30.0):
-        self.name = name
-        self.ae_title = ae_title
-        self.host = host
-        self.port = port
-        self.calling_ae_title = calling_ae_title
-        self.timeout_s = timeout_s
-
-    def send(self, delivery: Delivery) -> str:
-        datasets = [dcmread(p) for p in delivery.files]
-        ae = AE(ae_title=self.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        ae.connection_timeout = self.timeout_s
-        # Propose every (SOP class, transfer syntax) pair we are about to send, as stored.
-        pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
-        for sop_class, ts in pairs[:128]:
-            ae.add_requested_context(sop_class, ts)
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
-        if not assoc.is_established:
-            raise SendError(f"{self.name}: association with {self.ae_title}@{self.host}:{self.port} failed")
-        try:
-            for ds, path in zip(datasets, delivery.files, strict=True):
-                status = assoc.send_c_store(ds)
-                code = getattr(status, "Status", None)
-                if code is None:
-                    raise SendError(f"{self.name}: no C-STORE response for {ds.SOPInstanceUID} ({path.name})")
-                if code not in (0x0000, 0xB000, 0xB007, 0xB006):
-                    raise SendError(f"{self.name}: C-STORE of {ds.SOPInstanceUID} answered 0x{code:04X}")
-        finally:
-            assoc.release()
-        return f"{len(datasets)} instance(s) stored"
-
-
-class _MLLPClient(hl7.client.MLLPClient):
-    """hl7's MLLP client with connect/read timeouts and a read that waits for the whole frame."""
-
-    def __init__(self, host: str, port: int, timeout_s: float):
-        self.socket = socket.create_connection((host, port), timeout=timeout_s)
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.encoding = "utf-8"
-
-    def send(self, data: bytes) -> bytes:
-        self.socket.sendall(data)
-        buf = b""
-        end = hl7.client.EB + hl7.client.CR
-        while end not in buf:
-            chunk = self.socket.recv(hl7.client.RECV_BUFFER)
-            if not chunk:
-                break
-            buf += chunk
-        return buf
-
-
-class MLLPDestination:
-    """HL7 v2 over MLLP to the RIS/worklist; success means an AA/CA acknowledgement."""
-
-    def __init__(self, name: str, host: str, port: int, timeout_s: float = 10.0):
-        self.name = name
-        self.host = host
-        self.port = port
-        self.timeout_s = timeout_s
-
-    def send(self, delivery: Delivery) -> str:
-        for path in delivery.files:
-            message = path.read_bytes().decode("utf-8")  # not read_text: it would turn \r into \n
-            try:
-                with _MLLPClient(self.host, self.port, self.timeout_s) as client:
-                    raw = client.send_message(message)
-            except OSError as exc:
-                raise SendError(f"{self.name}: MLLP to {self.host}:{self.port}: {exc}") from exc
-            control_id = message.split("\r", 1)[0].split("|")[9] if message.startswith("MSH") else None
-            ok, text = parse_ack(raw.decode("utf-8", "replace"), control_id)
-            if not ok:
-                raise SendError(f"{self.name}: HL7 message {path.name} not accepted: {text}")
-        return "ACK AA"
