@@ -32,7 +32,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from triage.store.db import dataset_offset
+from triage.store.part10 import dataset_offset
 
 # Tests that drive real peers carry @pytest.mark.integration; the structure-walk tests at the end
 # are plain unit tests (no network) kept here beside the receiver they belong to.

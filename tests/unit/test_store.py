@@ -1,4 +1,4 @@
-"""triage.store.db: durable puts, idempotent duplicates, re-opening, recovery, due series, concurrency."""
+"""triage.store: durable puts, idempotent duplicates, re-opening, recovery, due series, concurrency."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from triage.store.db import SCHEMA_VERSION, Store, StoreError, dataset_offset
+from triage.store.db import Store
+from triage.store.part10 import dataset_offset
+from triage.store.schema import SCHEMA_VERSION, StoreError
 
 
 class FakeClock:
@@ -317,9 +319,9 @@ def test_schema_is_versioned(tmp_path: Path) -> None:
 
 
 def test_directory_fsync_group_retries_after_a_failure(tmp_path: Path) -> None:
-    from triage.store.db import _GroupSync
+    from triage.store.spool import GroupSync
 
-    group = _GroupSync(tmp_path / "not-yet")
+    group = GroupSync(tmp_path / "not-yet")
     with pytest.raises(FileNotFoundError):
         group.sync()
     assert group.synced == 0 and not group.running  # the failed round does not count

@@ -62,7 +62,9 @@ from pynetdicom.utils import make_target
 from triage.config import Config, ConfigError, load
 from triage.ops.logs import configure, get_logger
 from triage.ops.metrics import METRICS
-from triage.store.db import LONG_VRS, Store, StoreError, dataset_offset
+from triage.store.db import Store
+from triage.store.part10 import LONG_VRS, dataset_offset
+from triage.store.schema import StoreError
 
 log = get_logger("receive")
 

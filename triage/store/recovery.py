@@ -1,0 +1,115 @@
+"""Start-up recovery: make the spool folder and ``state.db`` agree again after a crash.
+
+Why a mixin of :class:`~triage.store.db.Store`: recovery re-indexes orphan files through the same
+group commit as ingest (so a recovered instance gets exactly the rows a received one would) and
+stamps its events with the Store's clock, so it needs the Store's connection, lock and clock.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from triage.ops.logs import get_logger
+from triage.store.part10 import dataset_sha256
+from triage.store.schema import IndexJob, RecoveryReport, StoreError
+
+log = get_logger("store")
+
+
+class RecoveryMixin:
+    """``recover()`` of the Store; relies on the attributes and methods declared below."""
+
+    _db: sqlite3.Connection
+    _lock: threading.RLock
+    spool: Path
+    clock: Callable[[], float]
+
+    if TYPE_CHECKING:  # provided by Store
+
+        def sweep_tmp(self, older_than_s: float = 0.0) -> int: ...
+
+        def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path: ...
+
+        def quarantine_file(self, tmp_path: Path, reason: str, calling_aet: str, hint: str) -> Path: ...
+
+        def _commit_index(self, job: IndexJob) -> bool: ...
+
+        def _event(self, at: float, study_uid: str | None, series_uid: str | None, kind: str, *,
+                   sop_uid: str | None = None, from_state: str | None = None, to_state: str | None = None,
+                   reason: str | None = None, generation: int | None = None) -> None: ...
+
+    def recover(self) -> RecoveryReport:
+        """Run once at start-up, before the listener opens.
+
+        * tmp/ leftovers are deleted: they never got a success status.
+        * spool files without a row (crash between rename and commit) are re-indexed from their
+          headers; they were complete and fsync'd before the rename, so keeping them is safe and
+          idempotent.
+        * rows whose file vanished are dropped with an event (the assembler could not use them).
+        Quiet series need nothing: the normal ``series_due`` query picks them up.
+        """
+        tmp_removed = self.sweep_tmp(0.0)
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT path FROM instances")}
+        reindexed = quarantined = 0
+        for path in sorted(self.spool.glob("*/*/*.dcm")):
+            if str(path) in known:
+                continue
+            try:
+                self._reindex(path)
+                reindexed += 1
+            except Exception as exc:  # an unreadable file must not stop the daemon from starting
+                quarantined += 1
+                log.warning("recover_unreadable_spool_file", path=str(path), reason=str(exc))
+                self.quarantine_file(path, f"unreadable spool file at recovery: {exc}", "", path.stem)
+        missing = 0
+        with self._lock:
+            rows = self._db.execute("SELECT sop_uid, study_uid, series_uid, path FROM instances").fetchall()
+            gone = [r for r in rows if not os.path.exists(r["path"])]
+            if gone:
+                self._db.execute("BEGIN IMMEDIATE")
+                for r in gone:
+                    self._db.execute("DELETE FROM instances WHERE sop_uid = ?", (r["sop_uid"],))
+                    self._db.execute(
+                        "UPDATE series SET instance_count = (SELECT COUNT(*) FROM instances"
+                        " WHERE series_uid = ?) WHERE series_uid = ?",
+                        (r["series_uid"], r["series_uid"]),
+                    )
+                    self._event(self.clock(), r["study_uid"], r["series_uid"], "instance missing",
+                                sop_uid=r["sop_uid"], reason=f"file {r['path']} not found at recovery")
+                self._db.execute("COMMIT")
+                missing = len(gone)
+        report = RecoveryReport(tmp_removed, reindexed, quarantined, missing)
+        log.info("recovered", tmp_removed=tmp_removed, reindexed=reindexed, quarantined=quarantined,
+                 missing_files=missing)
+        return report
+
+    def _reindex(self, path: Path) -> None:
+        from pydicom import dcmread  # local: only recovery needs to parse headers here
+
+        ds = dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                           "Modality"],
+        )
+        sop_uid = str(ds.SOPInstanceUID)
+        study_uid = str(ds.StudyInstanceUID)
+        series_uid = str(ds.SeriesInstanceUID)
+        if self.instance_path(study_uid, series_uid, sop_uid) != path:
+            raise StoreError(f"header UIDs do not match the spool location {path}")
+        ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+        source = str(ds.file_meta.get("SourceApplicationEntityTitle", "")) if hasattr(ds, "file_meta") else ""
+        sha, size = dataset_sha256(path)
+        self._commit_index(
+            IndexJob(
+                (sop_uid, study_uid, series_uid, str(ds.SOPClassUID), ts, path, size, sha, source.strip(),
+                 str(ds.get("Modality", "") or ""), self.clock()),
+                {"replaced": False, "kind_new": "recovered"},
+            )
+        )
