@@ -37,7 +37,6 @@ import platform
 import re
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +50,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.demo import DaemonProcess, MLLPListener, Orthanc, free_port  # noqa: E402
+from training.harness.config import write_config  # noqa: E402
+from training.harness.daemon import TriageProcess  # noqa: E402
+from training.harness.mllp import MLLPListener  # noqa: E402
+from training.harness.orthanc import Orthanc  # noqa: E402
+from training.harness.ports import free_port  # noqa: E402
+from training.harness.storescu import storescu  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
 PRESET = "cpu-small"
@@ -131,35 +135,23 @@ def random_model_set(work: Path, root: Path, sample: Path) -> tuple[str, list[np
     return s.version, vols
 
 
-def write_config(work: Path, dicom: int, metrics: int, pacs: int, hl7: int) -> Path:
+def bench_config(work: Path, dicom: int, metrics: int, pacs: int, hl7: int) -> Path:
     """The shipped defaults except where the benchmark must differ (ports, root, quiet period)."""
-    path = work / "config.toml"
-    path.write_text(f"""# e2e benchmark: shipped defaults except these keys
-[dicom]
-host = "127.0.0.1"
-port = {dicom}
-[storage]
-root = "var"
-min_free_mb = 1
-[assembly]
-quiet_seconds = 1.0
-[scoring]
-device = "cpu"
-[pacs]
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs}
-[hl7]
-host = "127.0.0.1"
-port = {hl7}
-[metrics]
-host = "127.0.0.1"
-port = {metrics}
-[logging]
-level = "info"
-format = "json"
-""")
-    return path
+    local = {"host": "127.0.0.1"}
+    return write_config(
+        work / "config.toml",
+        {
+            "dicom": {**local, "port": dicom},
+            "storage": {"root": "var", "min_free_mb": 1},
+            "assembly": {"quiet_seconds": 1.0},
+            "scoring": {"device": "cpu"},
+            "pacs": {"ae_title": "PACS", **local, "port": pacs},
+            "hl7": {**local, "port": hl7},
+            "metrics": {**local, "port": metrics},
+            "logging": {"level": "info", "format": "json"},
+        },
+        header="e2e benchmark: shipped defaults except these keys",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,23 +169,7 @@ def study_uids(folder: Path) -> list[str]:
         return [line.split(",")[0] for line in f.read().splitlines()[1:] if line.strip()]
 
 
-def storescu(port: int, files: list[Path]) -> None:
-    exe = shutil.which("storescu")
-    if exe is None:
-        raise SystemExit("storescu (dcmtk) is not installed: scripts/bootstrap.sh installs it")
-    env = {**os.environ, "TCP_NODELAY": "1"}
-    out = subprocess.run(
-        [exe, "-aet", "PACS", "-aec", "GLOWTRIAGE", "127.0.0.1", str(port), *map(str, files)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"storescu failed ({out.returncode}): {out.stderr[-1000:]}")
-
-
-def wait_sent(root: Path, uids: list[str], timeout: float, daemon: DaemonProcess) -> None:
+def wait_sent(root: Path, uids: list[str], timeout: float, daemon: TriageProcess) -> None:
     deadline = time.monotonic() + timeout
     marks = ",".join("?" * len(uids))
     while time.monotonic() < deadline:
@@ -313,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     root = work / "var"
     version, vols = random_model_set(work, root, sets["sequential"] / "study_0000")
     ports = {k: free_port() for k in ("dicom", "metrics", "pacs", "hl7", "http")}
-    cfg = write_config(work, ports["dicom"], ports["metrics"], ports["pacs"], ports["hl7"])
+    cfg = bench_config(work, ports["dicom"], ports["metrics"], ports["pacs"], ports["hl7"])
     mllp = MLLPListener(ports["hl7"])
     orthanc = Orthanc(
         work / "pacs", aet="PACS", dicom_port=ports["pacs"], http_port=ports["http"], modalities={}
     ).start()
-    daemon = DaemonProcess(cfg, work / "daemon.log").start()
+    daemon = TriageProcess(cfg, work / "daemon.log", cwd=work).start()
     results: dict[str, list[dict[str, float]]] = {}
     inference_daemon = None
     try:
@@ -327,13 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(len(uids)):
             folder = sets["sequential"] / f"study_{i:04d}"
             files = sorted(folder.rglob("*.dcm"))
-            storescu(ports["dicom"], files)
+            storescu(ports["dicom"], files, calling="PACS", check=True)
             uid = _study_uid(files[0])
             wait_sent(root, [uid], 300, daemon)
         results["sequential"] = latencies(root, uids)
         burst = study_uids(sets["burst"])
         print(f"  burst: {len(burst)} studies in one association ...", flush=True)
-        storescu(ports["dicom"], sorted(sets["burst"].rglob("*.dcm")))
+        storescu(ports["dicom"], sorted(sets["burst"].rglob("*.dcm")), calling="PACS", check=True)
         wait_sent(root, burst, 900, daemon)
         results["burst"] = latencies(root, burst)
         inference_daemon = scrape_inference(ports["metrics"])

@@ -25,72 +25,29 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def dcmtk_env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
+from training.harness.config import write_config  # noqa: E402
+from training.harness.daemon import RECEIVER, TriageProcess  # noqa: E402
+from training.harness.orthanc import Orthanc  # noqa: E402
+from training.harness.ports import free_port, wait_port  # noqa: E402
+from training.harness.process import stop_process  # noqa: E402
+from training.harness.series import write_ct_series  # noqa: E402
+from training.harness.storescu import dcmtk_env, storescu_parallel  # noqa: E402
 
 
 def generate(out: Path, n: int, size: int = 256, seed: int = 0) -> list[Path]:
     """``n`` CT slices of one series (int16 pixels), written with pydicom."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    study, series = generate_uid(), generate_uid()
-    yy, xx = np.mgrid[:size, :size]
-    head = np.where(((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.4 * size) ** 2, 40, -1000)
-    noise = rng.normal(0, 10, (8, size, size))
-    paths = []
-    for i in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Modality = "CT"
-        ds.PatientName = "BENCH^PHANTOM"
-        ds.PatientID = "BENCH"
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.InstanceNumber = i + 1
-        ds.ImagePositionPatient = [-100.0, -100.0, 1.0 * i]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing = [0.8, 0.8]
-        ds.SliceThickness = 1.0
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = (head + noise[i % 8]).astype(np.int16).tobytes()
-        p = out / f"{i:05d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
+    return write_ct_series(out, n, size, seed=seed, signed=True, prefix="")
 
 
 def fsync_probe(folder: Path, n: int = 50, size: int = 131072) -> float:
@@ -119,63 +76,20 @@ def fsync_probe(folder: Path, n: int = 50, size: int = 131072) -> float:
     return ms
 
 
-def send_parallel(port: int, called: str, groups: list[list[Path]]) -> float:
-    """Run one storescu per group at once; return wall seconds; raise if any storescu failed."""
-    t0 = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            ["storescu", "-aet", "BENCHSCU", "-aec", called, "127.0.0.1", str(port), *map(str, g)],
-            env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        for g in groups
-    ]
-    outs = [p.communicate()[0] for p in procs]
-    seconds = time.perf_counter() - t0
-    for p, out in zip(procs, outs, strict=True):
-        if p.returncode != 0:
-            raise RuntimeError(f"storescu exited {p.returncode}: {out.decode(errors='replace')[-1500:]}")
-    return seconds
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @contextlib.contextmanager
 def glowtriage(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
     port = free_port()
-    cfg = work / "config.toml"
-    cfg.write_text(
-        f'[dicom]\nae_title = "GLOWTRIAGE"\nhost = "127.0.0.1"\nport = {port}\nmax_associations = 16\n'
-        f'[storage]\nroot = "{work / "var"}"\nmin_free_mb = 64\n'
-        '[logging]\nlevel = "info"\nformat = "json"\n',
-        encoding="utf-8",
-    )
-    with open(work / "receiver.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "triage.receive.scp", "--config", str(cfg)], cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT)
+    cfg = write_config(work / "config.toml", {
+        "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": port, "max_associations": 16},
+        "storage": {"root": str(work / "var"), "min_free_mb": 64},
+        "logging": {"level": "info", "format": "json"},
+    })
+    rx = TriageProcess(cfg, work / "receiver.log", argv=RECEIVER, ready_event="listening", start_timeout=30,
+                       stop_grace=20)
     try:
-        wait_port(port, proc)
+        rx.start()
 
         def count() -> int:
-            sys.path.insert(0, str(REPO))
             from triage.store.db import Store
 
             with Store(work / "var") as st:
@@ -183,7 +97,7 @@ def glowtriage(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
 
         yield port, "GLOWTRIAGE", count
     finally:
-        stop(proc)
+        rx.stop()
 
 
 @contextlib.contextmanager
@@ -198,34 +112,20 @@ def storescp(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
         wait_port(port, proc)
         yield port, "STORESCP", lambda: sum(1 for _ in out.iterdir())
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 @contextlib.contextmanager
 def orthanc(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
-    exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-    http, dicom = free_port(), free_port()
-    config = {
-        "Name": "bench", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "storage"),
-        "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
-        "SyncStorageArea": True, "DicomThreadsCount": 4,
-    }
-    (work / "orthanc.json").write_text(json.dumps(config), encoding="utf-8")
-    with open(work / "orthanc.log", "wb") as log:
-        proc = subprocess.Popen([exe, str(work / "orthanc.json")], cwd=work, env=dcmtk_env(), stdout=log,
-                                stderr=subprocess.STDOUT)
+    # SyncStorageArea: fsync per instance (Orthanc's default, said here because the table compares it);
+    # StableAge at Orthanc's default, so no stable-study work runs during the measurement.
+    extra = {"SyncStorageArea": True, "DicomThreadsCount": 4, "StableAge": 60}
+    pacs = Orthanc(work, name="bench", extra=extra)
     try:
-        wait_port(dicom, proc)
-        wait_port(http, proc)
-
-        def count() -> int:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http}/statistics", timeout=30) as rsp:
-                return int(json.loads(rsp.read())["CountInstances"])
-
-        yield dicom, "ORTHANC", count
+        pacs.start(timeout=30)
+        yield pacs.dicom_port, "ORTHANC", pacs.instance_count
     finally:
-        stop(proc)
+        pacs.stop()
 
 
 PEERS: dict[str, Callable[[Path], contextlib.AbstractContextManager[tuple[int, str, Callable[[], int]]]]] = {
@@ -265,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             work = base / name
             work.mkdir()
             with PEERS[name](work) as (port, aet, count):
-                seconds = send_parallel(port, aet, groups)
+                seconds = storescu_parallel(port, groups, called=aet, calling="BENCHSCU")
                 deadline = time.monotonic() + 30
                 got = count()
                 while got < len(files) and time.monotonic() < deadline:

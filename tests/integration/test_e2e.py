@@ -10,17 +10,8 @@ model's accuracy, which `training experiment` measures.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import signal
-import socket
-import socketserver
 import subprocess
-import sys
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +22,12 @@ import numpy as np
 import pydicom
 import pytest
 
+from training.harness.config import write_config
+from training.harness.daemon import TriageProcess
+from training.harness.mllp import MLLPListener
+from training.harness.orthanc import Orthanc
+from training.harness.ports import free_port
+from training.harness.process import wait_for
 from training.synth.head import SynthOptions, write_dataset
 from training.train.loop import VolumeSet, train
 from triage.assemble.volume import assemble_study, group_studies, read_headers
@@ -40,106 +37,9 @@ from triage.model.score import ModelPair, pick_device
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 MARK_NAME = "ZZMARKER^QWERTY"
 MARK_ID = "PIDMARK8812"
 MARK_BIRTH = "19010203"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ----------------------------------------------------------------------------------- MLLP listener
-class _MLLPHandler(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        buf = b""
-        while True:
-            chunk = self.request.recv(65536)
-            if not chunk:
-                return
-            buf += chunk
-            while b"\x1c\r" in buf:
-                frame, buf = buf.split(b"\x1c\r", 1)
-                text = frame.lstrip(b"\x0b").decode("utf-8")
-                msg = hl7.parse(text)
-                self.server.messages.append(text)  # type: ignore[attr-defined]
-                ack = str(msg.create_ack("AA"))
-                self.request.sendall(b"\x0b" + ack.encode() + b"\x1c\r")
-
-
-class MLLPListener(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _MLLPHandler)
-        self.messages: list[str] = []
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-
-# ----------------------------------------------------------------------------------- the daemon
-class Daemon:
-    """`triage serve --config FILE` as a real subprocess; JSON log lines in ``log``."""
-
-    def __init__(self, config: Path, log: Path):
-        self.config = config
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60) -> Daemon:
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "triage.cli", "serve", "--config", str(self.config)],
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.text()[-3000:]}")
-            with open(self.log, "rb") as f:
-                f.seek(offset)
-                if b'"event": "serving"' in f.read():
-                    return self
-            time.sleep(0.2)
-        raise RuntimeError(f"daemon not serving after {timeout}s:\n{self.text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def status(self) -> dict[str, Any]:
-        out = subprocess.run(
-            [sys.executable, "-m", "triage.cli", "status", "--json", "--config", str(self.config)],
-            cwd=REPO, capture_output=True, text=True, check=True, timeout=60,
-        )
-        return json.loads(out.stdout)
-
-
-def wait_for(pred, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 # ----------------------------------------------------------------------------------- fixtures
@@ -189,41 +89,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def _config(base: Path, *, dicom_port: int, pacs_port: int, hl7_port: int, metrics_port: int) -> Path:
-    cfg = base / "config.toml"
-    cfg.write_text(f"""
-[dicom]
-ae_title = "GLOWTRIAGE"
-host = "127.0.0.1"
-port = {dicom_port}
-[storage]
-root = "var"
-min_free_mb = 1
-[assembly]
-quiet_seconds = 6.0
-force_seconds = 120.0
-[scoring]
-device = "cpu"
-[pacs]
-ae_title = "ORTHANC"
-host = "127.0.0.1"
-port = {pacs_port}
-[hl7]
-enabled = true
-host = "127.0.0.1"
-port = {hl7_port}
-[outbox]
-max_attempts = 50
-backoff_initial_s = 0.5
-backoff_max_s = 2.0
-poll_s = 0.2
-[metrics]
-host = "127.0.0.1"
-port = {metrics_port}
-[logging]
-level = "debug"
-format = "json"
-""")
-    return cfg
+    return write_config(base / "config.toml", {
+        "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": dicom_port},
+        "storage": {"root": "var", "min_free_mb": 1},
+        "assembly": {"quiet_seconds": 6.0, "force_seconds": 120.0},
+        "scoring": {"device": "cpu"},
+        "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
+        "hl7": {"enabled": True, "host": "127.0.0.1", "port": hl7_port},
+        "outbox": {"max_attempts": 50, "backoff_initial_s": 0.5, "backoff_max_s": 2.0, "poll_s": 0.2},
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "logging": {"level": "debug", "format": "json"},
+    })
 
 
 def _install_model_set(world: dict[str, Any], root: Path) -> str:
@@ -236,57 +112,6 @@ def _install_model_set(world: dict[str, Any], root: Path) -> str:
     return s.version
 
 
-def _orthanc(tmp: Path, dicom_port_glow: int, http_port: int, dicom_port: int) -> subprocess.Popen[bytes]:
-    conf = {
-        "Name": "e2e", "StorageDirectory": str(tmp / "orthanc-db"), "IndexDirectory": str(tmp / "orthanc-db"),
-        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "StableAge": 1,
-        "DicomModalities": {"GLOWTRIAGE": ["GLOWTRIAGE", "127.0.0.1", dicom_port_glow]},
-        "DicomAlwaysAllowStore": True, "Plugins": [],
-    }
-    (tmp / "orthanc.json").write_text(json.dumps(conf))
-    orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-    log = open(tmp / "orthanc.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([orthanc, str(tmp / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=tmp)
-    log.close()
-    wait_for(lambda: _get(http_port, "/system") is not None, 30, "Orthanc up")
-    return proc
-
-
-def _get(port: int, path: str) -> Any:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
-            data = r.read()
-            is_json = r.headers.get("Content-Type", "").startswith("application/json")
-            return json.loads(data) if is_json else data
-    except OSError:
-        return None
-
-
-def _post(port: int, path: str, body: bytes, ctype: str = "application/json") -> Any:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
-    req.add_header("Content-Type", ctype)
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.loads(r.read() or b"null")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def _sr_instances(http_port: int, study_uid: str) -> list[str]:
-    found = _post(http_port, "/tools/find", json.dumps(
-        {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}}).encode())
-    return found or []
-
-
 def _metric(text: str, name: str, labels: str = "") -> float:
     m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
@@ -296,57 +121,60 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 def test_orthanc_to_triage_to_pacs_and_ris_with_outage_and_restart(
     world: dict[str, Any], tmp_path: Path
 ) -> None:
-    http_port, orthanc_dicom, glow_port = _free_port(), _free_port(), _free_port()
+    glow_port = free_port()
     mllp = MLLPListener()
-    metrics_port = _free_port()
-    cfg = _config(tmp_path, dicom_port=glow_port, pacs_port=orthanc_dicom, hl7_port=mllp.port,
+    metrics_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", name="e2e",
+                      modalities={"GLOWTRIAGE": ["GLOWTRIAGE", "127.0.0.1", glow_port]})
+    cfg = _config(tmp_path, dicom_port=glow_port, pacs_port=orthanc.dicom_port, hl7_port=mllp.port,
                   metrics_port=metrics_port)
     version = _install_model_set(world, tmp_path / "var")
-    orthanc = _orthanc(tmp_path, glow_port, http_port, orthanc_dicom)
-    daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+    daemon = TriageProcess(cfg, tmp_path / "daemon.log", start_timeout=60, stop_grace=30)
     try:
+        orthanc.start(timeout=30)
+        daemon.start()
         files = sorted(world["test_dir"].rglob("*.dcm"))
-        for f in files:
-            _post(http_port, "/instances", f.read_bytes(), "application/dicom")
-        studies = _get(http_port, "/studies")
+        orthanc.upload(files)
+        studies = orthanc.get("/studies")
         assert len(studies) == 2
         # Orthanc sends both studies to glowtriage (REST /modalities/{id}/store, synchronous C-STOREs).
-        _post(http_port, "/modalities/GLOWTRIAGE/store", json.dumps(studies).encode())
+        orthanc.store_to("GLOWTRIAGE", studies, timeout=300)
         # Take the PACS down at once (quiet_seconds = 6 keeps the studies from completing before
         # this): the SRs cannot be delivered, the HL7 flags can.
-        _stop(orthanc)
+        orthanc.stop()
         wait_for(lambda: len(mllp.messages) >= 2, 120, "two ORU^R01 messages")
         metrics_first = urllib.request.urlopen(
             f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        st = daemon.status()
+        st = daemon.status(timeout=60)
         assert st["model_set"] == version
         assert {s["state"] for s in st["studies"]} == {"reported"}, st
-        assert daemon.text().count('"event": "outbox_retry"') >= 1
+        assert daemon.log_text().count('"event": "outbox_retry"') >= 1
         # Restart the daemon while results are pending: nothing is redone, nothing lost.
         daemon.stop()
         daemon.start()
-        orthanc = _orthanc(tmp_path, glow_port, http_port, orthanc_dicom)
-        wait_for(lambda: {s["state"] for s in daemon.status()["studies"]} == {"sent"}, 120, "both sent")
+        orthanc.start(timeout=30)
+        wait_for(lambda: {s["state"] for s in daemon.status(timeout=60)["studies"]} == {"sent"}, 120,
+                 "both sent")
 
         metrics = urllib.request.urlopen(
             f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     finally:
         daemon.stop()
-        _stop(orthanc)
-        mllp.shutdown()
+        orthanc.stop()
+        mllp.stop()
 
     truths = {t.study_uid: t for t in world["truths"]}
     flagged = {uid for uid, p in world["post"].items() if p < world["threshold"]}
     assert len(flagged) == 1
 
     # Each study: exactly one SR came back into Orthanc, as a new series of the same study.
-    orthanc = _orthanc(tmp_path, glow_port, http_port, orthanc_dicom)
+    orthanc.start(timeout=30)
     try:
         for study_uid in truths:
-            srs = _sr_instances(http_port, study_uid)
+            srs = orthanc.sr_instances(study_uid)
             assert len(srs) == 1, f"{study_uid}: {len(srs)} SR instances (lost or doubled)"
             sr_file = tmp_path / f"{study_uid}.sr.dcm"
-            sr_file.write_bytes(_get(http_port, f"/instances/{srs[0]}/file"))
+            sr_file.write_bytes(orthanc.get(f"/instances/{srs[0]}/file"))
             sr = pydicom.dcmread(sr_file)
             assert sr.StudyInstanceUID == study_uid
             assert sr.SeriesInstanceUID not in truths[study_uid].series_roles
@@ -359,7 +187,7 @@ def test_orthanc_to_triage_to_pacs_and_ris_with_outage_and_restart(
             assert re.search(rf'"{finding}"', d), d
             assert "{nat}" in d and f"{world['post'][study_uid]:.1f}"[:-2] in d
     finally:
-        _stop(orthanc)
+        orthanc.stop()
 
     # HL7: one ORU^R01 per study, priority S for the flagged one, R for the other; not sent twice.
     by_study: dict[str, list[Any]] = {}
@@ -385,7 +213,7 @@ def test_orthanc_to_triage_to_pacs_and_ris_with_outage_and_restart(
     assert 'glowtriage_model_set_info{' in metrics and version in metrics
 
     # No patient identifier anywhere in the logs or the metrics, even at debug level.
-    logs = daemon.text()
+    logs = daemon.log_text()
     for marker in (MARK_NAME, "ZZMARKER", "QWERTY", MARK_ID, MARK_BIRTH):
         assert marker not in logs, f"{marker} leaked into the log"
         assert marker not in metrics, f"{marker} leaked into the metrics"

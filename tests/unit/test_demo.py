@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from training.demo import QUICK, set_toml_key
+from training.demo import QUICK
+from training.harness.config import set_toml_key
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -146,6 +147,7 @@ class Orthanc:
     def _ready(self) -> bool:
         with contextlib.suppress(OSError, ValueError):
             self.get("/system", timeout=2)
+            socket.create_connection(("127.0.0.1", self.dicom_port), 2).close()  # DICOM side up too
             if not self.dicomweb:
                 return True
             return "dicom-web" in self.get("/plugins", timeout=2)

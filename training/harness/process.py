@@ -8,6 +8,7 @@ started it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -69,3 +70,11 @@ def wait_for(
             return value
         time.sleep(every)
     raise error(f"timed out after {timeout}s waiting for {what}")
+
+
+def require_tool(name: str) -> str:
+    """The path of the program ``name``; :class:`HarnessError` when it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        raise HarnessError(f"{name} is not installed (scripts/bootstrap.sh installs it)")
+    return path

@@ -1,0 +1,5 @@
+"""``python -m training.demo``."""
+
+from training.demo.cli import main
+
+raise SystemExit(main())
