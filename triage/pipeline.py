@@ -9,7 +9,6 @@ redone report byte-identical to the first, so a PACS sees a duplicate, never a s
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ def _uid(*parts: str) -> str:
 def assemble_due(store: Store, cfg: Config, now: float | None = None) -> int:
     """Assemble every study whose series are all quiet (or forced); returns studies handled."""
     rules = cfg.settings.assembly
-    now = time.time() if now is None else now
+    now = store.clock() if now is None else now
     due = store.series_due(now, rules.quiet_seconds, rules.force_seconds)
     by_study: dict[str, list[str]] = defaultdict(list)
     for s in due:
@@ -72,7 +71,7 @@ def assemble_due(store: Store, cfg: Config, now: float | None = None) -> int:
 def _assemble_study(store: Store, cfg: Config, study_uid: str, all_series: list) -> None:
     rules = cfg.settings.assembly
     generations = {s.series_uid: s.assembly_generation for s in all_series}
-    complete_at = time.time()
+    complete_at = store.clock()
     claimed = [s.series_uid for s in all_series if s.state == "receiving"]
     for uid in claimed:
         store.set_series_state(uid, "stable", expected_state="receiving")
@@ -239,7 +238,7 @@ class Sender:
 
     def drain(self, now: float | None = None, limit: int = 32) -> int:
         o = self.cfg.settings.outbox
-        now = time.time() if now is None else now
+        now = self.store.clock() if now is None else now
         done = 0
         for row in self.store.outbox_due(now, limit=limit):
             try:
@@ -263,7 +262,7 @@ class Sender:
             done += 1
             log.info("outbox_sent", study_uid=row.study_uid, destination=row.destination, ack=ack)
             if finished is not None:
-                METRICS.result_acknowledged(max(0.0, time.time() - finished))
+                METRICS.result_acknowledged(max(0.0, self.store.clock() - finished))
         return done
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -354,3 +355,43 @@ def test_queue_oldest_age_per_state(tmp_path: Path) -> None:
     assert store.queue_oldest_age() == {"receiving": 100.0}
     store.set_study_state("1.2.1", "stable")
     assert store.queue_oldest_age() == {"receiving": 100.0, "stable": 0.0}
+
+
+def test_recovery_and_tmp_sweeps_use_the_injected_clock(tmp_path: Path) -> None:
+    """Every time recovery records or compares with comes from ``clock``, not the wall clock.
+
+    The clock sits in 1970, so a wall-clock read anywhere would show up as a wrong time (or, in the
+    tmp/ sweep, as a fresh file judged ancient).
+    """
+    clock = FakeClock(86_400.0 * 3 + 0.5)
+    root = tmp_path / "var"
+    store = Store(root, clock=clock)
+    study, series = generate_uid(), generate_uid()
+    gone = generate_uid()
+    put(store, part10(gone, study, series), gone, study, series)
+    (store.spool / study / series / f"{gone}.dcm").unlink()
+    orphan = generate_uid()
+    (store.spool / study / series / f"{orphan}.dcm").write_bytes(part10(orphan, study, series, pixel=3))
+    (store.spool / study / series / "1.2.3.dcm").write_bytes(b"not dicom")
+    store.close()
+
+    clock.t += 3600.0
+    store = Store(root, clock=clock)
+    report = store.recover()
+    assert (report.reindexed, report.quarantined, report.missing_files) == (1, 1, 1)
+    row = store.instance(orphan)
+    assert row is not None and row.received_at == clock.t
+    at = {e.kind: e.at for e in store.events(study) if e.kind in ("recovered", "instance missing")}
+    assert at == {"recovered": clock.t, "instance missing": clock.t}
+    q = store.quarantined()[0]
+    assert q["at"] == clock.t
+    assert Path(q["path"]).name.startswith("19700104T010000-")  # the quarantine name's stamp too
+
+    # The periodic sweep judges a tmp/ file's age against the same clock.
+    old, fresh = store.tmp / "old.dcm", store.tmp / "fresh.dcm"
+    for p, age in ((old, 120.0), (fresh, 10.0)):
+        p.write_bytes(b"partial")
+        os.utime(p, (clock.t - age, clock.t - age))
+    assert store.sweep_tmp(older_than_s=60.0) == 1
+    assert not old.exists() and fresh.exists()
+    store.close()
