@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from training.harness.process import HarnessError
 
@@ -37,18 +38,11 @@ def storescu_argv(
 
 
 def storescu(
-    port: int,
-    files: Sequence[Path],
-    *,
-    called: str = "GLOWTRIAGE",
-    calling: str = "STORESCU",
-    host: str = "127.0.0.1",
-    flags: Sequence[str] = (),
-    timeout: float = 600.0,
-    check: bool = False,
+    port: int, files: Sequence[Path], *, timeout: float = 600.0, check: bool = False, **options: Any
 ) -> subprocess.CompletedProcess[str]:
-    """Send ``files`` in one association; with ``check`` a non-zero exit raises :class:`HarnessError`."""
-    argv = storescu_argv(port, files, called=called, calling=calling, host=host, flags=flags)
+    """Send ``files`` in one association; with ``check`` a non-zero exit raises :class:`HarnessError`.
+    ``options`` are :func:`storescu_argv`'s (``called``, ``calling``, ``host``, ``flags``)."""
+    argv = storescu_argv(port, files, **options)
     done = subprocess.run(argv, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise HarnessError(f"storescu failed ({done.returncode}): {(done.stdout + done.stderr)[-1500:]}")
