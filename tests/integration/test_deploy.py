@@ -25,6 +25,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from training.harness.process import require_tool
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,11 +35,7 @@ UNIT = DEPLOY / "glowtriage.service"
 EXEC = "/opt/glowtriage/.venv/bin/triage"
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed (scripts/bootstrap.sh installs it)")
-    return path
+_tool = require_tool  # a missing tool fails the test (HarnessError), as every other peer does
 
 
 # ------------------------------------------------------------------------------------ systemd
