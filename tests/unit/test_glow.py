@@ -307,3 +307,47 @@ def test_fit_to_shape_block_averages_on_the_lattice() -> None:
     assert fit_to_shape(vol, (4, 8, 8)) is vol
     with pytest.raises(ValueError, match="integer factor"):
         fit_to_shape(vol, (4, 3, 3))
+
+
+# -- the voxel decomposition of log p(x) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("scale_fn", ["paper", "glow"])
+@pytest.mark.parametrize("split_prior", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_prob_map_sums_to_log_prob(ndim: int, scale_fn: str, split_prior: bool,
+                                       dtype: torch.dtype) -> None:
+    """The map keeps every term of log p(x) (ActNorm and 1x1 conv constants included): its total is
+    log_prob, for both scale functions, 2-D and 3-D, with and without the learned split prior."""
+    shape = (16, 16) if ndim == 2 else (8, 8, 8)
+    model = make(ndim, dtype, levels=3, scale_fn=scale_fn, learn_split_prior=split_prior, shape=shape)
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand((2, 1, *shape), generator=g, dtype=dtype) - 0.5
+    init_actnorm(model, x)
+    randomize(model)
+    with torch.no_grad():
+        lp = model.log_prob(x)
+        m = model.log_prob_map(x)
+    assert m.shape == (2, *shape)
+    total = m.double().sum(dim=tuple(range(1, m.dim())))
+    assert torch.allclose(total, lp.double(), rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0.0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_log_prob_map_is_local(ndim: int) -> None:
+    """A change in one corner of the input moves the map mostly near it: the decomposition follows
+    where the input changed, not the volume as a whole (what a region score relies on)."""
+    shape = (32, 32) if ndim == 2 else (16, 16, 16)
+    model = make(ndim, torch.float64, levels=2, shape=shape)
+    g = torch.Generator().manual_seed(11)
+    x = (torch.rand((1, 1, *shape), generator=g, dtype=torch.float64) - 0.5) * 0.2
+    init_actnorm(model, x)
+    randomize(model, 0.05)
+    y = x.clone()
+    corner = (slice(None), slice(None), *([slice(0, 4)] * ndim))
+    y[corner] += 0.4
+    with torch.no_grad():
+        diff = (model.log_prob_map(y) - model.log_prob_map(x)).abs()[0]
+    near = diff[tuple([slice(0, shape[0] // 2)] * ndim)].sum()
+    assert float(near / diff.sum()) > 0.8
