@@ -21,12 +21,15 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -240,11 +243,95 @@ class RouteRule(_Section):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+def _http_url(v: str) -> str:
+    # http(s)://host[:port][/path], no credentials (they would be stored in the outbox and logged: use
+    # username/password or token), no query or fragment; a trailing "/" is dropped (paths are appended).
+    try:
+        parts = urlsplit(v)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"expected an http:// or https:// URL, got {v!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL with a host, got {v!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("expected a URL without user:password@ (set username and password, or token)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"expected a URL without ?query or #fragment, got {v!r}")
+    _peer_host(parts.hostname)
+    if port == 0:
+        raise ValueError(f"expected a port of 1-65535 in the URL, got {v!r}")
+    return v.rstrip("/")
+
+
+class DicomWebRule(_Section):
+    """One routing rule to a DICOMweb server (STOW-RS): what to send where, and when."""
+
+    name: Annotated[str, Field(min_length=1)]
+    kind: Literal["dicomweb"]  # the destination kind (triage.send) that delivers it
+    when: Literal["flagged", "always", "normal"] = "flagged"
+    send: Literal["source", "sr"] = "source"
+    url: Annotated[str, AfterValidator(_http_url)]  # the DICOMweb root; STOW-RS posts to {url}/studies
+    username: str = ""  # HTTP basic authentication, with password
+    password: str = ""
+    token: str = ""  # HTTP bearer token (instead of username/password)
+    timeout_s: Seconds = 30.0  # connect and read timeout of one attempt
+    verify_tls: bool = True  # check the https server's certificate (false only for tests)
+    ca_file: str = ""  # PEM CA bundle the server's certificate must chain to; "": the system's
+
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> DicomWebRule:
+        if bool(self.username) != bool(self.password):
+            key = "password" if self.username else "username"
+            raise FieldProblem(key, "username and password go together (HTTP basic authentication)")
+        if self.token and self.username:
+            raise FieldProblem("token", "set either token (bearer) or username and password, not both")
+        return self
+
+    @property
+    def target(self) -> str:
+        """Where the outbox delivers: the URL (credentials stay in this file, never in the outbox)."""
+        return self.url
+
+
+def _rule_kind(rule: Any) -> Any:
+    """A rule's ``kind``; "dicom" when it names none (rules written before there were kinds)."""
+    if isinstance(rule, dict):
+        return rule.get("kind", "dicom")
+    return getattr(rule, "kind", "dicom")
+
+
+# A routing rule is one of the destination kinds' rule tables, chosen by its ``kind`` key; a new kind
+# adds its table here (and its module in triage/send/).
+Rule = Annotated[
+    Annotated[RouteRule, Tag("dicom")] | Annotated[DicomWebRule, Tag("dicomweb")],
+    Discriminator(
+        _rule_kind,
+        custom_error_type="rule_kind",
+        custom_error_message='expected kind = "dicom" (C-STORE) or "dicomweb" (STOW-RS)',
+    ),
+]
+RESERVED_DESTINATIONS = ("PACS", "HL7")  # the outbox names of [pacs] and [hl7]
+
+
 class RoutingSettings(_Section):
     """Auto-routing: for example, flagged studies' source series to a STAT reading AE."""
 
     sr_to_pacs: bool = True
-    rules: list[RouteRule] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> RoutingSettings:
+        # the outbox keeps one delivery per (study, kind, name): a second rule of the same name would
+        # be dropped silently, and metrics could not tell the two apart
+        seen: set[str] = set()
+        for rule in self.rules:
+            if rule.name in RESERVED_DESTINATIONS:
+                raise FieldProblem("rules", f"rule name {rule.name!r} is taken by the "
+                                   f"[{rule.name.lower()}] delivery; choose another")
+            if rule.name in seen:
+                raise FieldProblem("rules", f"rule name {rule.name!r} is used twice; each rule needs its own")
+            seen.add(rule.name)
+        return self
 
 
 class OutboxSettings(_Section):
@@ -387,6 +474,15 @@ def _describe(err: dict[str, Any]) -> str:
     return msg
 
 
+def _rule_loc(loc: tuple[Any, ...], err: Any) -> tuple[tuple[Any, ...], Any]:
+    """A routing rule's error as the file has it: pydantic puts the rule's kind (its union tag) in the
+    path (rules[0].dicomweb.url), the file has rules[0].url; an unknown kind points at ``kind``."""
+    if err.get("type") == "rule_kind":
+        found = err["input"].get("kind") if isinstance(err.get("input"), dict) else err.get("input")
+        return (*loc, "kind"), {**err, "input": found}
+    return (loc[:3] + loc[4:] if len(loc) > 3 else loc), err
+
+
 _TABLE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 _BARE_OR_QUOTED = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
 _KEY = re.compile(rf"^\s*({_BARE_OR_QUOTED}(?:\s*\.\s*{_BARE_OR_QUOTED})*)\s*=")
@@ -444,6 +540,8 @@ def parse(data: dict[str, Any], source: Path | None, text: str | None = None) ->
             problem = (err.get("ctx") or {}).get("error")
             if isinstance(problem, FieldProblem):
                 loc = (*loc, problem.key)
+            if loc[:2] == ("routing", "rules"):
+                loc, err = _rule_loc(loc, err)
             lines.append(f"{_where(source, _line_of(text, loc))}: {_loc(loc)}: {_describe(err)}")
         raise ConfigError(lines) from None
     base = source.parent.resolve() if source else Path.cwd()

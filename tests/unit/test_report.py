@@ -18,7 +18,7 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from triage.config import HL7Settings, PacsSettings, RouteRule, RoutingSettings
+from triage.config import DicomWebRule, HL7Settings, PacsSettings, RouteRule, RoutingSettings
 from triage.model.results import ModelSetInfo, ScoreResult
 from triage.report.codes import ReportError, summary_text
 from triage.report.hl7 import build_oru, hl7_escape, parse_ack
@@ -374,6 +374,22 @@ def test_routes_for_flagged_and_normal() -> None:
     normal = plan_routes(score(src, flagged=False), routing, pacs, hl7s)
     assert [r.destination for r in normal] == ["PACS", "archive-normals", "mirror", "HL7"]
     assert (normal[1].payload, normal[1].kind) == ("sr", "dicom")
+
+
+def test_a_dicomweb_rule_routes_by_its_kind_to_its_url() -> None:
+    cloud = DicomWebRule(name="cloud", kind="dicomweb", when="flagged", send="sr",
+                         url="https://archive.example.org/dicom-web/", token="secret")
+    mirror = RouteRule(name="mirror", when="always", send="sr", ae_title="MIRROR", host="10.0.0.7", port=104)
+    routing = RoutingSettings(rules=[cloud, mirror])
+    src = ct_headers(1)
+    flagged = plan_routes(score(src, flagged=True), routing, PacsSettings(), HL7Settings(enabled=False))
+    assert flagged == [
+        Route("sr", "dicom", "PACS", "PACS@127.0.0.1:4242"),
+        Route("sr", "dicomweb", "cloud", "https://archive.example.org/dicom-web"),  # no token in it
+        Route("sr", "dicom", "mirror", "MIRROR@10.0.0.7:104"),
+    ]
+    normal = plan_routes(score(src, flagged=False), routing, PacsSettings(), HL7Settings(enabled=False))
+    assert [r.destination for r in normal] == ["PACS", "mirror"]
 
 
 def test_routes_follow_switches_and_skip_duplicates() -> None:

@@ -3,20 +3,28 @@ the outbox state machine."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import http.server
+import io
+import json
 import socket
 import socketserver
 import threading
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import hl7
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage  # type: ignore[attr-defined]
 
-from triage.config import parse
+from triage.config import ConfigError, parse
 from triage.pipeline import Sender
 from triage.send.base import (
     KINDS,
@@ -28,6 +36,7 @@ from triage.send.base import (
     make_destination,
 )
 from triage.send.dicom import DicomStoreDestination
+from triage.send.dicomweb import DicomWebDestination
 from triage.send.mllp import MLLPDestination
 from triage.store.db import Store
 
@@ -42,9 +51,21 @@ def _port() -> int:
 def test_registry_finds_each_kind() -> None:
     assert destination_class("dicom") is DicomStoreDestination
     assert destination_class("hl7") is MLLPDestination
-    assert {"dicom", "hl7"} <= set(KINDS)
+    assert destination_class("dicomweb") is DicomWebDestination
+    assert {"dicom", "hl7", "dicomweb"} <= set(KINDS)
     for kind, cls in KINDS.items():
         assert cls.kind == kind and cls.payloads, cls
+
+
+def test_every_kind_the_config_can_name_is_registered() -> None:
+    """A routing rule's ``kind`` (one table per kind in triage.config.Rule), [pacs] and [hl7]: each
+    must have its module here, or the report stage would plan a delivery nothing can make."""
+    from triage.config import HL7Settings, PacsSettings, Rule
+
+    members = typing.get_args(typing.get_args(Rule)[0])  # Annotated[A | B, Discriminator] -> A, B
+    rule_kinds = {typing.get_args(typing.get_args(m)[0].model_fields["kind"].annotation)[0] for m in members}
+    assert rule_kinds == {"dicom", "dicomweb"}
+    assert rule_kinds | {PacsSettings.kind, HL7Settings.kind} == set(KINDS)
 
 
 def test_registry_refuses_an_unknown_kind_with_the_known_ones() -> None:
@@ -292,3 +313,135 @@ def test_an_outbox_row_of_an_unknown_kind_is_retried_and_says_why(tmp_path: Path
     assert "unknown destination kind 'fax'" in (row.last_error or "")
     sender.drain(now=now[0] + 100)
     assert store.outbox(study)[0].state == "dead"
+
+
+# -------------------------------------------------------------------------------------- DICOMweb
+class _StowServer(http.server.ThreadingHTTPServer):
+    """A real HTTP server on loopback answering STOW-RS POSTs with a chosen status and DICOM JSON body
+    (Orthanc itself is in tests/integration/test_dicomweb.py; this one can answer what Orthanc won't)."""
+
+    daemon_threads = True
+
+    def __init__(self, status: int = 200, body: Callable[[list[str]], dict] | None = None,
+                 delay_s: float = 0.0):
+        outer = self
+        self.requests: list[tuple[str, dict[str, str]]] = []
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                data = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+                outer.requests.append((self.path, dict(self.headers)))
+                time.sleep(delay_s)
+                uids = [dcmread(io.BytesIO(part.split(b"\r\n\r\n", 1)[1])).SOPInstanceUID
+                        for part in data.split(b"--0f3cf5c0-70e0-41ef-baef-c6f9f65ec3e1")[1:-1]]
+                payload = json.dumps(body([str(u) for u in uids]) if body else {}).encode()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that timed out
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/dicom+json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), H)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/dicom-web"
+
+
+def _stored(uids: list[str], warning: int | None = None) -> dict:
+    warn = {"00081196": {"vr": "US", "Value": [warning]}} if warning is not None else {}
+    items = [{"00081155": {"vr": "UI", "Value": [u]}, **warn} for u in uids]
+    return {"00081199": {"vr": "SQ", "Value": items}}
+
+
+def _failed(uids: list[str], reason: int = 0xA700) -> dict:
+    items = [{"00081155": {"vr": "UI", "Value": [u]}, "00081197": {"vr": "US", "Value": [reason]}}
+             for u in uids]
+    return {"00081198": {"vr": "SQ", "Value": items}}
+
+
+def _dicomweb_cfg(url: str, **rule: object) -> object:
+    return parse({"routing": {"rules": [{"name": "archive", "kind": "dicomweb", "send": "sr", "url": url,
+                                         **rule}]}}, None)
+
+
+def test_dicomweb_stores_and_authenticates_with_the_rules_credentials(tmp_path: Path) -> None:
+    sr = _sr_file(tmp_path)
+    server = _StowServer(200, _stored)
+    try:
+        bearer = make_destination("dicomweb", "archive", server.url, _dicomweb_cfg(server.url, token="t0k"))
+        assert bearer.send(Delivery(1, "dicomweb", "archive", [sr])) == "1 instance(s) stored over STOW-RS"
+        basic = make_destination("dicomweb", "archive", server.url,
+                                 _dicomweb_cfg(server.url, username="glow", password="s3cret"))
+        basic.send(Delivery(1, "dicomweb", "archive", [sr]))
+        # a row written before the rule's URL changed: its credentials are not sent to the old URL
+        moved = make_destination("dicomweb", "archive", server.url,
+                                 _dicomweb_cfg("http://10.9.9.9/dicom-web", token="t0k"))
+        moved.send(Delivery(1, "dicomweb", "archive", [sr]))
+    finally:
+        server.shutdown()
+    paths = [p for p, _ in server.requests]
+    auth = [h.get("Authorization") for _, h in server.requests]
+    assert paths == ["/dicom-web/studies"] * 3
+    assert auth == ["Bearer t0k", "Basic " + base64.b64encode(b"glow:s3cret").decode(), None]
+    assert server.requests[0][1]["Content-Type"].startswith('multipart/related; type="application/dicom"')
+
+
+def test_dicomweb_failures_are_send_errors_with_status_and_reasons(tmp_path: Path) -> None:
+    sr = _sr_file(tmp_path)
+    sop = str(dcmread(sr).SOPInstanceUID)
+    cases = [
+        (409, lambda u: _failed(u, 0xC000), rf"answered HTTP 409 Conflict; failed: {sop}: 0xC000"),
+        (202, lambda u: _failed(u, 0xA700), rf"1 of 1 instance\(s\) refused: {sop}: 0xA700"),
+        (200, lambda u: _stored(["1.2.3.999"]), r"response does not list 1 instance"),
+        (503, None, r"answered HTTP 503 Service Unavailable"),
+    ]
+    for status, body, expected in cases:
+        server = _StowServer(status, body)
+        try:
+            dest = make_destination("dicomweb", "archive", server.url, _dicomweb_cfg(server.url))
+            with pytest.raises(SendError, match=expected):
+                dest.send(Delivery(1, "dicomweb", "archive", [sr]))
+        finally:
+            server.shutdown()
+        # one outbox attempt is one request: dicomweb-client's own retries (503 among them) are off
+        assert len(server.requests) == 1, (status, server.requests)
+    warned = _StowServer(200, lambda u: _stored(u, warning=0xB000))
+    try:
+        dest = make_destination("dicomweb", "archive", warned.url, _dicomweb_cfg(warned.url))
+        assert dest.send(Delivery(1, "dicomweb", "archive", [sr])).endswith("1 with a warning")
+    finally:
+        warned.shutdown()
+
+
+def test_dicomweb_timeout_and_refused_connection_are_send_errors(tmp_path: Path) -> None:
+    sr = _sr_file(tmp_path)
+    slow = _StowServer(200, _stored, delay_s=3.0)
+    try:
+        dest = make_destination("dicomweb", "archive", slow.url, _dicomweb_cfg(slow.url, timeout_s=0.5))
+        started = time.monotonic()
+        with pytest.raises(SendError, match="ReadTimeout"):
+            dest.send(Delivery(1, "dicomweb", "archive", [sr]))
+        assert time.monotonic() - started < 2.5
+    finally:
+        slow.shutdown()
+    url = f"http://127.0.0.1:{_port()}/dicom-web"
+    with pytest.raises(SendError, match="ConnectionError"):
+        make_destination("dicomweb", "archive", url, _dicomweb_cfg(url)).send(
+            Delivery(1, "dicomweb", "archive", [sr]))
+
+
+def test_dicomweb_rule_keeps_credentials_out_of_the_outbox_target() -> None:
+    cfg = _dicomweb_cfg("https://archive.example.org:8443/dicom-web/", username="u", password="p")
+    (rule,) = cfg.settings.routing.rules  # type: ignore[attr-defined]
+    assert rule.kind == "dicomweb" and rule.target == "https://archive.example.org:8443/dicom-web"
+    for bad in ("https://u:p@archive.example.org/dicom-web", "ftp://archive.example.org/", "http:///x"):
+        with pytest.raises(ConfigError, match=r"routing\.rules\[0\]\.url"):
+            _dicomweb_cfg(bad)
+    with pytest.raises(ConfigError, match=r"routing\.rules\[0\]\.token: set either token"):
+        _dicomweb_cfg("http://h/dicom-web", username="u", password="p", token="t")
