@@ -562,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         problems.append("--calibration-fraction must be in (0, 1)")
     if problems:
         _parser().error("; ".join(problems))
-    from training.train.loop import TrainingError
+    from training.errors import TrainingError
     from triage.ops.logs import configure
 
     configure(level=os.environ.get("GLOWTRIAGE_LOG_LEVEL", "info"), stream=sys.stderr)

@@ -3,8 +3,8 @@
 Why: samples show what a model has learned of anatomy, and a model whose samples are noise or flat
 grey has not converged, whatever its bits/dim say. Each sample is written as ``sample_NNN.npz`` (key
 ``data``, uint8 on the model's 7-bit lattice, the same layout as assembled volumes, so the viewers and
-``training.train.loop.load_volume_dir`` read them) and a PNG montage of their middle slices. Seeded: the same
-model, seed and temperature give the same files.
+``training.data.sources.load_volume_dir`` read them) and a PNG montage of their middle slices. Seeded:
+the same model, seed and temperature give the same files.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def test_studies_of_one_patient_are_split_together(clean, tmp_path: Path) -> Non
 
 
 def test_daemon_storage_root_is_read_directly(clean, tmp_path: Path) -> None:
-    from training.train.loop import resolve_data
+    from training.data.sources import resolve_data
     from triage.store.db import Store
 
     root, _ = clean

@@ -28,7 +28,8 @@ from prometheus_client import CollectorRegistry
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from training.train.loop import VolumeSet, train
+from training.data.sources import VolumeSet
+from training.train.loop import train
 from training.train.retrain import gather, run
 from triage.assemble.volume import AssembledVolume, save_volume
 from triage.config import Config, load

@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +15,13 @@ import pytest
 import torch
 
 from training import sample as sample_mod
+from training.data import sources
+from training.data.sources import VolumeSet, load_volume_dir, resolve_data
+from training.errors import TrainingError
 from training.presets import config_from_preset
 from training.train import loop as train_mod
-from training.train.loop import (
-    TrainingError,
-    VolumeSet,
-    checkpoint_path,
-    load_volume_dir,
-    prepare_volumes,
-    resolve_data,
-    train,
-)
+from training.train.checkpoint import checkpoint_path
+from training.train.loop import prepare_volumes, train
 from triage.model.glow import Glow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -333,27 +328,36 @@ def test_dicom_folders_go_through_training_data(tmp_path: Path, monkeypatch: pyt
     study = tmp_path / "dicom" / "study1"
     study.mkdir(parents=True)
     (study / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # sniffed by magic, no suffix
-    assert train_mod.contains_dicom(tmp_path / "dicom")
-    assert not train_mod.contains_dicom(tmp_path / "dicom" / "missing")
+    assert sources.contains_dicom(tmp_path / "dicom")
+    assert not sources.contains_dicom(tmp_path / "dicom" / "missing")
     calls = []
 
     def volumes_from_dicom(path, cache_dir, labels=None, only=None):
         calls.append((Path(path), Path(cache_dir), labels, only))
         return {"1.2.3": blobs(1)[0]}
 
-    fake = types.ModuleType("training.data.volumes")
-    fake.volumes_from_dicom = volumes_from_dicom  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "training.data.volumes", fake)
+    monkeypatch.setattr(sources, "volumes_from_dicom", volumes_from_dicom)
     labels = tmp_path / "labels.csv"
     labels.write_text("study_uid,label,lesion\n1.2.3,normal,\n")
     vs = resolve_data(tmp_path / "dicom", labels, "normal", cache_dir=tmp_path / "cache")
     assert vs.ids == ["1.2.3"] and vs[0].shape == SHAPE
     assert calls == [(tmp_path / "dicom", tmp_path / "cache", labels, "normal")]
-    assert vs.meta["only"] == "normal"
+    assert vs.meta["only"] == "normal" and vs.meta["format"] == "dicom"
 
-    monkeypatch.setitem(sys.modules, "training.data.volumes", types.ModuleType("training.data.volumes"))
-    with pytest.raises(TrainingError, match="volumes_from_dicom is not available"):
+    # a source that yields nothing is an error naming the folder, not an empty training set
+    monkeypatch.setattr(sources, "volumes_from_dicom", lambda *a, **k: {})
+    with pytest.raises(TrainingError, match="no usable volume from the DICOM studies"):
         resolve_data(tmp_path / "dicom")
+
+
+def test_the_loop_module_still_runs_as_a_program() -> None:
+    """``python -m training.train.loop`` (older scripts and docs) is the same command as
+    ``python -m training.train`` (which the DDP test below runs)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "training.train.loop", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--role" in proc.stdout and "torchrun" in proc.stdout
 
 
 def test_ddp_two_gloo_processes_follow_the_single_process_curve(tmp_path: Path) -> None:
@@ -370,7 +374,7 @@ def test_ddp_two_gloo_processes_follow_the_single_process_curve(tmp_path: Path) 
         "--standalone",
         "--nproc_per_node=2",
         "-m",
-        "training.train.loop",
+        "training.train",  # the package entry point (README, torchrun); training.train.loop works too
         str(data),
         "--role",
         "normal",

@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pydicom
 
-from training.train.loop import TrainingError
+from training.errors import TrainingError
 from triage.assemble.volume import (
     PREPROCESSING_VERSION,
     InstanceHeader,
@@ -90,7 +90,7 @@ _PATHS_IN_META = ("source", "cache", "rejects_csv", "labels")  # long; the log l
 class DataError(TrainingError):
     """The data source cannot be read at all (no such folder, unreadable labels); names what and where.
 
-    A :class:`~training.train.loop.TrainingError`, so ``training train`` reports it as one line."""
+    A :class:`~training.errors.TrainingError`, so ``training train`` reports it as one line."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,9 +126,9 @@ class Reject:
 
 @dataclass(eq=False)
 class DicomVolumes(Sequence):
-    """What :func:`volumes_from_dicom` returns: a volume source in the shape ``training.train.loop``'s
-    ``VolumeSet`` takes (``volumes``, ``ids`` = study UIDs, ``meta``, ``skipped``) plus the per-study
-    ``items`` (aligned with ``ids``) and the ``rejects``."""
+    """What :func:`volumes_from_dicom` returns: a volume source in the shape
+    :class:`training.data.sources.VolumeSet` takes (``volumes``, ``ids`` = study UIDs, ``meta``,
+    ``skipped``) plus the per-study ``items`` (aligned with ``ids``) and the ``rejects``."""
 
     volumes: list[np.ndarray]
     ids: list[str]

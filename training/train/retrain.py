@@ -281,7 +281,8 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def _train_m1(cfg: Config, current: ModelSet, g: Gathered, out: Path) -> dict[str, Any]:
     """Train the new M1 (imported here: the gather and gate steps do not need the training loop)."""
-    from training.train.loop import VolumeSet, train
+    from training.data.sources import VolumeSet
+    from training.train.loop import train
 
     rs = cfg.settings.retrain
     vs = VolumeSet(g.train, g.train_ids, {"source": "retrain archive", "window_days": rs.window_days})
