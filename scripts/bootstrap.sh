@@ -5,12 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc dcmtk dicom3tools prometheus systemd openssl)
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools prometheus systemd openssl)
 need_apt=()
 for tool in Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools promtool:prometheus systemd-analyze:systemd openssl:openssl; do
   bin=${tool%%:*}; pkg=${tool##*:}
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || need_apt+=("$pkg")
 done
+# Orthanc's DICOMweb plug-in is a library, not a command: the STOW-RS destination's tests load it.
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+  || compgen -G '/usr/lib/orthanc/libOrthancDicomWeb.so*' >/dev/null || need_apt+=(orthanc-dicomweb)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
