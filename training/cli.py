@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "synth": ("training.synth.head", "write synthetic head-CT studies as DICOM plus labels.csv"),
+    "synth": ("training.synth.dataset", "write synthetic head-CT studies as DICOM plus labels.csv"),
     "train": ("training.train.loop", "train M0 (--role normal) or M1 (--role mixture) on DICOM folders"),
     "evaluate": ("training.evaluate.report", "ROC/AUC, histograms and montages from scores.jsonl"),
     "sample": ("training.sample", "write fictional volumes sampled from a model"),

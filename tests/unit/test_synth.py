@@ -85,12 +85,14 @@ def test_labels_csv_and_truth_jsonl(dataset: tuple[Path, list[StudyTruth]]) -> N
     out, rows = dataset
     with (out / "labels.csv").open() as fh:
         lines = list(csv.reader(fh))
-    assert lines[0] == ["study_uid", "label", "lesion"]
+    # The first three columns are what every reader uses; the rest are extra ground truth.
+    assert lines[0] == ["study_uid", "label", "lesion", "lesion_x", "lesion_y", "lesion_z", "kind", "patterns"]
     body = lines[1:]
     assert len(body) == 3
     assert sorted(r[1] for r in body) == ["abnormal", "abnormal", "normal"]
     assert sorted(r[2] for r in body) == ["", "hemorrhage", "infarct"]
-    assert all((lab == "normal") == (les == "") for _, lab, les in body)
+    assert all((r[1] == "normal") == (r[2] == "") == (r[3:6] == ["", "", ""]) for r in body)
+    assert all(r[6:] == ["head", ""] for r in body)
     truths = [StudyTruth.from_dict(json.loads(x)) for x in (out / "truth.jsonl").read_text().splitlines()]
     assert [t.study_uid for t in truths] == [r[0] for r in body] == [t.study_uid for t in rows]
     assert truths == rows  # JSON round trip is lossless
