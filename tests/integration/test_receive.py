@@ -13,6 +13,7 @@ import io
 import shutil
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,6 +40,21 @@ from triage.store.part10 import dataset_offset
 integration = pytest.mark.integration
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+# A representative subset of the ingest tests (several associations at once and a SIGKILL; bad
+# input) runs with the event-driven reactor copy and again with pynetdicom's own loops, so neither
+# a stale copy nor an upstream change can go unnoticed (see triage/receive/reactor.py).
+REACTORS = pytest.mark.parametrize("reactor", ["event-driven", "stock"])
+
+
+def reactor_env(reactor: str) -> dict[str, str]:
+    """The receiver's environment for one reactor (set both ways, whatever the outer one says)."""
+    return {"GLOWTRIAGE_STOCK_PYNETDICOM": "1" if reactor == "stock" else "0"}
+
+
+def assert_reactor(rx: Any, reactor: str) -> None:
+    listening = [e for e in rx.log_events() if e.get("event") == "listening"]
+    assert listening and listening[-1].get("reactor") == reactor, listening[-1:]
 
 
 def sop_of(path: Path) -> str:
@@ -127,14 +143,16 @@ def test_orthanc_forwards_a_study_byte_identical(
 
 
 @integration
+@REACTORS
 def test_sigkill_mid_transfer_keeps_every_acknowledged_instance(
-    receiver_factory, tools: SimpleNamespace, tmp_path: Path
+    receiver_factory, tools: SimpleNamespace, tmp_path: Path, reactor: str
 ) -> None:
     from pynetdicom import _config
 
     series = [tools.write_ct_series(tmp_path / f"s{k}", 60, 64, seed=10 + k, prefix=f"s{k}_")
               for k in range(3)]
-    rx = receiver_factory()
+    rx = receiver_factory(env=reactor_env(reactor))
+    assert_reactor(rx, reactor)
     acknowledged: dict[str, int] = {}
     lock = threading.Lock()
     enough = threading.Event()
@@ -208,10 +226,12 @@ def reencoded(src: Path, dst: Path, ts: str, **changes: Any) -> Path:
 
 @integration
 @pytest.mark.filterwarnings("ignore:Unknown encoding 'ISO_IR 999':UserWarning")  # pydicom, test side
+@REACTORS
 def test_bad_input_is_refused_quarantined_and_the_listener_carries_on(
-    receiver_factory, tools: SimpleNamespace, tmp_path: Path
+    receiver_factory, tools: SimpleNamespace, tmp_path: Path, reactor: str
 ) -> None:
-    rx = receiver_factory()
+    rx = receiver_factory(env=reactor_env(reactor))
+    assert_reactor(rx, reactor)
     good = tools.write_ct_series(tmp_path / "good", 8, 64, seed=20)
     src = tools.write_ct_series(tmp_path / "src", 1, 64, seed=21)[0]
     bad_dir = tmp_path / "bad"
@@ -468,6 +488,52 @@ def test_tls_listener_with_a_self_signed_certificate(
     assert any(e.get("event") == "tls_handshake_failed" for e in rx.log_events())
 
 
+@integration
+@REACTORS
+def test_received_datasets_stream_into_the_spool_tmp_without_moving_the_process_tempdir(
+    tools: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reactor: str
+) -> None:
+    """In-process, so the test sees the process: ``tempfile`` is untouched while the receiver runs,
+    yet pynetdicom's own file for each received dataset lies in the store's tmp/ (so adopting it is
+    a link/rename on the spool's filesystem, not a copy)."""
+    from triage.config import load
+    from triage.receive.scp import Receiver
+    from triage.store.db import Store
+
+    monkeypatch.setenv("GLOWTRIAGE_STOCK_PYNETDICOM", reactor_env(reactor)["GLOWTRIAGE_STOCK_PYNETDICOM"])
+    tempdir_before, gettempdir_before = tempfile.tempdir, tempfile.gettempdir()
+    port = tools.find_free_port()
+    cfg = load(tools.write_config(tmp_path / "config.toml", {
+        "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": port},
+        "storage": {"root": str(tmp_path / "var"), "min_free_mb": 1},
+        "metrics": {"enabled": False},
+    }))
+    seen: list[Path] = []
+
+    class Recording(Receiver):
+        def _materialize(self, event: Any) -> Path:
+            seen.append(Path(event.dataset_path).parent)
+            return super()._materialize(event)
+
+    store = Store(cfg.storage_root)
+    rx = Recording(cfg, store)
+    rx.start()
+    try:
+        assert (tempfile.tempdir, tempfile.gettempdir()) == (tempdir_before, gettempdir_before)
+        files = tools.write_ct_series(tmp_path / "ct", 4, 32, seed=40)
+        sent = tools.send_files(port, files)
+        assert sent.established and set(sent.statuses.values()) == {0}, sent
+        assert seen == [store.tmp] * len(files)
+        assert store.instance_total() == len(files)
+        # an unrelated temp file made while the receiver runs lands where it always did
+        with tempfile.NamedTemporaryFile() as other:
+            assert Path(other.name).parent == Path(gettempdir_before)
+    finally:
+        rx.stop()
+        store.close()
+    assert (tempfile.tempdir, tempfile.gettempdir()) == (tempdir_before, gettempdir_before)
+
+
 # ------------------------------------------------------------------------ structure walk (no network)
 def _el(tag: int, vr: bytes, value: bytes, *, undefined: bool = False) -> bytes:
     """One explicit VR little endian element."""
@@ -492,7 +558,7 @@ _SEQ_END = bytes.fromhex("feffdde000000000")
 
 
 def _check(data: bytes) -> dict[str, list[str]]:
-    from triage.receive.scp import check_structure
+    from triage.receive.inspect import check_structure
 
     return check_structure(memoryview(data), ExplicitVRLittleEndian)
 
@@ -529,7 +595,7 @@ def test_walk_reads_index_values_and_nested_sequences() -> None:
     ],
 )
 def test_walk_refuses_malformed_datasets(data: bytes, reason: str) -> None:
-    from triage.receive.scp import CANNOT_UNDERSTAND, BadInstance
+    from triage.receive.inspect import CANNOT_UNDERSTAND, BadInstance
 
     with pytest.raises(BadInstance) as err:
         _check(data)
@@ -539,7 +605,7 @@ def test_walk_refuses_malformed_datasets(data: bytes, reason: str) -> None:
 
 
 def test_walk_refuses_a_nesting_bomb() -> None:
-    from triage.receive.scp import BadInstance
+    from triage.receive.inspect import BadInstance
 
     data = b""
     for _ in range(40):

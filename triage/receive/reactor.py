@@ -1,0 +1,290 @@
+"""Event-driven copies of pynetdicom 3.0's two polling loops, swapped in on acceptor associations.
+
+Why a copy at all: pynetdicom 3.0 sleeps 1 ms per idle turn in both the DUL thread and the
+association reactor (dul.py carries "TODO: try and make this event based"); at hundreds of
+instances a second those waits and the GIL contention of the wake-ups are most of the receive time.
+The copies below keep pynetdicom's logic line for line and replace only the sleeps.
+
+The same goes for where pynetdicom streams a received dataset: it creates a ``NamedTemporaryFile``
+in the process-wide temp folder, but the receiver wants it under the store's ``tmp/`` (the spool's
+filesystem, so adopting the file is a rename). :func:`receive_into` sends one association's files
+there without touching :data:`tempfile.tempdir`, so no other library's temp files move.
+
+Why it is guarded: a copy silently overrides any upstream fix. So it is applied only on the
+pynetdicom series it was copied from (:data:`ACCEL_VERSIONS`, matching the pin in pyproject.toml),
+``GLOWTRIAGE_STOCK_PYNETDICOM=1`` turns it off, and :data:`UPSTREAM_SOURCE_SHA256` records the hash
+of every upstream function the copy replaces or relies on: ``tests/unit/test_reactor_pin.py`` fails
+when one of them changes, naming the function to re-check here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import select
+import ssl
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import IO, Any, cast
+
+import pynetdicom
+import pynetdicom.dimse_messages as _dimse_messages
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import LOGGER as _DUL_LOGGER
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.utils import make_target
+
+# ------------------------------------------------------------------ event-driven pynetdicom loops
+# pynetdicom 3.0 runs two polling loops per association: the DUL thread sleeps 1 ms whenever it
+# found nothing to do, and the association reactor sleeps 1 ms on every turn before it looks for a
+# received DIMSE message (dul.py itself carries "TODO: try and make this event based"). For a
+# C-STORE that means up to three 1 ms waits per instance, and with several associations the
+# threads' wake-ups compete for the GIL with the work. These subclasses keep pynetdicom's logic
+# line for line and only replace the sleeps: the DUL waits in select() on its socket and on a pipe
+# that send_pdu() writes to, the reactor blocks on the DIMSE message queue. They are swapped in
+# (``__class__``) on acceptor associations before their threads start, and only on the pynetdicom
+# series they were written against; any other version runs stock.
+ACCEL_VERSIONS = ("3.0.",)
+_DUL_IDLE_S = 0.05  # select() timeout: bounds how late ARTIM/kill checks run on a silent connection
+_REACTOR_IDLE_S = 0.005  # queue wait: bounds how late a release/abort request is noticed
+
+
+class _Waker:
+    """A self-pipe that wakes a DUL thread blocked in select().
+
+    Closed exactly once, under a lock: a closed fd number is soon reused by another file, and a
+    late wake-up written to it would land in that file.
+    """
+
+    def __init__(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self.fds: tuple[int, int] | None = (r, w)
+        self.lock = threading.Lock()
+
+    def wake(self) -> None:
+        with self.lock:
+            if self.fds is not None:
+                with contextlib.suppress(OSError):  # full pipe: a wake-up is already pending
+                    os.write(self.fds[1], b"\0")
+
+    def drain(self) -> None:
+        fds = self.fds
+        if fds is not None:
+            with contextlib.suppress(OSError):
+                os.read(fds[0], 4096)
+
+    def close(self) -> None:
+        with self.lock:
+            fds, self.fds = self.fds, None
+        for fd in fds or ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class _EventDrivenDUL(DULServiceProvider):
+    _waker: _Waker
+
+    def _wake(self) -> None:
+        self._waker.wake()
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._wake()
+        return bool(super().stop_dul())
+
+    def _wait(self) -> None:
+        sock = self.socket.socket if self.socket is not None else None
+        if sock is None:
+            time.sleep(self._run_loop_delay)
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return
+        fds = self._waker.fds  # only this thread closes it, so it stays open during the wait
+        if fds is None:
+            time.sleep(self._run_loop_delay)
+            return
+        try:
+            ready, _, _ = select.select([sock, fds[0]], [], [], _DUL_IDLE_S)
+        except (OSError, ValueError):  # socket closed under us: let the state machine see it
+            time.sleep(self._run_loop_delay)
+            return
+        if fds[0] in ready:
+            self._waker.drain()
+
+    def run_reactor(self) -> None:  # pynetdicom 3.0 DULServiceProvider.run_reactor, sleep -> _wait
+        try:
+            self._idle_timer.start()
+            sleep = False
+            while True:
+                if not self.assoc._dul_ready.is_set():
+                    self.assoc._dul_ready.set()
+                    sleep = True
+                if sleep:
+                    self._wait()
+                if self._kill_thread:
+                    break
+                if self.artim_timer.expired:
+                    self.event_queue.put("Evt18")
+                try:
+                    if self._process_recv_primitive():
+                        pass
+                    elif self._is_transport_event():
+                        self._idle_timer.restart()
+                except Exception as exc:
+                    _DUL_LOGGER.error("Exception in DUL.run(), aborting association")
+                    _DUL_LOGGER.exception(exc)
+                    abort_pdu = A_ABORT_RQ()
+                    abort_pdu.source = 0x02
+                    abort_pdu.reason_diagnostic = 0x00
+                    self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
+                    self.assoc.is_aborted = True
+                    self.assoc.is_established = False
+                    self.assoc._kill = True
+                    self._kill_thread = True
+                    return
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    sleep = True
+                    continue
+                self.state_machine.do_action(event)
+                sleep = False
+        finally:
+            self._waker.close()
+
+
+class _EventDrivenAssociation(Association):
+    def _run_reactor(self) -> None:  # pynetdicom 3.0 Association._run_reactor, sleep -> queue wait
+        self._is_paused = False
+        while not self._kill:
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            try:
+                context_id, msg = self.dimse.msg_queue.get(timeout=_REACTOR_IDLE_S)
+            except queue.Empty:
+                context_id, msg = None, None
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+def copy_applies() -> bool:
+    """True when the installed pynetdicom is the series the loops were copied from."""
+    return pynetdicom.__version__.startswith(ACCEL_VERSIONS)
+
+
+def accelerate(assoc: Association) -> bool:
+    """Swap in the event-driven loops on a not-yet-started acceptor association (see above)."""
+    if not copy_applies() or assoc.is_alive() or assoc.dul.is_alive():
+        return False
+    if type(assoc) is not Association or type(assoc.dul) is not DULServiceProvider:
+        return False
+    waker = _Waker()
+    assoc.dul._waker = waker  # type: ignore[attr-defined]
+    weakref.finalize(assoc.dul, waker.close)  # if the DUL thread never runs, its pipe still closes
+    assoc.dul.__class__ = _EventDrivenDUL
+    # Thread bound its target to the stock run_reactor in __init__; point it at ours.
+    assoc.dul._target = make_target(assoc.dul.run_reactor)  # type: ignore[attr-defined]
+    assoc.__class__ = _EventDrivenAssociation  # its run_reactor looks _run_reactor up at call time
+    return True
+
+
+# ----------------------------------------------------------------- received datasets under tmp/
+# pynetdicom 3.0's chunked receive (DIMSEMessage.decode_msg) calls the module-global
+# NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm") with no folder, in the DUL thread that
+# decodes the association's PDUs. The factory below stands in for that name: it adds dir= only on a
+# DUL thread that receive_into() marked, so every other caller (and every other library) gets the
+# stock behaviour and the process temp folder stays what it was. Should upstream stop calling it
+# this way, files land in the system temp folder and the receiver copies instead of linking:
+# slower, never wrong (and the pin test flags the change first).
+_TMP_DIR_ATTR = "glow_receive_dir"
+_STOCK_NAMED_TEMPORARY_FILE = tempfile.NamedTemporaryFile
+
+
+def _named_temporary_file(*args: Any, **kwargs: Any) -> IO[bytes]:
+    """``tempfile.NamedTemporaryFile``, in the folder the current DUL thread was given (if any)."""
+    if kwargs.get("dir") is None:
+        folder = getattr(threading.current_thread(), _TMP_DIR_ATTR, None)
+        if folder is not None:
+            kwargs["dir"] = folder
+    return _STOCK_NAMED_TEMPORARY_FILE(*args, **kwargs)
+
+
+def receive_into(assoc: Association, folder: Path) -> None:
+    """Have pynetdicom write the datasets this (not yet started) association receives under ``folder``."""
+    if getattr(_dimse_messages, "NamedTemporaryFile", None) is not _named_temporary_file:
+        _dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[attr-defined]
+    setattr(assoc.dul, _TMP_DIR_ATTR, str(folder))
+
+
+# ------------------------------------------------------------------------------- upstream pin
+# sha256 of inspect.getsource() of each pynetdicom function the code above copies, overrides or
+# relies on, as of the version in ACCEL_VERSIONS (3.0.4). tests/unit/test_reactor_pin.py recomputes
+# them; when one differs, read the upstream change, port it into the copy, then update the hash.
+UPSTREAM_SOURCE_SHA256: dict[str, str] = {
+    # copied line for line, sleeps replaced
+    "pynetdicom.dul.DULServiceProvider.run_reactor":
+        "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803",
+    "pynetdicom.association.Association._run_reactor":
+        "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
+    # overridden around a super() call (stop_dul's Sta1 branch is mirrored)
+    "pynetdicom.dul.DULServiceProvider.send_pdu":
+        "7cbce5da8594124e9e70c790a68df640d21df11af4220783e752bc607de8dde6",
+    "pynetdicom.dul.DULServiceProvider.kill_dul":
+        "5ceccf8dd01c2072c377d18bb1be284941a345bd40f03bd1e03a864ab0817842",
+    "pynetdicom.dul.DULServiceProvider.stop_dul":
+        "28a7e0be126e7b306369cc1b131daec8e907d21d0f5692930133b6599b8c6e5f",
+    # relied on: __init__ binds the thread target accelerate() re-points; run_reactor looks up
+    # _run_reactor at call time; decode_msg creates the received dataset's NamedTemporaryFile
+    "pynetdicom.dul.DULServiceProvider.__init__":
+        "c82dafa9438ddf70685917cb15d2bfbc814aa0ad5233ffb0ae650faedc7570f0",
+    "pynetdicom.association.Association.run_reactor":
+        "ed8bbbe3b3d6ddaee3e8673ba25b2ab2a4c45f25bc1d8ae7b48ebafd09499e6d",
+    "pynetdicom.dimse_messages.DIMSEMessage.decode_msg":
+        "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+}
+
