@@ -55,6 +55,7 @@ from training.harness.daemon import TriageProcess  # noqa: E402
 from training.harness.mllp import MLLPListener  # noqa: E402
 from training.harness.orthanc import Orthanc  # noqa: E402
 from training.harness.ports import free_port  # noqa: E402
+from training.harness.process import stop_all  # noqa: E402
 from training.harness.storescu import storescu  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
@@ -314,9 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         results["burst"] = latencies(root, burst)
         inference_daemon = scrape_inference(ports["metrics"])
     finally:
-        daemon.stop()
-        orthanc.stop()
-        mllp.stop()
+        stop_all(mllp, orthanc, daemon)
     inference_direct = direct_inference(work, vols)
 
     rows = []

@@ -27,7 +27,7 @@ from training.harness.daemon import TriageProcess
 from training.harness.mllp import MLLPListener
 from training.harness.orthanc import Orthanc
 from training.harness.ports import free_port
-from training.harness.process import wait_for
+from training.harness.process import stop_all, wait_for
 from training.synth.head import SynthOptions, write_dataset
 from training.train.loop import VolumeSet, train
 from triage.assemble.volume import assemble_study, group_studies, read_headers
@@ -159,9 +159,7 @@ def test_orthanc_to_triage_to_pacs_and_ris_with_outage_and_restart(
         metrics = urllib.request.urlopen(
             f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     finally:
-        daemon.stop()
-        orthanc.stop()
-        mllp.stop()
+        stop_all(mllp, orthanc, daemon)
 
     truths = {t.study_uid: t for t in world["truths"]}
     flagged = {uid for uid, p in world["post"].items() if p < world["threshold"]}

@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -78,3 +78,18 @@ def require_tool(name: str) -> str:
     if path is None:
         raise HarnessError(f"{name} is not installed (scripts/bootstrap.sh installs it)")
     return path
+
+
+def stop_all(*peers: Any) -> None:
+    """``stop()`` every peer that was made (None: never started), last started first, each even when
+    an earlier one failed to stop (the first failure is raised after)."""
+    errors: list[BaseException] = []
+    for peer in reversed(peers):
+        if peer is None:
+            continue
+        try:
+            peer.stop()
+        except Exception as exc:  # the others must still be stopped
+            errors.append(exc)
+    if errors:
+        raise errors[0]
