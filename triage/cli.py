@@ -56,7 +56,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     models = Path(args.models) if args.models else cfg.models_dir
     try:
-        scorer = Scorer.from_registry(Registry(models), device=args.device or cfg.settings.scoring.device)
+        scorer = Scorer.from_registry(Registry(models), device=args.device or cfg.settings.scoring.device,
+                                      flag_policy=cfg.settings.scoring.flag_policy)
     except ScoringError as exc:
         print(f"triage score: {exc}", file=sys.stderr)
         return 1
@@ -70,7 +71,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         if st.volume is None or st.series_uid is None:
             row: dict[str, Any] = {"study_uid": st.study_uid, "rejected": True, "reason": st.reason}
         else:
-            res = scorer.score([VolumeInput(st.study_uid, st.series_uid, st.volume.data)])[0]
+            res = scorer.score([VolumeInput(st.study_uid, st.series_uid, st.volume.data,
+                                            st.volume.metadata())])[0]
             row = res.to_json()
             if args.save_volumes:
                 from triage.assemble.volume import save_volume
@@ -85,7 +87,11 @@ def cmd_score(args: argparse.Namespace) -> int:
             print(f"{st.study_uid}  REJECTED  {row['reason']}")
         else:
             flag = "FLAGGED" if row["flagged"] else "-"
-            print(f"{st.study_uid}  {row['log_posterior']:12.2f}  p{row['percentile']:5.1f}  {flag}")
+            where = "" if row.get("region_score") is None else (
+                f"  region {row['region_score']:7.2f} p{row['region_percentile']:5.1f} at "
+                + ("?" if row.get("region_center_mm") is None else
+                   "[" + ", ".join(f"{v:.0f}" for v in row["region_center_mm"]) + "] mm"))
+            print(f"{st.study_uid}  {row['log_posterior']:12.2f}  p{row['percentile']:5.1f}{where}  {flag}")
     return 0
 
 

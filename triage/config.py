@@ -188,6 +188,9 @@ class ScoringSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: Annotated[int, Field(ge=1, le=64)] = 4
     threads: Annotated[int, Field(ge=0)] = 0  # CPU threads for torch; 0: torch's default
+    # which score flags a study: the paper's whole-volume log p(normal|x) ("global"), the most abnormal
+    # lesion-sized window of its voxel map ("region"), or "either", each at its own calibrated threshold
+    flag_policy: Literal["global", "region", "either"] = "either"
 
 
 class PacsSettings(_Section):

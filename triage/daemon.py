@@ -73,7 +73,7 @@ class Daemon:
         if self.scorer is None or self.scorer.model_set.version != current.version:
             try:
                 s = self.cfg.settings.scoring
-                self.scorer = Scorer(current, device=s.device, threads=s.threads)
+                self.scorer = Scorer(current, device=s.device, threads=s.threads, flag_policy=s.flag_policy)
             except ScoringError as exc:
                 self.scorer = None
                 self._scoring_unavailable(str(exc))

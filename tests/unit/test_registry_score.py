@@ -177,3 +177,96 @@ def test_pick_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ScoringError, match="no CUDA device"):
             pick_device("cuda")
+
+
+# -- the region score --------------------------------------------------------------------------------
+
+
+def make_region_set(reg: Registry, tmp: Path, n_normals: int = 6):
+    """A set whose region calibration comes from ``n_normals`` random canonical volumes, as
+    ``models create`` computes it (region_calibration on the calibration normals)."""
+    from triage.model.modelset import region_calibration
+    from triage.model.score import ModelPair
+
+    m0, m1 = tiny_model(tmp / "m0.pt", 1), tiny_model(tmp / "m1.pt", 2)
+    pair = ModelPair(Glow.load(m0), Glow.load(m1), torch.device("cpu"))
+    vols = [canonical(100 + i) for i in range(n_normals)]
+    normals = [float(np.subtract(*pair.log_likelihoods(v))) for v in vols]
+    threshold = float(np.sort(normals)[1])  # leaves 5 of 6 normals unflagged
+    region = region_calibration(pair, vols, threshold, normals, reg.root)
+    assert region is not None and region["specificity"] == pytest.approx(5 / 6)
+    s = reg.create(m0, m1, preset="test-tiny", preprocessing_version="test", threshold=threshold,
+                   method="specificity=0.8", normal_scores=normals, provenance={}, software_version="0.1.0",
+                   calibration_extra={"region": region})
+    reg.promote(s.version)
+    return s
+
+
+def metadata(n_slices: int = 30) -> dict:
+    """What an assembled volume's metadata says about its geometry: the canonical grid (x left, y
+    posterior, z index going inferior) and the source slices, 5 mm apart, with their SOP UIDs."""
+    positions = [[-100.0, -120.0, 40.0 - 5.0 * k] for k in range(n_slices)]
+    return {
+        "grid": {"origin": [-109.14, -129.14, 50.0], "spacing": [1.71875, 1.71875, 4.5],
+                 "direction": [1, 0, 0, 0, 1, 0, 0, 0, -1]},
+        "sop_instance_uids": [f"1.2.3.{k}" for k in range(n_slices)],
+        "source_geometry": {"normal": [0.0, 0.0, 1.0], "slice_positions_mm": positions},
+    }
+
+
+@pytest.mark.parametrize("policy", ["global", "region", "either"])
+def test_region_fields_are_in_the_json_and_consistent(tmp_path: Path, policy: str) -> None:
+    reg = Registry(tmp_path / "models")
+    s = make_region_set(reg, tmp_path)
+    scorer = Scorer.from_registry(reg, device="cpu", flag_policy=policy)
+    plain = Scorer.from_registry(reg, device="cpu")
+    meta = metadata()
+    for i in range(3):
+        r = scorer.score([VolumeInput("1.2", "1.2.3", canonical(i), meta)])[0]
+        out = r.to_json()
+        json.dumps(out)
+        for key in ("region_score", "region_percentile", "region_center_mm", "region_sop_instance_uid",
+                    "region_threshold", "region_flagged", "global_flagged", "flag_policy"):
+            assert key in out
+        assert "region_map" not in out
+        assert out["flag_policy"] == policy
+        assert r.region_flagged == (r.region_score < r.region_threshold)
+        assert r.global_flagged == (r.log_posterior < r.threshold)
+        want = {"global": r.global_flagged, "region": r.region_flagged,
+                "either": r.global_flagged or r.region_flagged}[policy]
+        assert r.flagged == want
+        cal_scores = s.manifest["calibration"]["region"]["normal_scores"]
+        assert r.region_percentile == percentile_of(r.region_score, cal_scores)
+        assert r.region_window_mm in (10.0, 20.0, 40.0)
+        # the centre lies in the grid's box, and the source slice named is the nearest one in z
+        x, y, z = r.region_center_mm
+        assert -110 <= x <= -109.14 + 128 * 1.71875 and -130 <= y <= -129.14 + 128 * 1.71875
+        assert 50.0 - 31 * 4.5 <= z <= 50.0
+        k = meta["sop_instance_uids"].index(r.region_sop_instance_uid)
+        assert abs(meta["source_geometry"]["slice_positions_mm"][k][2] - z) <= 2.5
+        # the global score by the maps' path equals the plain log_prob path
+        m0 = Glow.load(s.m0_path).eval()
+        x_in = fit_to_shape(torch.from_numpy(canonical(i))[None, None], m0.cfg.image_shape)
+        with torch.no_grad():
+            lp0 = m0.log_prob(m0.preprocess(x_in)).item()
+        assert r.log_p_normal_model == pytest.approx(lp0, rel=1e-5)
+        assert plain.score([VolumeInput("1.2", "1.2.3", canonical(i))])[0].region_center_mm is None
+
+
+def test_a_set_without_region_calibration_flags_by_the_global_score(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "models")
+    reg.promote(make_set(reg, tmp_path).version)
+    r = Scorer.from_registry(reg, device="cpu", flag_policy="region").score(
+        [VolumeInput("s", "se", canonical(3), metadata())])[0]
+    assert r.flag_policy == "global" and r.region_score is None and r.flagged == (r.log_posterior < 0.0)
+    with pytest.raises(ScoringError, match="flag_policy"):
+        Scorer.from_registry(reg, device="cpu", flag_policy="sometimes")
+
+
+def test_a_changed_region_calibration_file_is_refused(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "models")
+    s = make_region_set(reg, tmp_path)
+    path = reg.root / s.manifest["calibration"]["region"]["file"]
+    path.write_bytes(path.read_bytes() + b"x")
+    with pytest.raises(ScoringError, match="does not match its manifest hash"):
+        Scorer.from_registry(reg, device="cpu")

@@ -68,9 +68,9 @@ from triage.assemble.volume import PREPROCESSING_VERSION, VolumeError, load_volu
 from triage.config import Config, ConfigError, load
 from triage.model.calibrate import threshold_at_specificity
 from triage.model.glow import Glow, fit_to_shape
-from triage.model.modelset import load_reference_volumes
+from triage.model.modelset import load_reference_volumes, region_calibration
 from triage.model.registry import ModelSet, Registry, RegistryError
-from triage.model.score import pick_device
+from triage.model.score import ModelPair, pick_device
 from triage.ops.history import RESULT, WORKDIR_PREFIX, append_history, new_workdir
 from triage.ops.logs import get_logger
 from triage.store.db import Store
@@ -331,6 +331,7 @@ def _gate(cfg: Config, current: ModelSet, new_m1: Path, g: Gathered, refs: list[
         "median_shift": _num(shift), "shift_limit": _num(limit), "current_sd": _num(sd),
         "shift_passed": shift_ok,
         "_scores": (cur_scores, new_scores),
+        "_refs": refs, "_device": device,  # the region score is recalibrated on them with the new M1
     }
 
 
@@ -351,12 +352,15 @@ def _register(reg: Registry, current: ModelSet, new_m1: Path, gate: dict[str, An
                         "previous_threshold": cur_threshold, "previous_method":
                         current.manifest["operating_point"]["method"], "n_normal": len(refs)},
     }
+    region = region_calibration(ModelPair(Glow.load(current.m0_path), Glow.load(new_m1), gate["_device"]),
+                                gate["_refs"], threshold, new_scores, reg.root)
     return reg.create(
         current.m0_path, new_m1, trunk=current.trunk_path, preset=str(current.manifest["preset"]),
         preprocessing_version=str(current.manifest["preprocessing_version"]), threshold=threshold,
         method=f"specificity={spec:g}", normal_scores=[float(s) for s in new_scores], provenance=provenance,
         software_version=__version__,
-        calibration_extra={"reference_volumes": refs, "recalibrated_from": current.version},
+        calibration_extra={"reference_volumes": refs, "recalibrated_from": current.version,
+                           **({"region": region} if region else {})},
     )
 
 

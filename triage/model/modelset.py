@@ -10,6 +10,12 @@ data only, no UIDs) and named in the manifest's ``calibration.reference_volumes`
 (training.train.retrain) must score the same normals with a new M1 to gate it (score shift) and to recalibrate
 its threshold, and the archive they came from may be gone by then. Content addressing lets every
 retrained set name the same files without copying them.
+
+The region score (:mod:`triage.model.voxelmap`) is calibrated here too, on the same normals: their
+log-ratio voxel maps give per-position statistics and leave-one-out region scores, kept as a
+content-addressed ``<models>/region/<sha256>.npz`` named in ``calibration.region``; its threshold keeps
+the specificity the global operating point has on those normals. The nightly retrain calls
+:func:`region_calibration` with its new M1 on the reference volumes.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from triage.model.calibrate import threshold_at_specificity, youden
 from triage.model.glow import Glow
 from triage.model.registry import ModelSet, Registry, RegistryError
 from triage.model.score import ModelPair, pick_device
+from triage.model.voxelmap import fit_region_calibration, model_spacing_mm, save_region_calibration
 from triage.ops.logs import get_logger
 
 log = get_logger("models")
@@ -86,6 +93,37 @@ def load_reference_volumes(model_set: ModelSet, models_root: Path) -> list[np.nd
     return out
 
 
+def specificity_on(normal_scores: list[float] | np.ndarray, threshold: float) -> float:
+    """Share of normals the global threshold leaves unflagged (``score >= threshold``)."""
+    s = np.asarray(normal_scores, dtype=float)
+    return float(np.mean(s >= threshold)) if s.size else 1.0
+
+
+def region_calibration(pair: ModelPair, volumes: list[np.ndarray], global_threshold: float,
+                       global_normal_scores: list[float] | np.ndarray, models_root: Path,
+                       maps: list[np.ndarray] | None = None) -> dict[str, Any] | None:
+    """Fit and keep the region calibration of ``pair`` on normal ``volumes``; its manifest entry.
+
+    The region threshold keeps the specificity the global threshold has on the normals' global scores
+    (so "either" flags each score at the same specificity). None (logged) when there are fewer than 3
+    normals or the model is not a 3-D model on the canonical grid: the set then flags by the global
+    score alone. ``maps`` (the volumes' log-ratio maps, when the caller has them) saves a pass.
+    """
+    shape = tuple(pair.m0.cfg.image_shape)
+    if len(volumes) < 3 or len(shape) != 3:
+        log.warning("region_not_calibrated", normals=len(volumes), image_shape=list(shape))
+        return None
+    if maps is None:
+        maps = [pair.log_likelihood_maps(v)[2].cpu().numpy() for v in volumes]
+    spec = specificity_on(global_normal_scores, global_threshold)
+    cal = fit_region_calibration(maps, model_spacing_mm(shape), specificity=max(spec, 1e-9))
+    if spec <= 0.0:
+        cal.threshold = math.inf  # the global threshold flags every normal: so does the region's
+    entry = save_region_calibration(models_root, cal)
+    log.info("region_calibrated", normals=len(volumes), threshold=cal.threshold, specificity=spec)
+    return entry
+
+
 def read_labels(path: Path) -> dict[str, tuple[str, str]]:
     """labels.csv (study_uid,label,lesion) -> {study_uid: (label, lesion)}."""
     out: dict[str, tuple[str, str]] = {}
@@ -137,17 +175,26 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
     rejected: dict[str, str] = {}
     lab = read_labels(labels) if labels else None
     references: dict[str, dict[str, Any]] = {}
+    normal_volumes: list[np.ndarray] = []
+    normal_maps: list[np.ndarray] = []
     for st in folder_studies([data], cfg.settings.assembly):
         if st.volume is None:
             rejected[st.study_uid] = st.reason or "no volume"
             continue
-        lp0, lp1 = pair.log_likelihoods(st.volume.data)
+        is_normal = lab is None or lab.get(st.study_uid, ("",))[0] == "normal"  # the ones calibrate() keeps
+        if is_normal:  # their voxel maps calibrate the region score; the global score is the maps' total
+            lp0, lp1, dmap = pair.log_likelihood_maps(st.volume.data)
+            normal_maps.append(dmap.cpu().numpy())
+        else:
+            lp0, lp1 = pair.log_likelihoods(st.volume.data)
         posteriors[st.study_uid] = lp0 - lp1
-        if lab is None or lab.get(st.study_uid, ("",))[0] == "normal":  # the normals calibrate() keeps
+        if is_normal:
             references[st.study_uid] = save_reference_volume(reg.root, st.volume.data, lp0 - lp1)
+            normal_volumes.append(st.volume.data)
     threshold, method, normals, details = calibrate(posteriors, lab, spec)
     log.info("calibrated", studies=len(posteriors), rejected=len(rejected), method=method,
              threshold=threshold)
+    region = region_calibration(pair, normal_volumes, threshold, normals, reg.root, maps=normal_maps)
     provenance = {
         "m0": getattr(g0, "extra_info", {}),
         "m1": getattr(g1, "extra_info", {}),
@@ -157,4 +204,5 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
     return reg.create(m0, m1, preset=preset, preprocessing_version=PREPROCESSING_VERSION,
                       threshold=threshold, method=method, normal_scores=normals, provenance=provenance,
                       software_version=__version__,
-                      calibration_extra={"reference_volumes": list(references.values())}, trunk=trunk)
+                      calibration_extra={"reference_volumes": list(references.values()),
+                                         **({"region": region} if region else {})}, trunk=trunk)

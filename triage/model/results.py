@@ -37,10 +37,26 @@ class ScoreResult:
     flagged: bool  # log_posterior < threshold: probably abnormal, read first
     percentile: float  # rank of log_posterior among calibration normals, 0..100 (low: unusual)
     model_version: str
+    # The region score (triage.model.voxelmap): the most abnormal lesion-sized window of the voxel map of
+    # log p(normal|x), standardized per position on calibration normals. None when the model set keeps no
+    # region calibration (made before it existed); ``flagged`` is then the global decision.
+    region_score: float | None = None  # low: abnormal
+    region_percentile: float | None = None  # rank among calibration normals' region scores, 0..100
+    region_threshold: float | None = None
+    region_flagged: bool | None = None  # region_score < region_threshold
+    region_window_mm: float | None = None  # side of the winning window
+    region_center_mm: list[float] | None = None  # [x, y, z] patient LPS mm of the window's centre
+    region_sop_instance_uid: str | None = None  # the source slice nearest to that centre
+    global_flagged: bool | None = None  # log_posterior < threshold, whatever the policy
+    flag_policy: str = "global"  # which of the two decided ``flagged``: global, region or either
     extra: dict[str, Any] = field(default_factory=dict)
+    # The standardized map at the winning window (model grid) and the canonical grid, for key images:
+    # not part of the JSON (the pipeline keeps it beside the results).
+    region_map: Any = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("extra")
+        d.pop("region_map")
         d.update(self.extra)
         return d

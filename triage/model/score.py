@@ -5,6 +5,12 @@ log p(x); by Bayes their difference is log p(normal|x) up to the constant log pr
 score equally and so does not change the ranking or the ROC (paper, eq. 3). Low values: probably
 abnormal. The likelihood alone is *not* used: it rewards simple images (paper, Appendix A).
 
+Where: when the model set keeps a region calibration, both models' voxel maps are computed instead
+(``Glow.log_prob_map``: the same forward pass, its terms kept per location; the global score is the
+maps' total) and the most abnormal lesion-sized window of ``map0 - map1`` gives the region score, its
+percentile and its centre in patient coordinates (:mod:`triage.model.voxelmap`). ``flag_policy``
+says which score flags: global, region, or either at its own calibrated threshold.
+
 Determinism: the flow sees the bin midpoint of each 7-bit voxel (no noise), models are in eval mode,
 and each volume is run on its own (batch of one) so that float round-off cannot depend on which other
 volumes happened to wait in the same batch; "batching" here means the scorer takes every waiting
@@ -18,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +32,28 @@ import torch
 from triage.model.glow import Glow, fit_to_shape
 from triage.model.registry import ModelSet, Registry, RegistryError
 from triage.model.results import ModelSetInfo, ScoreResult
+from triage.model.voxelmap import (
+    Region,
+    RegionScorer,
+    grid_index_to_patient,
+    load_region_calibration,
+    model_index_to_canonical,
+    nearest_source_slice,
+)
 
 __all__ = [
-    "ModelPair", "ModelSetInfo", "ScoreResult", "Scorer", "ScoringError", "VolumeInput", "percentile_of",
+    "FLAG_POLICIES",
+    "ModelPair",
+    "ModelSetInfo",
+    "ScoreResult",
+    "Scorer",
+    "ScoringError",
+    "VolumeInput",
+    "percentile_of",
     "pick_device",
 ]
+
+FLAG_POLICIES = ("global", "region", "either")
 
 
 class ScoringError(Exception):
@@ -57,6 +81,9 @@ class VolumeInput:
     study_uid: str
     series_uid: str
     volume: np.ndarray  # uint8, canonical shape (32, 128, 128), 7-bit window
+    # the assembled volume's metadata (AssembledVolume.metadata(): grid, source geometry, SOP UIDs);
+    # without it the region has no patient coordinates or source slice
+    metadata: dict[str, Any] | None = None
 
 
 class ModelPair:
@@ -87,11 +114,24 @@ class ModelPair:
         lp1 = self.m1.log_prob(self.m1.preprocess(x)).double().item()
         return lp0, lp1
 
+    @torch.inference_mode()
+    def log_likelihood_maps(self, volume: np.ndarray) -> tuple[float, float, torch.Tensor]:
+        """(log p(x|normal), log p(x), map0 - map1): the voxel maps' totals and their difference, the
+        map of log p(normal|x) on the model's grid (float64, on the scoring device)."""
+        x = torch.from_numpy(np.ascontiguousarray(volume)).to(self.device)
+        x = fit_to_shape(x[None, None], self.m0.cfg.image_shape)
+        map0 = self.m0.log_prob_map(self.m0.preprocess(x))[0].double()
+        map1 = self.m1.log_prob_map(self.m1.preprocess(x))[0].double()
+        return float(map0.sum().item()), float(map1.sum().item()), map0 - map1
+
 
 class Scorer:
     """Both models of one model set, loaded once, on the chosen device."""
 
-    def __init__(self, model_set: ModelSet, device: str = "auto", threads: int = 0):
+    def __init__(self, model_set: ModelSet, device: str = "auto", threads: int = 0,
+                 flag_policy: str = "either"):
+        if flag_policy not in FLAG_POLICIES:
+            raise ScoringError(f"flag_policy must be one of {', '.join(FLAG_POLICIES)}, got {flag_policy!r}")
         self.model_set = model_set
         self.info: ModelSetInfo = model_set.info()
         self.device = pick_device(device)
@@ -100,22 +140,27 @@ class Scorer:
         try:
             model_set.verify()
             self.pair = ModelPair.load(model_set.m0_path, model_set.m1_path, self.device)
+            cal = load_region_calibration(model_set.path, model_set.manifest)
+            self.region = RegionScorer(cal, self.device) if cal is not None else None
         except (RegistryError, OSError, RuntimeError, ValueError, KeyError) as exc:
             raise ScoringError(f"model set {model_set.version} cannot be loaded: {exc}") from exc
         except ScoringError as exc:
             raise ScoringError(f"model set {model_set.version}: {exc}") from exc
         self._normals = model_set.calibration_scores
+        # a set without a region calibration (made before it existed) flags by the global score
+        self.flag_policy = flag_policy if self.region is not None else "global"
         self.last_inference_s = 0.0
 
     @classmethod
-    def from_registry(cls, registry: Registry, device: str = "auto", threads: int = 0) -> Scorer:
+    def from_registry(cls, registry: Registry, device: str = "auto", threads: int = 0,
+                      flag_policy: str = "either") -> Scorer:
         try:
             current = registry.current()
         except RegistryError as exc:
             raise ScoringError(str(exc)) from exc
         if current is None:
             raise ScoringError(f"no current model set under {registry.root}: create and promote one")
-        return cls(current, device=device, threads=threads)
+        return cls(current, device=device, threads=threads, flag_policy=flag_policy)
 
     def log_likelihoods(self, volume: np.ndarray) -> tuple[float, float]:
         return self.pair.log_likelihoods(volume)
@@ -127,12 +172,19 @@ class Scorer:
         for it in items:
             if it.volume.dtype != np.uint8:
                 raise ScoringError(f"series {it.series_uid}: volume dtype {it.volume.dtype}, expected uint8")
-            lp0, lp1 = self.log_likelihoods(it.volume)
+            region: Region | None = None
+            if self.region is not None:
+                lp0, lp1, dmap = self.pair.log_likelihood_maps(it.volume)
+                region = self.region(dmap)
+            else:
+                lp0, lp1 = self.log_likelihoods(it.volume)
             if not (np.isfinite(lp0) and np.isfinite(lp1)):
                 raise ScoringError(
                     f"model set {self.info.version} gave a non-finite likelihood for series {it.series_uid}"
                 )
             post = lp0 - lp1
+            global_flag = bool(post < self.info.threshold)
+            where = self._region_fields(region, global_flag, it.metadata)
             out.append(
                 ScoreResult(
                     study_uid=it.study_uid,
@@ -141,11 +193,40 @@ class Scorer:
                     log_p_mixture_model=lp1,
                     log_posterior=post,
                     threshold=self.info.threshold,
-                    flagged=bool(post < self.info.threshold),
+                    flagged=where.pop("flagged", global_flag),
                     percentile=percentile_of(post, self._normals),
                     model_version=self.info.version,
+                    global_flagged=global_flag,
+                    flag_policy=self.flag_policy,
                     extra={"zero_fraction": float(np.mean(it.volume == 0))},
+                    **where,
                 )
             )
         self.last_inference_s = (time.perf_counter() - t0) / max(1, len(items))
+        return out
+
+    def _region_fields(self, region: Region | None, global_flag: bool, metadata: dict[str, Any] | None
+                       ) -> dict[str, Any]:
+        """The region's ScoreResult fields, and ``flagged`` by the policy."""
+        if region is None or self.region is None:
+            return {}
+        cal = self.region.cal
+        region_flag = bool(region.score < cal.threshold)
+        flagged = {"global": global_flag, "region": region_flag, "either": global_flag or region_flag}
+        out: dict[str, Any] = {
+            "region_score": region.score,
+            "region_percentile": percentile_of(region.score, cal.normal_scores),
+            "region_threshold": cal.threshold,
+            "region_flagged": region_flag,
+            "region_window_mm": region.window_mm,
+            "flagged": flagged[self.flag_policy],
+        }
+        canon = model_index_to_canonical(region.index_zyx, self.pair.m0.cfg.image_shape)
+        if metadata and metadata.get("grid"):
+            centre = grid_index_to_patient(metadata["grid"], canon)
+            out["region_center_mm"] = centre
+            out["region_sop_instance_uid"] = nearest_source_slice(metadata, centre)[0]
+        out["region_map"] = {"zmap": region.zmap, "image_shape": list(self.pair.m0.cfg.image_shape),
+                             "index_zyx": list(region.index_zyx), "canonical_index_zyx": list(canon),
+                             "window_mm": region.window_mm}
         return out

@@ -37,8 +37,11 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -238,3 +241,80 @@ def model_index_to_canonical(index_zyx: Sequence[float], image_shape: Sequence[i
         f = t // s
         out.append(float(i) * f + (f - 1) / 2.0)
     return tuple(out)
+
+
+# -------------------------------------------------------------------------------- geometry and storage
+
+
+def grid_index_to_patient(grid: dict[str, Any], index_zyx: Sequence[float]) -> list[float]:
+    """Continuous canonical index (z, y, x) -> patient LPS mm, by the volume's saved ``grid`` (the same
+    formula as ``AssembledVolume.index_to_patient``, for a volume known only by its metadata)."""
+    z, y, x = (float(v) for v in index_zyx)
+    d = np.asarray(grid["direction"], dtype=float).reshape(3, 3)
+    sp = np.asarray(grid["spacing"], dtype=float)
+    p = np.asarray(grid["origin"], dtype=float) + d @ (sp * np.array([x, y, z]))
+    return [float(v) for v in p]
+
+
+def nearest_source_slice(metadata: dict[str, Any], point_mm: Sequence[float]
+                         ) -> tuple[str | None, int | None]:
+    """(SOP Instance UID, index in z order) of the source slice whose plane is nearest to ``point_mm``.
+
+    Uses the slice positions the assembly keeps (``source_geometry.slice_positions_mm``, one per
+    ``sop_instance_uids`` entry); volumes saved before it kept them fall back to first position + k *
+    step when the counts agree (no interpolated gaps). None when neither is known.
+    """
+    uids = list(metadata.get("sop_instance_uids") or [])
+    geo = metadata.get("source_geometry") or {}
+    pos = geo.get("slice_positions_mm")
+    if pos is None and uids and geo.get("n_slices") == len(uids) and "first_position" in geo:
+        p0, step = np.asarray(geo["first_position"], float), np.asarray(geo["step_mm"], float)
+        pos = [p0 + k * step for k in range(len(uids))]
+    if not uids or pos is None or len(pos) != len(uids):
+        return None, None
+    normal = np.asarray(geo.get("normal") or [0.0, 0.0, 1.0], dtype=float)
+    dist = np.abs((np.asarray(pos, dtype=float) - np.asarray(point_mm, dtype=float)) @ normal)
+    k = int(np.argmin(dist))
+    return str(uids[k]), k
+
+
+REGION_DIR = "region"
+
+
+def save_region_calibration(models_root: Path, cal: RegionCalibration) -> dict[str, Any]:
+    """Keep a region calibration under ``<models>/region/<sha256>.npz`` (content-addressed, atomic, like
+    the reference volumes) and return its manifest entry (the summary plus ``file`` and ``sha256``)."""
+    raw = cal.to_bytes()
+    sha = hashlib.sha256(raw).hexdigest()
+    rel = f"{REGION_DIR}/{sha}.npz"
+    path = Path(models_root) / rel
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{sha}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(raw)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return {**cal.summary(), "file": rel, "sha256": sha}
+
+
+def load_region_calibration(model_set_path: Path, manifest: dict[str, Any]) -> RegionCalibration | None:
+    """The region calibration a model set names (``calibration.region``), or None when it keeps none.
+    Raises ValueError when the file is missing or does not match its hash (a changed file would change
+    results)."""
+    entry = (manifest.get("calibration") or {}).get("region")
+    if not entry:
+        return None
+    path = Path(model_set_path).parent / str(entry["file"])
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"region calibration {path}: {exc}") from None
+    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+        raise ValueError(f"region calibration {path} does not match its manifest hash")
+    return RegionCalibration.from_bytes(raw)
