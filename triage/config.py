@@ -156,15 +156,26 @@ class AssemblySettings(_Section):
     head_patterns: list[str] = Field(
         default_factory=lambda: ["HEAD", "BRAIN", "SKULL", "CRANI", "NEURO", "KOPF", "SCHAEDEL"]
     )
-    min_slice_thickness_mm: Annotated[float, Field(gt=0)] = 2.0
-    max_slice_thickness_mm: Annotated[float, Field(gt=0)] = 6.0
+    min_slice_thickness_mm: Annotated[float, Field(gt=0)] = 0.5
+    max_slice_thickness_mm: Annotated[float, Field(gt=0)] = 10.0
+    # the largest step between consecutive slices that is resampled (slab 4.5 mm + 3.5 mm margin:
+    # GE's two-stack head protocol steps 7.38 mm above the posterior fossa); a larger one is a hole
+    max_slice_gap_mm: Annotated[float, Field(gt=0)] = 8.0
+    # a series whose content is not a head (no skull ring around brain-density tissue): "reject" it
+    # with the reason, or "warn": score it with the reason as a warning
+    non_head_content: Literal["reject", "warn"] = "reject"
+    # brain-tissue noise (HU, robust std of the high-pass image, scaled to a 4.5 mm slab) above which
+    # a reconstruction counts as a sharp (bone/lung) kernel whatever its name says
+    sharp_noise_hu: Annotated[float, Field(gt=0)] = 12.0
     soft_kernel_patterns: list[str] = Field(
         default_factory=lambda: [
             "STANDARD", "SOFT", "BRAIN", "H3", "J3", "J4", "H4", "FC2", "FC6", "UB", "UC"
         ]
     )
     sharp_kernel_patterns: list[str] = Field(
-        default_factory=lambda: ["BONE", "H6", "H7", "H8", "J7", "FC3", "FC8", "YC", "EDGE", "LUNG"]
+        default_factory=lambda: [
+            "BONE", "H6", "H7", "H8", "J7", "FC3", "FC8", "YC", "EDGE", "LUNG", "KNOCHEN", "HUESO"
+        ]
     )
     min_coverage_mm: Annotated[float, Field(gt=0)] = 90.0
     max_tilt_deg: Annotated[float, Field(ge=0, le=45)] = 30.0

@@ -371,21 +371,23 @@ def test_missing_slice_is_interpolated_when_configured(
     _, vol = reference
     paths = write_series(tmp_path, drop=(17,))
     filled = build_volume(paths, AssemblySettings(interpolate_gaps=True, max_gap_slices=1))
-    assert filled.warnings == ["interpolated 1 missing slice at z=34.50 mm (between z=30.00 and z=39.00 mm)"]
+    assert filled.warnings == [
+        "interpolated across a 9.00 mm gap between z=30.00 and z=39.00 mm (slice spacing 4.50 mm)"
+    ]
     assert filled.source_geometry["n_slices"] == 36
     assert filled.grid["origin"] == pytest.approx(vol.grid["origin"], abs=0.1)
     assert _head_mad(vol, filled) < 1.0
     # two adjacent missing slices exceed max_gap_slices = 1
     two = write_series(tmp_path / "two", drop=(17, 18))
     with pytest.raises(
-        VolumeError, match=r"2 missing slices between z=30.00 and z=43.50 mm.*max_gap_slices 1"
+        VolumeError, match=r"2 missing slices between z=30.00 and z=43.50 mm.*max_slice_gap_mm 9.9"
     ):
         build_volume(two, AssemblySettings(interpolate_gaps=True, max_gap_slices=1))
     filled2 = build_volume(two, AssemblySettings(interpolate_gaps=True, max_gap_slices=2))
-    assert "interpolated 2 missing slices at z=34.50, 39.00 mm" in filled2.warnings[0]
+    assert "interpolated across a 13.50 mm gap between z=30.00 and z=43.50 mm" in filled2.warnings[0]
 
 
-def test_duplicate_and_irregular_positions_are_rejected(tmp_path: Path) -> None:
+def test_duplicate_positions_are_rejected_and_irregular_ones_resampled(tmp_path: Path) -> None:
     zs = [-50.0 + 4.5 * i for i in range(30)]
     dup = write_series(tmp_path / "dup", positions=[*zs, zs[10]])
     with pytest.raises(VolumeError, match=r"two slices at one position z=-5.00 mm") as err:
@@ -393,8 +395,13 @@ def test_duplicate_and_irregular_positions_are_rejected(tmp_path: Path) -> None:
     assert err.value.category == "duplicate"
     irregular = list(zs)
     irregular[12] += 1.7  # 6.2 mm then 2.8 mm
-    with pytest.raises(VolumeError, match=r"irregular slice spacing between z=-0.50 and z=5.70 mm"):
-        build_volume(write_series(tmp_path / "irr", positions=irregular))
+    vol = build_volume(write_series(tmp_path / "irr", positions=irregular))
+    assert any("variable slice spacing (2.80-6.20 mm" in w for w in vol.warnings), vol.warnings
+    far = list(zs)
+    far[12:] = [z + 4.0 for z in far[12:]]  # one 8.5 mm step: a hole beyond max_slice_gap_mm 8
+    with pytest.raises(VolumeError, match=r"gap between z=-0.50 and z=8.00 mm .*max_slice_gap_mm 8") as err:
+        build_volume(write_series(tmp_path / "far", positions=far))
+    assert err.value.category == "missing_slices"
 
 
 def test_two_orientations_use_the_majority_group_with_a_warning(
@@ -588,16 +595,18 @@ def test_the_primary_series_is_chosen_and_each_distractor_has_a_reason(tmp_path:
     assert sel.chosen == uid["primary"]
     assert sel.reason is None
     assert set(sel.skipped) == set(headers) - {uid["primary"]}
-    assert sel.candidates == [uid["primary"], uid["bone"]]
+    # thin series are candidates now (averaged into slabs), ranked below the 4-5 mm one; the chest
+    # series too (the content decides, at build time), ranked last: its headers name another part
+    assert sel.candidates == [uid["primary"], uid["thin"], uid["bone"], uid["chest"]]
     expected = {
         "bone": f"candidate ranked below {uid['primary']} (soft kernel 'H31s'",
-        "thin": "slice thickness 0.625 mm outside [2, 6] mm",
+        "thin": f"candidate ranked below {uid['primary']}",
         "localizer": "ImageType ORIGINAL\\PRIMARY\\LOCALIZER contains LOCALIZER",
         "reformat": "ImageType DERIVED\\SECONDARY\\REFORMATTED contains DERIVED/SECONDARY",
-        "chest": "not a head series: BodyPartExamined 'CHEST'",
+        "chest": f"candidate ranked below {uid['primary']}",
         "dose": f"SOP class Secondary Capture Image Storage ({SECONDARY_CAPTURE}) is not CT Image Storage",
         "sr": "SOP class Enhanced SR Storage",
-        "enhanced": "Enhanced CT (multi-frame) images are not supported",
+        "enhanced": "2 of 2 images lack ImagePositionPatient",
     }
     for name, text in expected.items():
         assert text in sel.skipped[uid[name]], (name, sel.skipped[uid[name]])
@@ -605,13 +614,13 @@ def test_the_primary_series_is_chosen_and_each_distractor_has_a_reason(tmp_path:
     categories = {name: sel.categories[uid[name]] for name in expected}
     assert categories == {
         "bone": "not_preferred",
-        "thin": "slice_thickness",
+        "thin": "not_preferred",
         "localizer": "image_type",
         "reformat": "image_type",
-        "chest": "not_head",
+        "chest": "not_preferred",
         "dose": "not_ct",
         "sr": "not_ct",
-        "enhanced": "not_ct",
+        "enhanced": "geometry",
     }
     vol = build_volume([h.path for h in sel.instances])
     assert vol.series_uid == uid["primary"]
@@ -632,7 +641,8 @@ def test_assemble_study_falls_back_when_the_best_series_cannot_be_built(tmp_path
     assert bone_uid not in sel.skipped
     # with interpolation on, the soft-kernel series is built after all
     sel, vol = assemble_study(series, AssemblySettings(interpolate_gaps=True))
-    assert vol is not None and sel.chosen == soft_uid and vol.warnings[0].startswith("interpolated 1 missing")
+    assert vol is not None and sel.chosen == soft_uid
+    assert vol.warnings[0].startswith("interpolated across a 9")
     # nothing buildable: no volume, and the reason lists every failure
     sel, vol = assemble_study({soft_uid: series[soft_uid]}, AssemblySettings(interpolate_gaps=False))
     assert vol is None and sel.chosen is None
@@ -674,9 +684,8 @@ def test_head_detection_from_study_description_and_config_patterns(tmp_path: Pat
     )
     hs = [read_header(p) for p in paths]
     assert select_series({"s": hs}).chosen == "s"  # no body part: the study description decides
-    none = select_series({"s": hs}, AssemblySettings(head_patterns=["BRAIN"]))
-    assert none.chosen is None
-    assert "not a head series" in none.skipped["s"] and none.reason and "s: not a head series" in none.reason
+    # header words are only a hint: without a match the series is still a candidate (content decides)
+    assert select_series({"s": hs}, AssemblySettings(head_patterns=["BRAIN"])).chosen == "s"
     assert (
         select_series({"s": hs}, AssemblySettings(modalities=["MR"])).skipped["s"].startswith("modality CT")
     )
@@ -773,7 +782,7 @@ def test_synth_study_primary_is_chosen_and_distractors_skipped(
     expected = {
         "localizer": "contains LOCALIZER",
         "bone": f"candidate ranked below {truth.primary_series_uid}",
-        "thin": "slice thickness",
+        "thin": "coverage",
         "reformat": "contains DERIVED/SECONDARY",
         "dose": "Secondary Capture Image Storage",
     }
@@ -871,10 +880,12 @@ def test_synth_missing_slice_rejected_or_interpolated(
     k = truth.dropped_index
     assert k is not None and len(files) == truth.n_slices_planned - 1
     z = [truth.ipp_first[2] + i * truth.slice_step[2] for i in (k - 1, k, k + 1)]
+    step = float(np.linalg.norm(truth.slice_step))
+    tight = AssemblySettings(interpolate_gaps=False, max_slice_gap_mm=1.5 * step)
     with pytest.raises(VolumeError, match=rf"missing slice between z={z[0]:.2f} and z={z[2]:.2f} mm"):
-        build_volume(files, AssemblySettings(interpolate_gaps=False))
-    filled = build_volume(files, AssemblySettings(interpolate_gaps=True))
-    assert filled.warnings[0].startswith(f"interpolated 1 missing slice at z={z[1]:.2f} mm")
+        build_volume(files, tight)
+    filled = build_volume(files, AssemblySettings(max_slice_gap_mm=2.5 * step))
+    assert filled.warnings[0].startswith(f"interpolated across a {2 * step:.2f} mm gap between z={z[0]:.2f}")
     assert filled.grid["origin"] == pytest.approx(base.grid["origin"], abs=0.5)
     same = np.abs(filled.data.astype(float) - base.data.astype(float))[base.data > 0]
     assert same.mean() < 1.0

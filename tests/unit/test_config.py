@@ -136,9 +136,9 @@ BAD: list[tuple[str, str, str, str]] = [
     ),
     (
         "thickness",
-        "[assembly]\nmin_slice_thickness_mm = 8.0\n",
+        "[assembly]\nmin_slice_thickness_mm = 12.0\n",
         "assembly.min_slice_thickness_mm",
-        "must not exceed max_slice_thickness_mm (8.0 > 6.0)",
+        "must not exceed max_slice_thickness_mm (12.0 > 10.0)",
     ),
     ("cron-fields", '[retrain]\ncron = "30 2 * *"\n', "retrain.cron", "expected 5 cron fields"),
     ("cron-value", '[retrain]\ncron = "61 2 * * *"\n', "retrain.cron", "invalid cron expression"),

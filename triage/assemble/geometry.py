@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from triage.assemble.common import (
     DUPLICATE_MM,
     ORIENTATION_TOLERANCE,
+    SLICE_MM,
     SPACING_TOLERANCE,
     VolumeError,
     _fmt,
@@ -105,50 +106,114 @@ def _main_group(groups: list[OrientationGroup], series_uid: str) -> tuple[Orient
     ]
 
 
-def _order_and_space(
-    slices: list[_Slice], n: np.ndarray, rules: AssemblySettings, uid: str
-) -> tuple[float, dict[int, int]]:
-    """Sort ``slices`` in place along the normal; check spacing. Returns the spacing and the gaps to
-    fill ({index of the slice before the gap: slices missing})."""
+def _order_slices(slices: list[_Slice], n: np.ndarray, uid: str) -> None:
+    """Sort ``slices`` in place along the normal; two slices at one position are refused."""
     for s in slices:
         s.s = float(np.dot(s.header.position, n))
-    slices.sort(key=lambda s: (s.s, s.header.sop_instance_uid))
-
-    def z(s: _Slice) -> float:
-        assert s.header.position is not None
-        return s.header.position[2]
-
+    slices.sort(key=lambda s: (s.s, s.header.key))
     for a, b in itertools.pairwise(slices):
         if b.s - a.s < DUPLICATE_MM:
             raise VolumeError(
-                f"series {uid}: two slices at one position z={z(a):.2f} mm "
-                f"({a.header.path.name} and {b.header.path.name}); duplicate or overlapping acquisitions",
+                f"series {uid}: two slices at one position z={_z(a):.2f} mm "
+                f"({_name(a)} and {_name(b)}); duplicate or overlapping acquisitions",
                 "duplicate",
             )
-    steps = np.diff([s.s for s in slices])
-    spacing = float(np.median(steps))
-    gaps: dict[int, int] = {}
-    for i, step in enumerate(steps):
-        ratio = step / spacing
-        m = round(ratio)
-        where = f"between z={z(slices[i]):.2f} and z={z(slices[i + 1]):.2f} mm"
-        how = f"step {step:.2f} mm, spacing {spacing:.2f} mm"
-        if m < 1 or abs(ratio - m) > SPACING_TOLERANCE:
-            raise VolumeError(f"series {uid}: irregular slice spacing {where} ({how})", "missing_slices")
-        if m == 1:
-            continue
-        what = "missing slice" if m == 2 else f"{m - 1} missing slices"
-        if not rules.interpolate_gaps:
-            raise VolumeError(
-                f"series {uid}: {what} {where} ({how}); interpolate_gaps is off", "missing_slices"
-            )
-        if m - 1 > rules.max_gap_slices:
-            raise VolumeError(
-                f"series {uid}: {what} {where} ({how}): more than max_gap_slices {rules.max_gap_slices}",
-                "missing_slices",
-            )
-        gaps[i] = m - 1
-    return spacing, gaps
+
+
+def _z(s: _Slice) -> float:
+    assert s.header.position is not None
+    return s.header.position[2]
+
+
+def _name(s: _Slice) -> str:
+    h = s.header
+    return h.path.name if h.frame_index is None else f"{h.path.name} frame {h.frame_index + 1}"
+
+
+def gap_limit(rules: AssemblySettings, median_step: float) -> float:
+    """The largest step between consecutive slices that is resampled rather than refused."""
+    limit = rules.max_slice_gap_mm
+    if rules.interpolate_gaps:  # the older rule, in slices: kept so a site that set it keeps it
+        limit = max(limit, (rules.max_gap_slices + 1) * median_step * (1 + SPACING_TOLERANCE))
+    return limit
+
+
+def _check_gaps(slices: list[_Slice], rules: AssemblySettings, uid: str) -> None:
+    """Refuse a hole: a step between consecutive (ordered) slices longer than :func:`gap_limit`.
+
+    Steps are measured between slice positions (along the table for a tilted gantry), so a
+    two-stack protocol (4 mm then 7 mm slices) or a thin series missing a slice passes and is
+    resampled; only a step longer than the limit is refused, naming the two positions.
+    """
+    pos = np.array([s.header.position for s in slices], dtype=float)
+    steps = np.linalg.norm(np.diff(pos, axis=0), axis=1)
+    median = float(np.median(steps))
+    limit = gap_limit(rules, median)
+    for i in np.flatnonzero(steps > limit + 1e-6):
+        step = float(steps[i])
+        m = round(step / median)
+        what = "gap"
+        if m >= 2 and abs(step / median - m) <= SPACING_TOLERANCE:
+            what = "missing slice" if m == 2 else f"{m - 1} missing slices"
+        raise VolumeError(
+            f"series {uid}: {what} between z={_z(slices[i]):.2f} and z={_z(slices[i + 1]):.2f} mm "
+            f"(step {step:.2f} mm, spacing {median:.2f} mm): a hole longer than max_slice_gap_mm "
+            f"{limit:g}",
+            "missing_slices",
+        )
+
+
+def _regularise(
+    stack: np.ndarray, positions: np.ndarray, n: np.ndarray, uid: str, warnings: list[str]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """A stack with uniform steps: returned as it is; otherwise (variable spacing, a missing thin
+    slice) linearly interpolated along the line of the slice positions onto steps of the median
+    step (at most the canonical slab), the gaps recorded as warnings. Returns the stack, the
+    positions and the spacing along the normal."""
+    p0 = positions[0]
+    span = positions[-1] - p0
+    length = float(np.linalg.norm(span))
+    direction = span / length
+    t = (positions - p0) @ direction
+    off = np.linalg.norm(positions - (p0 + np.outer(t, direction)), axis=1)
+    steps = np.diff(t)
+    median = float(np.median(steps))
+    if float(off.max()) > SPACING_TOLERANCE * median + 0.05:
+        worst = int(np.argmax(off))
+        raise VolumeError(
+            f"series {uid}: slice positions do not lie on a line (slice at {_fmt(positions[worst])} is "
+            f"{off[worst]:.2f} mm off)",
+            "geometry",
+        )
+    normal_steps = np.diff(positions @ n)
+    if np.all(np.abs(steps - median) <= SPACING_TOLERANCE * median):
+        return stack, positions, float(np.median(normal_steps))
+    u = min(median, SLICE_MM)
+    n_new = round(length / u) + 1
+    grid = np.linspace(0.0, length, n_new)
+    idx = np.clip(np.searchsorted(t, grid, side="right") - 1, 0, len(t) - 2)
+    w = ((grid - t[idx]) / (t[idx + 1] - t[idx])).astype(np.float32)
+    out = np.empty((n_new, *stack.shape[1:]), dtype=np.float32)
+    for k in range(n_new):
+        out[k] = (1 - w[k]) * stack[idx[k]] + w[k] * stack[idx[k] + 1]
+    # a hole: a step half again as long as the longer of its neighbours (a missing slice), not a stack
+    # of a coarser spacing (the upper stack of a two-stack protocol)
+    padded = np.concatenate([[-np.inf], steps, [-np.inf]])
+    neighbours = np.maximum(padded[:-2], padded[2:])
+    neighbours = np.where(np.isfinite(neighbours), neighbours, median)  # the ends: the median
+    holes = [i for i, st in enumerate(steps) if st > 1.5 * neighbours[i]]
+    for i in holes:
+        warnings.append(
+            f"interpolated across a {steps[i]:.2f} mm gap between z={positions[i][2]:.2f} and "
+            f"z={positions[i + 1][2]:.2f} mm (slice spacing {median:.2f} mm)"
+        )
+    if len(holes) < int(np.sum(np.abs(steps - median) > SPACING_TOLERANCE * median)):
+        warnings.append(
+            f"variable slice spacing ({steps.min():.2f}-{steps.max():.2f} mm between positions) "
+            f"resampled to {length / (n_new - 1):.2f} mm steps"
+        )
+    spacing = float(length / (n_new - 1) * abs(direction @ n))
+    return out, p0 + np.outer(grid, direction), spacing
 
 
 @dataclass(frozen=True)

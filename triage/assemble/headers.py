@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,14 @@ class InstanceHeader:
     frame_of_reference_uid: str = ""
     gantry_tilt: float | None = None
     problems: tuple[str, ...] = ()
+    frame_index: int | None = None  # the frame of a multi-frame (Enhanced CT) instance this describes
+
+    @property
+    def key(self) -> str:
+        """What one slice is known by: the SOP instance UID, with the frame for a multi-frame one."""
+        if self.frame_index is None:
+            return self.sop_instance_uid
+        return f"{self.sop_instance_uid}[{self.frame_index}]"
 
     @property
     def normal(self) -> np.ndarray | None:
@@ -189,6 +197,73 @@ def read_headers(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Instance
         except VolumeError as exc:
             errors[Path(raw)] = exc.reason
     return headers, errors
+
+
+def frame_headers(ds: Dataset, base: InstanceHeader) -> list[InstanceHeader]:
+    """One header a frame of a multi-frame (Enhanced CT) instance: position, orientation, pixel
+    spacing, thickness and kernel from the per-frame functional groups, else the shared ones
+    (PS3.3 C.7.6.16), so each frame goes through the same geometry rules as a single-frame slice."""
+    out: list[InstanceHeader] = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    for i in range(base.number_of_frames):
+        problems = list(base.problems)
+
+        def item(sequence: str, i: int = i, problems: list[str] = problems) -> Dataset | None:
+            try:
+                if i < len(per_frame) and per_frame[i].get(sequence):
+                    return per_frame[i].get(sequence)[0]
+                shared = ds.get("SharedFunctionalGroupsSequence")
+                if shared and shared[0].get(sequence):
+                    return shared[0].get(sequence)[0]
+            except Exception as exc:  # a malformed group loses this value, not the instance
+                problems.append(f"{sequence} unreadable ({type(exc).__name__})")
+            return None
+
+        def floats(it: Dataset | None, keyword: str, n: int) -> tuple[float, ...] | None:
+            value = it.get(keyword) if it is not None else None
+            if value is None:
+                return None
+            try:
+                vals = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                return None
+            return vals if len(vals) == n and all(math.isfinite(v) for v in vals) else None
+
+        pos = floats(item("PlanePositionSequence"), "ImagePositionPatient", 3)
+        iop = floats(item("PlaneOrientationSequence"), "ImageOrientationPatient", 6)
+        measures = item("PixelMeasuresSequence")
+        spacing = floats(measures, "PixelSpacing", 2)
+        thick = floats(measures, "SliceThickness", 1)
+        recon = item("CTReconstructionSequence")
+        kernel = _text(recon.get("ConvolutionKernel")) if recon is not None else ""
+        out.append(
+            replace(
+                base,
+                position=pos if pos is not None else base.position,  # type: ignore[arg-type]
+                orientation=iop if iop is not None else base.orientation,
+                pixel_spacing=spacing if spacing is not None else base.pixel_spacing,  # type: ignore[arg-type]
+                slice_thickness=thick[0] if thick else base.slice_thickness,
+                kernel=base.kernel or kernel,
+                frame_index=i,
+                problems=tuple(problems),
+            )
+        )
+    return out
+
+
+def expand_frames(headers: Iterable[InstanceHeader]) -> list[InstanceHeader]:
+    """Headers with every multi-frame instance replaced by one header a frame (re-reading its
+    functional groups; no pixel data). A file that cannot be re-read keeps its one header."""
+    out: list[InstanceHeader] = []
+    for h in headers:
+        if h.number_of_frames <= 1 or h.frame_index is not None:
+            out.append(h)
+            continue
+        try:
+            out.extend(frame_headers(_dcmread(h.path, pixels=False), h))
+        except VolumeError:
+            out.append(h)
+    return out
 
 
 def group_studies(headers: Iterable[InstanceHeader]) -> dict[str, dict[str, list[InstanceHeader]]]:

@@ -3,7 +3,9 @@
 Why pydicom and not SimpleITK's ImageSeriesReader: GDCM sorts files by its own rules, takes the
 geometry of the first file, shears a gantry-tilted series silently, and its errors do not name the
 bad file. Padding (PixelPaddingValue, PixelPaddingRangeLimit) and values below -1024 HU (out-of-FOV
-fill) become -1024 before any filtering, so they cannot darken the edge of the head.
+fill) become -1024 before any filtering, so they cannot darken the edge of the head. A multi-frame
+(Enhanced CT) file is decoded once and rescaled frame by frame from its Pixel Value Transformation
+functional groups.
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from triage.assemble.common import AIR_HU, VolumeError, _sop_class_name
-from triage.assemble.headers import InstanceHeader, _dcmread, _header_from_dataset
+from triage.assemble.headers import InstanceHeader, _dcmread, _header_from_dataset, frame_headers
 
 
-def _hu_from_dataset(ds: Dataset, path: Path) -> np.ndarray:
-    """Stored values -> HU for one single-frame slice, padding -> air (float32, rows x columns)."""
+def _stored_pixels(ds: Dataset, path: Path) -> np.ndarray:
+    """The decoded stored values: (rows, columns) for one frame, (frames, rows, columns) for more."""
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise VolumeError(f"{path}: SamplesPerPixel {ds.SamplesPerPixel} (a colour image, not CT)", "not_ct")
     if "PixelData" not in ds:
         raise VolumeError(f"{path}: no pixel data", "invalid")
     try:
-        stored = ds.pixel_array
+        return ds.pixel_array
     except Exception as exc:
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise VolumeError(
@@ -35,13 +37,30 @@ def _hu_from_dataset(ds: Dataset, path: Path) -> np.ndarray:
             f"{type(exc).__name__}: {exc}",
             "decode",
         ) from None
-    if stored.ndim != 2:
-        raise VolumeError(f"{path}: pixel data has shape {stored.shape}, expected one 2-D frame", "geometry")
+
+
+def _rescale(ds: Dataset, path: Path, frame: int | None) -> tuple[float, float]:
+    """RescaleSlope/Intercept: for a frame of an enhanced image, from its Pixel Value Transformation
+    functional group (per-frame, else shared), else the top-level attributes."""
+    source: Dataset = ds
+    if frame is not None:
+        per = ds.get("PerFrameFunctionalGroupsSequence") or []
+        shared = ds.get("SharedFunctionalGroupsSequence") or []
+        for groups, i in ((per, frame), (shared, 0)):
+            if i < len(groups) and groups[i].get("PixelValueTransformationSequence"):
+                source = groups[i].PixelValueTransformationSequence[0]
+                break
     try:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        slope = float(source.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(source.get("RescaleIntercept", 0.0) or 0.0)
     except (TypeError, ValueError) as exc:
         raise VolumeError(f"{path}: unreadable RescaleSlope/RescaleIntercept ({exc})") from None
+    return slope, intercept
+
+
+def _to_hu(stored: np.ndarray, ds: Dataset, path: Path, frame: int | None = None) -> np.ndarray:
+    """Stored values of one frame -> HU, padding -> air (float32, rows x columns)."""
+    slope, intercept = _rescale(ds, path, frame)
     hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
@@ -55,6 +74,14 @@ def _hu_from_dataset(ds: Dataset, path: Path) -> np.ndarray:
         hu[mask] = AIR_HU
     np.maximum(hu, AIR_HU, out=hu)
     return hu
+
+
+def _hu_from_dataset(ds: Dataset, path: Path) -> np.ndarray:
+    """Stored values -> HU for one single-frame slice, padding -> air (float32, rows x columns)."""
+    stored = _stored_pixels(ds, path)
+    if stored.ndim != 2:
+        raise VolumeError(f"{path}: pixel data has shape {stored.shape}, expected one 2-D frame", "geometry")
+    return _to_hu(stored, ds, path)
 
 
 def _as_stored(value: int, ds: Dataset) -> int:
@@ -74,12 +101,15 @@ def read_slice_hu(path: str | os.PathLike[str]) -> tuple[InstanceHeader, np.ndar
 
 @dataclass
 class _Slice:
+    """One slice to stack: a single-frame file, or one frame of a multi-frame one (``header.frame_index``)."""
+
     header: InstanceHeader
     ds: Dataset
     s: float = 0.0  # position along the normal
 
 
 def _read_series(paths: Sequence[os.PathLike[str] | str]) -> list[_Slice]:
+    """Every slice of the files (a multi-frame file gives one a frame); a re-sent instance once."""
     out: list[_Slice] = []
     seen: set[str] = set()
     for raw in paths:
@@ -89,23 +119,38 @@ def _read_series(paths: Sequence[os.PathLike[str] | str]) -> list[_Slice]:
         if h.sop_instance_uid in seen:  # the same instance twice (re-sent): not a conflict
             continue
         seen.add(h.sop_instance_uid)
-        out.append(_Slice(h, ds))
+        if h.number_of_frames > 1:
+            out.extend(_Slice(fh, ds) for fh in frame_headers(ds, h))
+        else:
+            out.append(_Slice(h, ds))
     return out
 
 
-def _decode_stack(
-    slices: list[_Slice], gaps: dict[int, int], warnings: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """HU stack (slices, rows, columns) in order, gaps filled by linear interpolation; positions."""
+def slice_hu(sl: _Slice, cache: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """One slice's HU; a multi-frame file is decoded once (``cache`` keeps it by dataset)."""
+    h = sl.header
+    if h.frame_index is None:
+        return _hu_from_dataset(sl.ds, h.path)
+    cache = {} if cache is None else cache
+    key = id(sl.ds)
+    if key not in cache:
+        stored = _stored_pixels(sl.ds, h.path)
+        cache[key] = stored if stored.ndim == 3 else stored[None]
+    frames = cache[key]
+    if h.frame_index >= frames.shape[0]:
+        raise VolumeError(f"{h.path}: frame {h.frame_index + 1} of {frames.shape[0]} missing", "geometry")
+    return _to_hu(frames[h.frame_index], sl.ds, h.path, h.frame_index)
+
+
+def _decode_stack(slices: list[_Slice]) -> tuple[np.ndarray, np.ndarray]:
+    """HU stack (slices, rows, columns) in the order given, and the slice positions (n, 3)."""
     first = slices[0].header
     rows, cols = int(first.rows or 0), int(first.columns or 0)
-    n_out = len(slices) + sum(gaps.values())
-    stack = np.empty((n_out, rows, cols), dtype=np.float32)
-    positions = np.empty((n_out, 3))
-    index: list[int] = []  # output index of each source slice
-    k = 0
-    for i, s in enumerate(slices):
-        hu = _hu_from_dataset(s.ds, s.header.path)
+    stack = np.empty((len(slices), rows, cols), dtype=np.float32)
+    positions = np.empty((len(slices), 3))
+    cache: dict[int, np.ndarray] = {}
+    for k, s in enumerate(slices):
+        hu = slice_hu(s, cache)
         if hu.shape != (rows, cols):
             raise VolumeError(
                 f"series {first.series_uid}: {s.header.path}: pixel data {hu.shape}, header {rows}x{cols}",
@@ -113,18 +158,6 @@ def _decode_stack(
             )
         stack[k] = hu
         positions[k] = s.header.position
-        s.ds = None  # type: ignore[assignment]  # release the file's bytes early
-        index.append(k)
-        k += 1 + gaps.get(i, 0)
-    for i, missing in sorted(gaps.items()):
-        a, b = index[i], index[i + 1]
-        for q in range(1, missing + 1):
-            t = q / (missing + 1)
-            stack[a + q] = (1 - t) * stack[a] + t * stack[b]
-            positions[a + q] = (1 - t) * positions[a] + t * positions[b]
-        at = ", ".join(f"{positions[a + q][2]:.2f}" for q in range(1, missing + 1))
-        warnings.append(
-            f"interpolated {missing} missing slice{'s' if missing > 1 else ''} at z={at} mm "
-            f"(between z={positions[a][2]:.2f} and z={positions[b][2]:.2f} mm)"
-        )
+    for s in slices:
+        s.ds = None  # type: ignore[assignment]  # release the files' bytes
     return stack, positions

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from triage.assemble.common import (
     CT_IMAGE_STORAGE,
@@ -26,8 +27,10 @@ from triage.assemble.common import (
     VolumeError,
     _sop_class_name,
 )
+from triage.assemble.content import brain_noise
 from triage.assemble.geometry import OrientationGroup, _main_group, _orientation_groups
-from triage.assemble.headers import InstanceHeader
+from triage.assemble.headers import InstanceHeader, _dcmread, expand_frames
+from triage.assemble.pixels import _Slice, slice_hu
 from triage.config import AssemblySettings
 
 
@@ -58,11 +61,16 @@ class SeriesInfo:
     n_frames: int  # the largest NumberOfFrames (1 for single-frame images)
     missing_geometry: int  # instances without position, orientation or pixel spacing
     problems: tuple[str, ...]
+    n_slices: int = 0  # images (frames of a multi-frame instance count one each)
+    brain_noise_hu: float | None = None  # measured on a few slices by select_series (content)
 
 
 def _most_common(values: Iterable[Any], default: Any) -> Any:
     counts = Counter(v for v in values if v not in (None, "", ()))
-    return counts.most_common(1)[0][0] if counts else default
+    if not counts:
+        return default
+    # ties broken by the value, not by which file came first: arrival order must not matter
+    return max(counts.items(), key=lambda kv: (kv[1], str(kv[0])))[0]
 
 
 def describe_series(headers: Sequence[InstanceHeader]) -> SeriesInfo:
@@ -111,6 +119,7 @@ def describe_series(headers: Sequence[InstanceHeader]) -> SeriesInfo:
             1 for h in hs if h.position is None or h.orientation is None or h.pixel_spacing is None
         ),
         problems=tuple(problems),
+        n_slices=len({h.key for h in hs}),
     )
 
 
@@ -141,6 +150,29 @@ def kernel_class(info: SeriesInfo, rules: AssemblySettings) -> str:
     return "unknown"
 
 
+def content_class(info: SeriesInfo, rules: AssemblySettings) -> str:
+    """'sharp' when the measured brain noise is above ``sharp_noise_hu``, 'soft' below it, else the
+    name's class (:func:`kernel_class`): the image outranks the kernel name."""
+    if info.brain_noise_hu is None:
+        return kernel_class(info, rules)
+    return "sharp" if info.brain_noise_hu > rules.sharp_noise_hu else "soft"
+
+
+def _name_hint(info: SeriesInfo, rules: AssemblySettings) -> int:
+    """0: a soft kernel name, 1: nothing known, 2: a sharp kernel name or a reformat/rendering."""
+    if _matches(info.series_description, rules.reformat_patterns):
+        return 2
+    return {"soft": 0, "unknown": 1, "sharp": 2}[kernel_class(info, rules)]
+
+
+def _head_hint(info: SeriesInfo, rules: AssemblySettings) -> int:
+    """0: header words name the head, 1: no body part or description says anything, 2: a body part
+    that is not the head. Only a hint for ranking: the content decides (:mod:`.content`)."""
+    if _is_head(info, rules):
+        return 0
+    return 2 if info.body_part else 1
+
+
 def _is_head(info: SeriesInfo, rules: AssemblySettings) -> bool:
     for text in (info.body_part, info.series_description, info.protocol_name):
         if text and _matches(text, rules.head_patterns):
@@ -158,13 +190,10 @@ def rejection(info: SeriesInfo, rules: AssemblySettings) -> tuple[str, str] | No
     by), for labels; the reason is the full sentence, for people.
     """
     classes = set(info.sop_class_uids)
-    if classes & set(ENHANCED_CT_STORAGE):
-        return "not_ct", "Enhanced CT (multi-frame) images are not supported; export as CT Image Storage"
-    if classes != {CT_IMAGE_STORAGE}:
-        other = sorted(classes - {CT_IMAGE_STORAGE})
+    ct = {CT_IMAGE_STORAGE, *ENHANCED_CT_STORAGE}
+    if not classes <= ct:
+        other = sorted(classes - ct)
         return "not_ct", f"SOP class {', '.join(_sop_class_name(c) for c in other)} is not CT Image Storage"
-    if info.n_frames > 1:
-        return "not_ct", f"multi-frame CT image ({info.n_frames} frames) is not supported"
     allowed = [m.upper() for m in rules.modalities]
     if info.modality not in allowed:
         return "not_ct", f"modality {info.modality or '(none)'} is not one of {allowed}"
@@ -175,19 +204,8 @@ def rejection(info: SeriesInfo, rules: AssemblySettings) -> tuple[str, str] | No
     lacking = [v for v in rules.required_image_type if v.upper() not in info.image_type_values]
     if lacking:
         return "image_type", f"ImageType {shown} lacks {'/'.join(lacking)}"
-    if not _is_head(info, rules):
-        seen = ", ".join(
-            f"{k} {v!r}"
-            for k, v in (
-                ("BodyPartExamined", info.body_part),
-                ("SeriesDescription", info.series_description),
-                ("ProtocolName", info.protocol_name),
-                ("StudyDescription", info.study_description),
-            )
-            if v
-        )
-        what = seen or "no body part or description"
-        return "not_head", f"not a head series: {what} match none of head_patterns"
+    if info.n_slices == 1:
+        return "too_few_slices", "1 image: no volume"
     if info.slice_thickness is None:
         return "slice_thickness", "no SliceThickness and no slice positions to derive it from"
     lo, hi = rules.min_slice_thickness_mm, rules.max_slice_thickness_mm
@@ -195,7 +213,7 @@ def rejection(info: SeriesInfo, rules: AssemblySettings) -> tuple[str, str] | No
         return "slice_thickness", f"slice thickness {info.slice_thickness:g} mm outside [{lo:g}, {hi:g}] mm"
     if info.missing_geometry:
         return "geometry", (
-            f"{info.missing_geometry} of {info.n_instances} instances lack ImagePositionPatient, "
+            f"{info.missing_geometry} of {info.n_slices} images lack ImagePositionPatient, "
             "ImageOrientationPatient or PixelSpacing"
         )
     try:
@@ -243,12 +261,71 @@ class SelectionResult:
     warnings: list[str] = field(default_factory=list)
     series: dict[str, SeriesInfo] = field(default_factory=dict)
     categories: dict[str, str] = field(default_factory=dict)  # skipped series -> short category
+    why: str = ""  # what the chosen series is and by which rule it won
 
 
 def _summary(info: SeriesInfo, rules: AssemblySettings) -> str:
-    klass = kernel_class(info, rules)
+    klass = content_class(info, rules)
     kernel = f"{klass} kernel {info.kernel!r}" if info.kernel else f"{klass} kernel"
-    return f"{kernel}, {info.slice_thickness:g} mm, {info.coverage_mm:.0f} mm coverage"
+    noise = f", brain noise {info.brain_noise_hu:.1f} HU" if info.brain_noise_hu is not None else ""
+    return f"{kernel}{noise}, {info.slice_thickness:g} mm, {info.coverage_mm:.0f} mm coverage"
+
+
+RANKING = (
+    "headers naming another body part last, then sharpness from the image (soft before sharp; "
+    "the kernel name only when the image cannot tell), "
+    "head words in the headers, kernel name and reformat words, slice thickness closest to the 4-5 mm "
+    "band (a vendor's thick reconstruction over a thin one averaged here), coverage, brain noise "
+    "(the smoother of two reconstructions), then description text"
+)
+
+
+def rank_key(info: SeriesInfo, rules: AssemblySettings) -> tuple[Any, ...]:
+    """The sort key of a candidate: content first, header values after; never a UID, a file name or
+    the arrival order, so the same study sent again with new UIDs picks the same pixels."""
+    assert info.slice_thickness is not None
+    noise = info.brain_noise_hu
+    head = _head_hint(info, rules)
+    return (
+        head == 2,  # headers that name another body part: last (the content check would refuse it)
+        {"soft": 0, "unknown": 1, "sharp": 2}[content_class(info, rules)],
+        head,
+        _name_hint(info, rules),
+        round(_thickness_distance(info.slice_thickness), 3),
+        -round(info.coverage_mm),
+        round(noise, 1) if noise is not None else float("inf"),
+        info.series_description,
+        info.kernel,
+        info.protocol_name,
+        -info.n_slices,
+        round(info.slice_thickness, 3),
+    )
+
+
+def _measure_noise(info: SeriesInfo) -> float | None:
+    """Brain noise of three slices around the middle of the series' main orientation group."""
+    if not info.orientations:
+        return None
+    group = info.orientations[0]
+    n = np.asarray(group.normal)
+    hs = sorted(
+        (h for h in group.headers if h.position is not None),
+        key=lambda h: (float(np.dot(h.position, n)), h.key),
+    )
+    if len(hs) < 3:
+        return None
+    picks = [hs[int(len(hs) * q)] for q in (0.4, 0.5, 0.6)]
+    images = []
+    cache: dict[str, Dataset] = {}
+    arrays: dict[int, np.ndarray] = {}
+    try:
+        for h in picks:
+            ds = cache.get(str(h.path)) or _dcmread(h.path, pixels=True)
+            cache[str(h.path)] = ds
+            images.append(slice_hu(_Slice(h, ds), arrays))
+    except VolumeError:
+        return None
+    return brain_noise(images, info.slice_thickness)
 
 
 def _ranked_below(chosen: SeriesInfo, other: SeriesInfo, rules: AssemblySettings) -> str:
@@ -259,10 +336,18 @@ def _ranked_below(chosen: SeriesInfo, other: SeriesInfo, rules: AssemblySettings
 
 
 def select_series(
-    series: Mapping[str, Sequence[InstanceHeader]], rules: AssemblySettings | None = None
+    series: Mapping[str, Sequence[InstanceHeader]],
+    rules: AssemblySettings | None = None,
+    *,
+    content: bool = True,
 ) -> SelectionResult:
-    """Choose the axial soft-tissue head-CT series of one study; every other series gets a reason."""
+    """Choose the axial soft-tissue head-CT series of one study; every other series gets a reason.
+
+    With ``content`` (the default) and more than one candidate, a few slices of each candidate are
+    decoded to measure its brain noise (:func:`rank_key` says how candidates are ordered).
+    """
     rules = rules or AssemblySettings()
+    series = {uid: expand_frames(hs) for uid, hs in series.items()}
     skipped: dict[str, str] = {}
     categories: dict[str, str] = {}
     infos: dict[str, SeriesInfo] = {}
@@ -278,15 +363,11 @@ def select_series(
         if found:
             categories[uid], skipped[uid] = found
             continue
-        klass = kernel_class(info, rules)
-        assert info.slice_thickness is not None
-        key = (
-            {"soft": 0, "unknown": 1, "sharp": 2}[klass],
-            round(_thickness_distance(info.slice_thickness), 3),
-            -round(info.coverage_mm, 1),
-            uid,
-        )
-        ranked.append((key, uid))
+        ranked.append(((), uid))
+    if content and len(ranked) > 1:  # the image tells sharp from soft where names do not
+        for _, uid in ranked:
+            infos[uid] = replace(infos[uid], brain_noise_hu=_measure_noise(infos[uid]))
+    ranked = [(rank_key(infos[uid], rules), uid) for _, uid in ranked]
     ranked.sort()
     if not ranked:
         detail = "; ".join(f"{uid}: {why}" for uid, why in skipped.items()) or "the study has no series"
@@ -301,9 +382,13 @@ def select_series(
     for _, uid in ranked[1:]:
         categories[uid], skipped[uid] = NOT_PREFERRED, _ranked_below(infos[chosen], infos[uid], rules)
     main, warnings = _main_group(list(infos[chosen].orientations), chosen)
+    why = f"{_summary(infos[chosen], rules)}"
+    if len(ranked) > 1:
+        why += f"; chosen over {len(ranked) - 1} other candidate(s) by: {RANKING}"
     return SelectionResult(
         chosen=chosen,
         skipped=skipped,
+        why=why,
         candidates=[uid for _, uid in ranked],
         instances=list(main.headers),
         warnings=warnings,

@@ -87,6 +87,7 @@ import SimpleITK as sitk
 from triage.assemble.common import (
     AIR_HU,
     CT_IMAGE_STORAGE,
+    ENHANCED_CT_STORAGE,
     FOV_MM,
     GRID_DIRECTION,
     PIXEL_MM,
@@ -102,11 +103,14 @@ from triage.assemble.common import (
     log,
     window_7bit,
 )
+from triage.assemble.content import HeadContent, brain_noise, head_content
 from triage.assemble.geometry import (
     OrientationGroup,
+    _check_gaps,
     _main_group,
-    _order_and_space,
+    _order_slices,
     _orientation_groups,
+    _regularise,
     _source_geometry,
 )
 from triage.assemble.head import _antialiased, _find_head, _resample_coarse
@@ -115,7 +119,9 @@ from triage.assemble.pixels import _decode_stack, _read_series, _Slice, read_sli
 from triage.assemble.select import (
     SelectionResult,
     SeriesInfo,
+    _matches,
     _ranked_below,
+    _summary,
     describe_series,
     kernel_class,
     rejection,
@@ -191,11 +197,17 @@ def build_volume(
     slices = _read_series(paths)
     uid = slices[0].header.series_uid
     main, warnings = _check_series(slices, rules)
-    slices = [s for s in slices if s.header.sop_instance_uid in {h.sop_instance_uid for h in main.headers}]
+    keep = {h.key for h in main.headers}
+    slices = [s for s in slices if s.header.key in keep]
     n = np.asarray(main.normal)
-    spacing, gaps = _order_and_space(slices, n, rules, uid)
-    stack, positions = _decode_stack(slices, gaps, warnings)
-    geom = _source_geometry(positions, main, slices[0].header, spacing, uid)
+    _order_slices(slices, n, uid)
+    _check_gaps(slices, rules, uid)
+    first = slices[0].header
+    used_uids = list(dict.fromkeys(s.header.sop_instance_uid for s in slices))
+    stack, positions = _decode_stack(slices)
+    noise = _stack_noise(stack, first.slice_thickness)
+    stack, positions, spacing = _regularise(stack, positions, n, uid, warnings)
+    geom = _source_geometry(positions, main, first, spacing, uid)
 
     sub = stack[:, ::4, ::4]
     hu_stats = {
@@ -253,11 +265,12 @@ def build_volume(
         )
     if geom.tilt_deg > 0.5:
         warnings.append(f"gantry tilt {geom.tilt_deg:.1f} deg resampled onto an axial grid")
+    content = head_content(hu_out)
+    _judge_content(content, first, noise, rules, uid, warnings)
 
     tissue = hu_out > TISSUE_HU
     hu_stats["tissue_mean"] = float(hu_out[tissue].mean()) if tissue.any() else float("nan")
     hu_stats["above_window_fraction"] = float(np.mean(hu_out > WINDOW_MAX - WINDOW_OFFSET))
-    first = slices[0].header
     source_geometry = {
         **geom.describe(),
         "n_files": len(slices),
@@ -265,7 +278,10 @@ def build_volume(
         "gantry_detector_tilt": first.gantry_tilt,
         "kernel": first.kernel,
         "transfer_syntaxes": sorted({s.header.transfer_syntax_uid for s in slices}),
-        "smoothing_sigma_px": sigmas,
+        "smoothing_sigma_px": sigmas[:2],
+        "slab_average_slices": sigmas[2],
+        "brain_noise_hu": None if noise is None else round(noise, 2),
+        "content": content.describe(),
     }
     grid = {
         "shape": list(TARGET_SHAPE),
@@ -295,8 +311,38 @@ def build_volume(
         zero_fraction=float(np.mean(data == 0)),
         study_uid=first.study_uid,
         series_uid=uid,
-        sop_instance_uids=[s.header.sop_instance_uid for s in slices],
+        sop_instance_uids=used_uids,
     )
+
+
+def _stack_noise(stack: np.ndarray, thickness: float | None) -> float | None:
+    """Brain noise (:func:`brain_noise`) of five slices from the middle third of the stack."""
+    n = stack.shape[0]
+    picks = sorted({int(v + 0.5) for v in np.linspace(n / 3, 2 * n / 3, 5)} & set(range(n)))
+    return brain_noise([stack[i] for i in picks], thickness)
+
+
+def _judge_content(
+    content: HeadContent,
+    first: InstanceHeader,
+    noise: float | None,
+    rules: AssemblySettings,
+    uid: str,
+    warnings: list[str],
+) -> None:
+    """Refuse (or, with ``non_head_content = "warn"``, warn about) content that is not a head; warn
+    where the headers disagree with the content, and about a sharp reconstruction."""
+    if content.reason is not None:
+        if rules.non_head_content == "reject":
+            raise VolumeError(f"series {uid}: {content.reason}", "not_head")
+        warnings.append(f"scored anyway (non_head_content = warn): {content.reason}")
+    elif first.body_part and not _matches(first.body_part, rules.head_patterns):
+        warnings.append(f"BodyPartExamined {first.body_part!r} names no head, but the content is a head")
+    if noise is not None and noise > rules.sharp_noise_hu:
+        warnings.append(
+            f"sharp reconstruction: brain noise {noise:.1f} HU (4.5 mm slab equivalent) above "
+            f"sharp_noise_hu {rules.sharp_noise_hu:g}; a bone or lung kernel scored as brain"
+        )
 
 
 def _check_series(slices: list[_Slice], rules: AssemblySettings) -> tuple[OrientationGroup, list[str]]:
@@ -308,7 +354,7 @@ def _check_series(slices: list[_Slice], rules: AssemblySettings) -> tuple[Orient
             "invalid",
         )
     uid = series_uids[0]
-    wrong = sorted({s.header.sop_class_uid for s in slices} - {CT_IMAGE_STORAGE})
+    wrong = sorted({s.header.sop_class_uid for s in slices} - {CT_IMAGE_STORAGE, *ENHANCED_CT_STORAGE})
     if wrong:
         names = ", ".join(_sop_class_name(c) for c in wrong)
         raise VolumeError(f"series {uid}: SOP class {names} is not CT Image Storage", "not_ct")
@@ -317,8 +363,6 @@ def _check_series(slices: list[_Slice], rules: AssemblySettings) -> tuple[Orient
         if h.position is None or h.orientation is None or h.pixel_spacing is None:
             bad = "; ".join(h.problems) or "no ImagePositionPatient, ImageOrientationPatient or PixelSpacing"
             raise VolumeError(f"series {uid}: {h.path}: no usable geometry ({bad})", "geometry")
-        if h.number_of_frames > 1:
-            raise VolumeError(f"series {uid}: {h.path}: {h.number_of_frames} frames, expected one", "not_ct")
     main, warnings = _main_group(_orientation_groups(s.header for s in slices), uid)
     if main.tilt_deg > rules.max_tilt_deg:
         raise VolumeError(
@@ -343,7 +387,8 @@ def _check_series(slices: list[_Slice], rules: AssemblySettings) -> tuple[Orient
             )
     if len(main.headers) < 2:
         raise VolumeError(
-            f"series {uid}: only {len(main.headers)} slice; a volume needs at least 2", "too_few_slices"
+            f"series {uid}: {len(main.headers)} image: no volume (a volume needs at least 2 slices)",
+            "too_few_slices",
         )
     return main, warnings
 
@@ -363,7 +408,7 @@ def assemble_study(
     for rank, uid in enumerate(sel.candidates):
         main, warnings = _main_group(list(sel.series[uid].orientations), uid)
         try:
-            vol = build_volume([h.path for h in main.headers], rules)
+            vol = build_volume(list(dict.fromkeys(h.path for h in main.headers)), rules)
         except VolumeError as exc:
             sel.skipped[uid] = f"cannot build the volume: {exc.reason}"
             sel.categories[uid] = exc.category
@@ -374,6 +419,7 @@ def assemble_study(
             sel.categories.pop(uid, None)
             for other in sel.candidates[rank + 1 :]:
                 sel.skipped[other] = _ranked_below(sel.series[uid], sel.series[other], rules)
+            sel.why = f"{_summary(sel.series[uid], rules)}; the better-ranked candidates could not be built"
         sel.chosen, sel.instances, sel.warnings = uid, list(main.headers), warnings
         return sel, vol
     if sel.candidates:
