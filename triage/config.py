@@ -177,6 +177,8 @@ class AssemblySettings(_Section):
             "BONE", "H6", "H7", "H8", "J7", "FC3", "FC8", "YC", "EDGE", "LUNG", "KNOCHEN", "HUESO"
         ]
     )
+    # SeriesDescription substrings of reformats and renderings, ranked below plain reconstructions
+    reformat_patterns: list[str] = Field(default_factory=lambda: ["MPR", "MIP", "3D", "VRT", "MINIP"])
     min_coverage_mm: Annotated[float, Field(gt=0)] = 90.0
     max_tilt_deg: Annotated[float, Field(ge=0, le=45)] = 30.0
     interpolate_gaps: bool = False  # true: a missing slice is interpolated instead of rejecting
