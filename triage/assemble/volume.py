@@ -278,6 +278,10 @@ def build_volume(
         "gantry_detector_tilt": first.gantry_tilt,
         "kernel": first.kernel,
         "transfer_syntaxes": sorted({s.header.transfer_syntax_uid for s in slices}),
+        # each source slice (frame) in z order with its SOP UID: the region score names the slice nearest
+        # to its centre (triage.model.voxelmap.nearest_source_slice) and key images are drawn on them
+        "slice_positions_mm": [[float(v) for v in (s.header.position or ())] for s in slices],
+        "slice_sop_instance_uids": [s.header.sop_instance_uid for s in slices],
         "smoothing_sigma_px": sigmas[:2],
         "slab_average_slices": sigmas[2],
         "brain_noise_hu": None if noise is None else round(noise, 2),
