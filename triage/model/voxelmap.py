@@ -260,12 +260,13 @@ def nearest_source_slice(metadata: dict[str, Any], point_mm: Sequence[float]
                          ) -> tuple[str | None, int | None]:
     """(SOP Instance UID, index in z order) of the source slice whose plane is nearest to ``point_mm``.
 
-    Uses the slice positions the assembly keeps (``source_geometry.slice_positions_mm``, one per
-    ``sop_instance_uids`` entry); volumes saved before it kept them fall back to first position + k *
-    step when the counts agree (no interpolated gaps). None when neither is known.
+    Uses the slice positions the assembly keeps (``source_geometry.slice_positions_mm`` with
+    ``slice_sop_instance_uids``, one per slice or frame, in z order); volumes saved before it kept
+    them fall back to first position + k * step when the counts agree (no interpolated gaps). None
+    when neither is known.
     """
-    uids = list(metadata.get("sop_instance_uids") or [])
     geo = metadata.get("source_geometry") or {}
+    uids = list(geo.get("slice_sop_instance_uids") or metadata.get("sop_instance_uids") or [])
     pos = geo.get("slice_positions_mm")
     if pos is None and uids and geo.get("n_slices") == len(uids) and "first_position" in geo:
         p0, step = np.asarray(geo["first_position"], float), np.asarray(geo["step_mm"], float)
