@@ -72,10 +72,13 @@ def spatial(dss: list[pydicom.Dataset], t: StudyTruth) -> list[pydicom.Dataset]:
     return sorted(axial, key=lambda d: float(n @ np.array(d.ImagePositionPatient, float)))
 
 
-def study(tmp_path: Path, name: str, seed: int, lesion: str | None = None, **opts: object) -> StudyTruth:
+def study(
+    tmp_path: Path, name: str, seed: int, lesion: str | None = None, *, pattern: str | None = None,
+    kind: str = "head", **opts: object,
+) -> StudyTruth:  # fmt: skip
     options = SynthOptions(**{**PLAIN, **opts})  # type: ignore[arg-type]
     return write_study(tmp_path / name, np.random.default_rng(seed), lesion=lesion, options=options,
-                       patient_index=seed)  # fmt: skip
+                       patient_index=seed, pattern=pattern, kind=kind)  # fmt: skip
 
 
 # --- dataset level ---------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def test_labels_csv_and_truth_jsonl(dataset: tuple[Path, list[StudyTruth]]) -> N
     with (out / "labels.csv").open() as fh:
         lines = list(csv.reader(fh))
     # The first three columns are what every reader uses; the rest are extra ground truth.
-    assert lines[0] == ["study_uid", "label", "lesion", "lesion_x", "lesion_y", "lesion_z", "kind", "patterns"]
+    assert lines[0] == ["study_uid", "label", "lesion", *(f"lesion_{a}" for a in "xyz"), "kind", "patterns"]
     body = lines[1:]
     assert len(body) == 3
     assert sorted(r[1] for r in body) == ["abnormal", "abnormal", "normal"]
@@ -415,3 +418,249 @@ def test_cli_writes_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert all(set(t["series_roles"].values()) == {"primary"} for t in truths)
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x"), "--normal", "1", "--abnormal", "0", "--tilt-fraction", "2"])
+
+
+# --- real scanners' patterns (issue 11) and the lesion centroid (issue 12) ---------------------------
+
+HEAD_WORDS = ("HEAD", "BRAIN", "SKULL", "CRANI", "NEURO", "KOPF", "SCHAEDEL", "CEREBRUM", "CRANIUM")
+
+
+def primary_files(root: Path, t: StudyTruth) -> list[pydicom.Dataset]:
+    return read_series(root / t.series_dirs[t.primary_series_uid])
+
+
+def normal_distances(dss: list[pydicom.Dataset], t: StudyTruth) -> np.ndarray:
+    n = np.cross(t.iop[:3], t.iop[3:])
+    return np.array(sorted(float(n @ np.array(d.ImagePositionPatient, float)) for d in dss))
+
+
+def brain_hf_energy(img: np.ndarray, brain: np.ndarray) -> float:
+    """Mean squared 4-neighbour Laplacian inside the brain: what a sharp kernel raises (edges and noise)."""
+    lap = 4 * img[1:-1, 1:-1] - img[:-2, 1:-1] - img[2:, 1:-1] - img[1:-1, :-2] - img[1:-1, 2:]
+    return float(np.mean(lap[brain[1:-1, 1:-1]] ** 2))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_jpeg_lossless_sv1_encoder_round_trips(signed: bool) -> None:
+    """Our process-14 SV1 encoder, decoded by pydicom's own decoder (pylibjpeg-libjpeg), is lossless."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import JPEGLosslessSV1, generate_uid
+
+    from training.synth.ljpeg import compress_sv1
+
+    rng = np.random.default_rng(3)
+    for shape in [(64, 48), (1, 1), (5, 3)]:
+        if signed:
+            a = np.clip(rng.normal(0, 600, shape), -32768, 32767).astype(np.int16)
+            a.flat[0], a.flat[-1] = -32768, 32767  # the extreme differences (category 16)
+        else:
+            a = rng.integers(0, 4096, shape).astype(np.uint16)
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.Rows, ds.Columns = shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation = 16, 16 if signed else 12, int(signed)
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelData = a.tobytes()
+        compress_sv1(ds)
+        buf = __import__("io").BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        back = pydicom.dcmread(__import__("io").BytesIO(buf.getvalue()))
+        assert back.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+        assert np.array_equal(back.pixel_array, a)
+
+
+def test_thin_series_is_0625_jpeg_lossless_tilted_with_one_missing_slice(tmp_path: Path) -> None:
+    from pydicom.uid import JPEGLosslessSV1
+
+    t = study(tmp_path, "t", 41, "hemorrhage:intraparenchymal", pattern="thin", thin_matrix=96,
+              slab_samples=3, noise_scale=0.0)  # fmt: skip
+    assert t.patterns == ["thin"] and t.transfer_syntax == JPEGLosslessSV1
+    assert 200 <= t.n_slices_planned <= 260 and t.n_slices == t.n_slices_planned - 1
+    assert t.slice_thickness == t.slice_spacing == 0.625 and t.tilt_deg == 8.5 and t.tilt_mode == "table"
+    dss = primary_files(tmp_path / "t", t)
+    assert len(dss) == t.n_slices
+    d0 = dss[0]
+    assert d0.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    assert (d0.Rows, d0.Columns) == (96, 96) and float(d0.SliceThickness) == 0.625
+    assert d0.ConvolutionKernel == "STANDARD" and list(d0.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert float(d0.GantryDetectorTilt) == 8.5
+    assert np.allclose([float(x) for x in d0.ImageOrientationPatient], t.iop) and t.iop[5] < 0
+    # 0.625 mm steps along the plane normal, one of 1.25 mm where the slice is missing.
+    steps = np.diff(normal_distances(dss, t))
+    odd = np.flatnonzero(~np.isclose(steps, 0.625, atol=2e-3))
+    assert odd.tolist() == [t.dropped_index - 1] and steps[odd[0]] == pytest.approx(1.25, abs=2e-3)
+    # Slice profile: each pixel is the phantom averaged over three samples across its 0.625 mm slab.
+    ph = make_phantom(np.random.default_rng(t.phantom_seed), t.lesion_spec)
+    normal = np.cross(t.iop[:3], t.iop[3:])
+    d = spatial(dss, t)[len(dss) // 2]
+    pts = centres(d)
+    slab = np.mean([ph.sample(pts + o * normal)[0] for o in (-0.625 / 3, 0.0, 0.625 / 3)], axis=0)
+    assert np.abs(hu(d) - np.clip(np.rint(slab.reshape(d.Rows, d.Columns)), -1024, 3071)).max() <= 1.0
+
+
+def test_two_stacks_in_one_series(tmp_path: Path) -> None:
+    t = study(tmp_path, "s", 42, pattern="two_stack", vendors=("ge",))
+    dss = spatial(primary_files(tmp_path / "s", t), t)
+    assert len(dss) == 28 and len({d.SeriesInstanceUID for d in dss}) == 1
+    assert t.tilt_deg == 18.5 and float(dss[0].GantryDetectorTilt) == 18.5
+    pos = np.array([[float(x) for x in d.ImagePositionPatient] for d in dss])
+    step = np.diff(pos, axis=0)
+    assert np.allclose(step[:, :2], 0, atol=1e-3)  # the table moves along z: a sheared stack
+    c = np.cos(np.radians(18.5))
+    assert np.allclose(step[:13, 2], 4.0 / c, atol=2e-3) and np.allclose(step[14:, 2], 7.0 / c, atol=2e-3)
+    assert step[13, 2] == pytest.approx(1.08 / c, abs=2e-3)  # the short step between the stacks
+    thk = [float(d.SliceThickness) for d in dss]
+    assert thk == [4.0] * 14 + [7.0] * 14 == t.slice_thicknesses
+    assert np.allclose(pos, t.positions, atol=1e-4)
+
+
+def test_no_head_words_anywhere(tmp_path: Path) -> None:
+    from triage.config import AssemblySettings
+
+    words = {w.upper() for w in (*AssemblySettings().head_patterns, *HEAD_WORDS)}
+    for seed in range(4):  # several draws of the descriptions, every series (distractors included)
+        t = study(tmp_path, f"n{seed}", 50 + seed, pattern="no_head_words", distractors=True, matrix=256)
+        assert t.patterns == ["no_head_words"]
+        for f in (tmp_path / f"n{seed}").rglob("*.dcm"):
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            assert "BodyPartExamined" not in ds
+            keys = ("StudyDescription", "SeriesDescription", "ProtocolName")
+            text = " ".join(str(ds.get(k, "")) for k in keys)
+            assert not [w for w in words if w in text.upper()], (f, text)
+    plain = study(tmp_path, "p", 50, distractors=False, vendors=("siemens",))
+    d = pydicom.dcmread(next((tmp_path / "p").rglob("*.dcm")), stop_before_pixels=True)
+    assert d.BodyPartExamined == "HEAD" and plain.patterns == []
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, check=False)
+    return [x for x in (out.stdout + out.stderr).splitlines() if x.startswith("Error")]
+
+
+def test_enhanced_ct_is_one_instance_with_per_frame_geometry(tmp_path: Path) -> None:
+    from training.synth.basics import ENHANCED_CT_IMAGE_STORAGE
+
+    plain = study(tmp_path, "p", 43, "infarct", vendors=("siemens",))
+    enh = study(tmp_path, "e", 43, "infarct", vendors=("siemens",), pattern="enhanced")
+    assert enh.patterns == ["enhanced"] and enh.sop_class_uid == ENHANCED_CT_IMAGE_STORAGE
+    (f,) = (tmp_path / "e").rglob("*.dcm")
+    ds = pydicom.dcmread(f)
+    assert ds.SOPClassUID == ENHANCED_CT_IMAGE_STORAGE and int(ds.NumberOfFrames) == plain.n_slices
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    iop = [float(x) for x in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+    assert iop == plain.iop
+    assert float(shared.PixelMeasuresSequence[0].SliceThickness) == plain.slice_thickness
+    assert shared.CTReconstructionSequence[0].ConvolutionKernel == plain.kernel
+    frames = ds.pixel_array.astype(np.float64) - 1024.0
+    per = ds.PerFrameFunctionalGroupsSequence
+    assert len(per) == frames.shape[0]
+    files = primary_files(tmp_path / "p", plain)
+    by_pos = {tuple(round(float(x), 3) for x in d.ImagePositionPatient): hu(d) for d in files}
+    idx = []
+    for fr, img in zip(per, frames, strict=True):
+        pos = tuple(round(float(x), 3) for x in fr.PlanePositionSequence[0].ImagePositionPatient)
+        assert np.array_equal(img, by_pos[pos])  # same pixels as the per-file series at that position
+        fc = fr.FrameContentSequence[0]
+        assert list(fc.DimensionIndexValues) == [1, int(fc.InStackPositionNumber)]
+        idx.append(int(fc.InStackPositionNumber))
+    assert sorted(idx) == list(range(1, len(per) + 1))
+    assert _dciodvfy_errors(f) == []
+
+
+@pytest.mark.parametrize("distractors", [False, True])
+def test_bone_twin_is_sharper_same_positions_and_unlisted_kernels(tmp_path: Path, distractors: bool) -> None:
+    from triage.config import AssemblySettings
+
+    a = AssemblySettings()
+    listed = [p.upper() for p in (*a.soft_kernel_patterns, *a.sharp_kernel_patterns)]
+    t = study(tmp_path, "b", 44, pattern="bone_twin", distractors=distractors, matrix=256)
+    assert t.patterns == ["bone_twin"] and t.series_roles[t.twin_series_uid] == "bone"
+    soft = spatial(primary_files(tmp_path / "b", t), t)
+    twin = spatial(read_series(tmp_path / "b" / t.series_dirs[t.twin_series_uid]), t)
+    assert [d.ImagePositionPatient for d in twin] == [d.ImagePositionPatient for d in soft]
+    assert twin[0].SeriesDescription in ("Bone", "Knochen", "Hueso", "BONE RECON")
+    assert twin[0].FrameOfReferenceUID == soft[0].FrameOfReferenceUID
+    for kernel in (soft[0].ConvolutionKernel, twin[0].ConvolutionKernel):
+        assert not [p for p in listed if p in str(kernel).upper()], kernel
+    ph = make_phantom(np.random.default_rng(t.phantom_seed), None)
+    mid = len(soft) // 2
+    lab = ph.sample(centres(soft[mid]))[1].reshape(soft[mid].Rows, soft[mid].Columns)
+    brain = np.isin(lab, [TISSUE["gm"], TISSUE["wm"]])
+    assert brain.sum() > 2000
+    assert brain_hf_energy(hu(twin[mid]), brain) > 4 * brain_hf_energy(hu(soft[mid]), brain)
+
+
+def test_phantom_is_mostly_air_without_skull(tmp_path: Path) -> None:
+    t = study(tmp_path, "q", 45, "hemorrhage", kind="phantom", distractors=True)
+    assert t.kind == "phantom" and t.patterns == ["phantom"] and t.label == "normal" and t.lesion == ""
+    assert t.lesion_centroid is None and t.phantom_meta["kind"] == "water_cylinder"
+    assert 0.9 <= t.phantom_meta["canonical_air_fraction"] <= 0.94
+    vol = np.stack([hu(d) for d in spatial(primary_files(tmp_path / "q", t), t)])
+    assert (vol < -500).mean() > 0.85  # mostly air
+    assert vol.max() < 400  # no skull ring
+    water = np.abs(vol) < 30
+    assert water.sum() > 10000  # but a lot of water
+    via_fraction = study(tmp_path, "r", 45, "hemorrhage", phantom_fraction=1.0)
+    assert via_fraction.kind == "phantom" and via_fraction.study_uid == t.study_uid
+
+
+def test_stray_instance_is_its_own_study(tmp_path: Path) -> None:
+    rows = write_dataset(tmp_path, normal=2, abnormal=0, seed=5, options=SynthOptions(**PLAIN),  # type: ignore[arg-type]
+                         stray_instances=1)  # fmt: skip
+    studies, strays = rows[:2], rows[2:]
+    assert [t.kind for t in studies] == ["head", "head"] and len(strays) == 1
+    (s,) = strays
+    host = s.study_dir.split("/")[0]
+    assert host in {t.study_dir for t in studies}
+    (f,) = (tmp_path / s.study_dir).rglob("*.dcm")
+    ds = pydicom.dcmread(f)
+    (h,) = [t for t in studies if t.study_dir == host]
+    assert ds.StudyInstanceUID == s.study_uid != h.study_uid
+    assert ds.PatientID == s.patient_id != h.patient_id and ds.SOPClassUID == CT_IMAGE_STORAGE
+    assert s.n_slices == 1 and sum(s.series_files.values()) == 1
+    with (tmp_path / "labels.csv").open() as fh:
+        lab = {r["study_uid"]: r for r in csv.DictReader(fh)}
+    assert lab[s.study_uid]["kind"] == "stray" and lab[s.study_uid]["label"] == "normal"
+    # Every host file still belongs to the host study.
+    others = [p for p in (tmp_path / host).rglob("*.dcm") if p != f]
+    assert {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID for p in others} == {h.study_uid}
+
+
+def test_patterns_leave_everything_else_unchanged(tmp_path: Path) -> None:
+    """Forcing a pattern that does not touch the pixels leaves pixels and UIDs as they were."""
+    a = study(tmp_path, "a", 46, "hemorrhage")
+    b = study(tmp_path, "b", 46, "hemorrhage", pattern="no_head_words", thin_fraction=0.0)
+    assert a.study_uid == b.study_uid and a.primary_series_uid == b.primary_series_uid
+    pa, pb = (spatial(primary_files(tmp_path / n, t), t) for n, t in (("a", a), ("b", b)))
+    assert all(np.array_equal(x.pixel_array, y.pixel_array) for x, y in zip(pa, pb, strict=True))
+    assert a.lesion_centroid == b.lesion_centroid
+    with pytest.raises(ValueError, match="unknown patterns"):
+        study(tmp_path, "c", 46, pattern="thick")
+
+
+@pytest.mark.parametrize("spec", ["hemorrhage:intraparenchymal", "infarct:lacunar", "hemorrhage:subdural"])
+def test_lesion_centroid_is_where_the_lesion_is(tmp_path: Path, spec: str) -> None:
+    """The centroid is the mean position of the pixels the lesion changes (read back from the headers)."""
+    t0 = study(tmp_path, "n", 47, None, noise_scale=0.0)
+    t1 = study(tmp_path, "a", 47, spec, noise_scale=0.0)
+    assert t0.lesion_centroid is None and t1.lesion_centroid is not None
+    d0 = spatial(primary_files(tmp_path / "n", t0), t0)
+    d1 = spatial(primary_files(tmp_path / "a", t1), t1)
+    pts = np.concatenate([centres(a)[hu(a) != hu(b)] for a, b in zip(d0, d1, strict=True)])
+    assert len(pts) > 20
+    c = np.asarray(t1.lesion_centroid)
+    # The truth counts every pixel any slab sample touches, the difference only changed ones: close.
+    assert np.linalg.norm(pts.mean(axis=0) - c) < 3.0
+    assert np.all(c >= pts.min(axis=0) - 1) and np.all(c <= pts.max(axis=0) + 1)
+    ph = make_phantom(np.random.default_rng(t1.phantom_seed), t1.lesion_spec)
+    if spec.endswith(("intraparenchymal", "lacunar")):  # convex lesions: the centroid lies inside
+        assert int(ph.sample(c[None])[1][0]) in (TISSUE["lesion"], TISSUE["edema"])

@@ -43,7 +43,7 @@ def _shared_groups(study: _Study, series: _Series, stack: Stack, head: bool) -> 
     region = _code("69536005", "SCT", "Head") if head else _code("38266002", "SCT", "Entire body")
     g.FrameAnatomySequence = Sequence([_item(AnatomicRegionSequence=Sequence([region]), FrameLaterality="U")])
     g.CTImageFrameTypeSequence = Sequence([_item(
-        FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"], PixelPresentation="MONOCHROME",
+        FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"], PixelPresentation="MONOCHROME",
         VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE",
     )])  # fmt: skip
     g.CTAcquisitionTypeSequence = Sequence([_item(
@@ -54,19 +54,22 @@ def _shared_groups(study: _Study, series: _Series, stack: Stack, head: bool) -> 
         DataCollectionDiameter=500.0, GantryDetectorTilt=float(stack.tilt), TableHeight=150.0,
         RotationDirection="CW", RevolutionTime=1.0, SingleCollimationWidth=0.625, TotalCollimationWidth=40.0,
     )])  # fmt: skip
-    if vendor_spiral:
-        g.CTTableDynamicsSequence = Sequence([_item(TableSpeed=20.0, TableFeedPerRotation=20.0,
-                                                    SpiralPitchFactor=0.5)])  # fmt: skip
+    dyn = _item(TableSpeed=20.0, TableFeedPerRotation=20.0, SpiralPitchFactor=0.5) if vendor_spiral else (
+        _item(TableSpeed=0.0, TableFeedPerRotation=0.0)
+    )
+    g.CTTableDynamicsSequence = Sequence([dyn])
     g.CTGeometrySequence = Sequence([_item(DistanceSourceToDetector=1040.0,
                                            DistanceSourceToDataCollectionCenter=570.0)])  # fmt: skip
     g.CTReconstructionSequence = Sequence([_item(
         ReconstructionAlgorithm="FILTER_BACK_PROJ", ConvolutionKernel=series.kernel,
         ConvolutionKernelGroup="BRAIN", ReconstructionDiameter=round(float(stack.ps[1]) * stack.cols, 3),
         ReconstructionPixelSpacing=[float(stack.ps[0]), float(stack.ps[1])], ReconstructionAngle=360.0,
+        ImageFilter="NONE",
     )])  # fmt: skip
     g.CTExposureSequence = Sequence([_item(
         ExposureTimeInms=1000.0, XRayTubeCurrentInmA=280.0, ExposureInmAs=280.0, CTDIvol=55.0,
         ExposureModulationType="NONE",
+        CTDIPhantomTypeCodeSequence=Sequence([_code("113690", "DCM", "IEC Head Dosimetry Phantom")]),
     )])  # fmt: skip
     g.CTXRayDetailsSequence = Sequence([_item(KVP=study.kvp, FocalSpots=[0.7], FilterType="BODY",
                                               FilterMaterial=["ALUMINUM"])])  # fmt: skip
@@ -93,7 +96,8 @@ def write_enhanced(
     order = sorted(keep, key=lambda k: inst[k])
     rank = {k: i + 1 for i, k in enumerate(sorted(keep))}  # in-stack position: spatial, 1-based
     ds = _new_dataset(study, series, ENHANCED_CT_IMAGE_STORAGE, 1)
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    del ds.AcquisitionDate, ds.AcquisitionTime  # not in this IOD: AcquisitionDateTime instead
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
     ds.PatientPosition = "HFS"
     ds.FrameOfReferenceUID = study.frame_uid
     ds.PositionReferenceIndicator = ""
