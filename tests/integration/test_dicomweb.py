@@ -43,14 +43,16 @@ def orthanc(orthanc_factory: Callable[..., Orthanc]) -> Orthanc:
     return orthanc_factory(dicomweb=True)
 
 
-def _config(url: str, **rule: Any) -> Config:
-    """The site config of the test: no PACS SR, no HL7, one rule sending every SR over STOW-RS."""
+def _config(url: str, *, images: bool = False) -> Config:
+    """The site config of the test: no PACS SR, no HL7, one rule sending every SR over STOW-RS (and,
+    with ``images``, a second one sending the scored series there too)."""
+    rules = [{"name": "archive", "kind": "dicomweb", "when": "always", "send": "sr", "url": url,
+              "timeout_s": 5.0}]
+    if images:
+        rules.append({**rules[0], "name": "archive-images", "send": "source"})
     return parse({
         "hl7": {"enabled": False},
-        "routing": {"sr_to_pacs": False, "rules": [
-            {"name": "archive", "kind": "dicomweb", "when": "always", "send": "sr", "url": url,
-             "timeout_s": 5.0, **rule},
-        ]},
+        "routing": {"sr_to_pacs": False, "rules": rules},
         "outbox": {"max_attempts": 5, "backoff_initial_s": 30.0, "backoff_max_s": 600.0},
     }, None)
 
@@ -74,9 +76,9 @@ def _scored_study(store: Store, ct: list[Path], clock: Callable[[], float]) -> s
 
 
 def _report(store: Store, cfg: Config, study: str) -> Path:
-    """Run the report stage; the one outbox row goes to the rule by STOW-RS; its SR file."""
+    """Run the report stage; the SR's outbox row goes to the rule by STOW-RS; its SR file."""
     assert report_scored(store, SimpleNamespace(info=MODEL), cfg) == 1  # type: ignore[arg-type]
-    (row,) = store.outbox(study)
+    row, *_ = store.outbox(study)
     assert (row.kind, row.destination, row.state) == ("dicomweb", "archive", "pending")
     assert row.target == cfg.settings.routing.rules[0].url  # the URL only: no credential in the outbox
     (sr_path,) = row.files
@@ -96,14 +98,18 @@ def test_sr_routed_by_a_dicomweb_rule_is_stored_over_stow_rs_and_appears_in_orth
 ) -> None:
     now = [1_000_000.0]
     store = Store(tmp_path / "var", clock=lambda: now[0])
-    cfg = _config(orthanc.dicomweb_url)
+    cfg = _config(orthanc.dicomweb_url, images=True)
     study = _scored_study(store, ct_series(tmp_path / "ct", n=3, size=32), lambda: now[0])
     sr_path = _report(store, cfg, study)
 
-    assert Sender(store, cfg).drain(now=now[0]) == 1
-    (row,) = store.outbox(study)
-    assert row.state == "sent" and row.attempts == 1 and row.ack == "1 instance(s) stored over STOW-RS"
+    assert Sender(store, cfg).drain(now=now[0]) == 2
+    sr_row, images_row = store.outbox(study)
+    assert (sr_row.destination, sr_row.state, sr_row.attempts, sr_row.ack) == (
+        "archive", "sent", 1, "1 instance(s) stored over STOW-RS")
+    assert (images_row.destination, images_row.state, images_row.ack) == (
+        "archive-images", "sent", "3 instance(s) stored over STOW-RS")
     assert store.study(study).state == "sent"
+    assert orthanc.instance_count() == 4  # the SR and the scored series
 
     local = dcmread(sr_path)
     (orthanc_id,) = orthanc.sr_instances(study)  # REST: /tools/find

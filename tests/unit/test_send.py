@@ -392,6 +392,23 @@ def test_dicomweb_stores_and_authenticates_with_the_rules_credentials(tmp_path: 
     assert server.requests[0][1]["Content-Type"].startswith('multipart/related; type="application/dicom"')
 
 
+def test_dicomweb_posts_a_long_series_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from triage.send import dicomweb
+
+    monkeypatch.setattr(dicomweb, "BATCH", 2)
+    files = []
+    for i in range(5):
+        (tmp_path / str(i)).mkdir()
+        files.append(_sr_file(tmp_path / str(i)))
+    server = _StowServer(200, _stored)
+    try:
+        dest = make_destination("dicomweb", "archive", server.url, _dicomweb_cfg(server.url))
+        assert dest.send(Delivery(1, "dicomweb", "archive", files)) == "5 instance(s) stored over STOW-RS"
+    finally:
+        server.shutdown()
+    assert len(server.requests) == 3  # 2 + 2 + 1
+
+
 def test_dicomweb_failures_are_send_errors_with_status_and_reasons(tmp_path: Path) -> None:
     sr = _sr_file(tmp_path)
     sop = str(dcmread(sr).SOPInstanceUID)
@@ -445,3 +462,8 @@ def test_dicomweb_rule_keeps_credentials_out_of_the_outbox_target() -> None:
             _dicomweb_cfg(bad)
     with pytest.raises(ConfigError, match=r"routing\.rules\[0\]\.token: set either token"):
         _dicomweb_cfg("http://h/dicom-web", username="u", password="p", token="t")
+    with pytest.raises(ConfigError, match=r"routing\.rules\[0\]\.kind: expected kind = .*\(got 'fax'\)"):
+        parse({"routing": {"rules": [{"name": "a", "kind": "fax", "url": "http://h/"}]}}, None)
+    twice = {"name": "a", "kind": "dicomweb", "url": "http://h/dicom-web"}
+    with pytest.raises(ConfigError, match=r"routing\.rules: rule name 'a' is used twice"):
+        parse({"routing": {"rules": [twice, {**twice, "url": "http://g/dicom-web"}]}}, None)

@@ -1,7 +1,8 @@
 """DICOMweb STOW-RS: SRs and routed source series to an archive over HTTP (``dicomweb-client``).
 
-One POST of a multipart/related application/dicom body to ``{url}/studies`` per delivery (PS3.18
-10.5). Delivered means HTTP 2xx and no instance in the response's Failed SOP Sequence; a warning
+A POST of a multipart/related application/dicom body to ``{url}/studies`` (PS3.18 10.5) per
+:data:`BATCH` instances of a delivery. Delivered means HTTP 2xx for every batch and no instance in a
+response's Failed SOP Sequence; a warning
 (Referenced SOP Sequence item with a Warning Reason, HTTP 202 with all stored) still counts as stored,
 as C-STORE's B0xx statuses do.
 
@@ -19,6 +20,7 @@ after ``outbox.max_attempts`` it is a dead letter, with the status and failure r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import requests
@@ -29,7 +31,16 @@ from pydicom.dataset import Dataset
 from triage.config import Config
 from triage.send.base import Delivery, Destination, SendError, register
 
-__all__ = ["DicomWebDestination"]
+__all__ = ["BATCH", "DicomWebDestination"]
+
+# Instances per STOW-RS request: a routed source series (hundreds of slices) is posted in batches, so
+# neither it nor its multipart body is held in memory whole. A failed batch fails the attempt; the
+# retry posts every batch again, which a server takes as duplicates of the same SOP Instance UIDs.
+BATCH = 32
+
+# dicomweb-client logs one INFO line per request ("store instances"), which the outbox's own
+# outbox_sent / outbox_retry events already say; keep its warnings and errors only.
+logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 
 
 def _failures(body: Dataset) -> list[str]:
@@ -103,33 +114,46 @@ class DicomWebDestination(Destination):
         return client
 
     def send(self, delivery: Delivery) -> str:
-        datasets: Sequence[Dataset] = [dcmread(p) for p in delivery.files]
-        sent = [str(ds.SOPInstanceUID) for ds in datasets]
+        files = list(delivery.files)
         where = f"{self.name}: STOW-RS to {self.url}"
+        warned = 0
         with requests.Session() as session:
             client = self._client(session)
-            try:
-                body = client.store_instances(datasets)
-            except requests.HTTPError as exc:
-                response = exc.response
-                status = str(exc) if response is None else f"HTTP {response.status_code} {response.reason}"
-                failed = _error_body(response)
-                detail = f"; failed: {', '.join(failed[:5])}" if failed else ""
-                raise SendError(f"{where} answered {status}{detail}") from None
-            except requests.RequestException as exc:
-                # connection refused, DNS, TLS, timeout: the class name says which, the URL says where
-                raise SendError(f"{where}: {type(exc).__name__}: {exc}") from None
-            except (ValueError, KeyError) as exc:  # a 2xx whose body is not DICOM JSON/XML
-                raise SendError(f"{where}: unreadable response: {exc}") from None
-        failed = _failures(body)
-        if failed:
-            shown = ", ".join(failed[:5])
-            raise SendError(f"{where}: {len(failed)} of {len(sent)} instance(s) refused: {shown}")
-        stored = list(body.get("ReferencedSOPSequence", []) or [])
-        referenced = {str(i.get("ReferencedSOPInstanceUID", "")) for i in stored}
-        if referenced and not set(sent) <= referenced:
-            missing = sorted(set(sent) - referenced)
-            raise SendError(f"{where}: response does not list {len(missing)} instance(s), e.g. {missing[0]}")
-        warned = sum(1 for i in stored if i.get("WarningReason") is not None)
+            for start in range(0, len(files), BATCH):
+                datasets = [dcmread(p) for p in files[start : start + BATCH]]
+                warned += _check(_store(client, datasets, where), datasets, where)
         note = f", {warned} with a warning" if warned else ""
-        return f"{len(sent)} instance(s) stored over STOW-RS{note}"
+        return f"{len(files)} instance(s) stored over STOW-RS{note}"
+
+
+def _store(client: DICOMwebClient, datasets: Sequence[Dataset], where: str) -> Dataset:
+    """One STOW-RS request; every way it can fail is a SendError saying how."""
+    try:
+        return client.store_instances(datasets)
+    except requests.HTTPError as exc:
+        response = exc.response
+        status = str(exc) if response is None else f"HTTP {response.status_code} {response.reason}"
+        failed = _error_body(response)
+        detail = f"; failed: {', '.join(failed[:5])}" if failed else ""
+        raise SendError(f"{where} answered {status}{detail}") from None
+    except requests.RequestException as exc:
+        # connection refused, DNS, TLS, timeout: the class name says which, the URL says where
+        raise SendError(f"{where}: {type(exc).__name__}: {exc}") from None
+    except (ValueError, KeyError) as exc:  # a 2xx whose body is not DICOM JSON/XML
+        raise SendError(f"{where}: unreadable response: {exc}") from None
+
+
+def _check(body: Dataset, datasets: Sequence[Dataset], where: str) -> int:
+    """Every instance stored (none in the Failed SOP Sequence, all listed when the server lists any);
+    returns how many were stored with a warning."""
+    sent = [str(ds.SOPInstanceUID) for ds in datasets]
+    failed = _failures(body)
+    if failed:
+        shown = ", ".join(failed[:5])
+        raise SendError(f"{where}: {len(failed)} of {len(sent)} instance(s) refused: {shown}")
+    stored = list(body.get("ReferencedSOPSequence", []) or [])
+    referenced = {str(i.get("ReferencedSOPInstanceUID", "")) for i in stored}
+    if referenced and not set(sent) <= referenced:
+        missing = sorted(set(sent) - referenced)
+        raise SendError(f"{where}: response does not list {len(missing)} instance(s), e.g. {missing[0]}")
+    return sum(1 for i in stored if i.get("WarningReason") is not None)
