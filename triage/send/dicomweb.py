@@ -28,7 +28,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from triage.config import Config
+from triage.config import Config, DicomWebRule
 from triage.send.base import Delivery, Destination, SendError, register
 
 __all__ = ["BATCH", "DicomWebDestination"]
@@ -93,7 +93,7 @@ class DicomWebDestination(Destination):
     @classmethod
     def from_target(cls, name: str, target: str, cfg: Config) -> DicomWebDestination:
         for rule in cfg.settings.routing.rules:
-            if rule.kind == cls.kind and rule.name == name and getattr(rule, "url", None) == target:
+            if isinstance(rule, DicomWebRule) and rule.name == name and rule.url == target:
                 verify: bool | str = rule.verify_tls
                 if rule.verify_tls and rule.ca_file:
                     verify = str(cfg.path(rule.ca_file))
