@@ -24,10 +24,12 @@ import warnings
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 from highdicom import ContributingEquipment
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
+    CodedConcept,
     Comprehensive3DSR,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
@@ -37,8 +39,12 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
+    SourceImageForSegmentation,
     TrackingIdentifier,
+    VolumeSurface,
+    VolumetricROIMeasurementsAndQualitativeEvaluations,
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -72,6 +78,11 @@ __all__ = ["COMPREHENSIVE_3D_SR", "SERIES_DESCRIPTION", "ReportError", "build_sr
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SERIES_DESCRIPTION = "AI triage aid (not a diagnosis): head CT normality"
 TRACKING_IDENTIFIER = "head CT triage"
+REGION_TRACKING_IDENTIFIER = "head CT triage: most abnormal region"
+# The region score (triage.model.voxelmap): the most abnormal lesion-sized window of the voxel map of
+# log p(normal|x), in normal-study standard deviations; private code like the other flow concepts.
+REGION_SCORE = CodedConcept("REGION", SCHEME, "Region score, most abnormal window of log p(normal|x)")
+STANDARD_DEVIATIONS = CodedConcept("{SD}", "UCUM", "standard deviations")
 
 
 def _local_naive(when: datetime, source: Dataset) -> datetime:
@@ -186,6 +197,45 @@ def _measurements(result: ScoreResult) -> list[Measurement]:
     return items
 
 
+def _region_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetInfo, sop_instance_uid: str,
+                  key_images: Sequence[Dataset]) -> VolumetricROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1411 group for the region: its score, percentile and threshold (the score referencing the
+    key images), a SCOORD3D point at its centre in the source's frame of reference, referencing the
+    source slice nearest to it, and its own normality call. None without a located region or a
+    frame of reference to put the point in."""
+    centre = result.region_center_mm
+    frame = str(ordered[0].get("FrameOfReferenceUID", "") or "")
+    if result.region_score is None or centre is None or not frame:
+        return None
+    uid = result.study_uid
+    nearest = next((ds for ds in ordered if str(ds.SOPInstanceUID) == result.region_sop_instance_uid),
+                   ordered[0])
+    refs = [SourceImageForMeasurement.from_source_image(ds) for ds in key_images]
+    items = [Measurement(REGION_SCORE, finite(result.region_score, "region_score", uid), STANDARD_DEVIATIONS,
+                         referenced_images=refs or None)]
+    if result.region_threshold is not None and math.isfinite(result.region_threshold):
+        items.append(Measurement(THRESHOLD, float(result.region_threshold), STANDARD_DEVIATIONS))
+    if result.region_percentile is not None and math.isfinite(result.region_percentile):
+        items.append(Measurement(PERCENTILE, float(result.region_percentile), PERCENT))
+    point = [finite(v, "region_center_mm", uid) for v in centre]
+    return VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=generate_uid(prefix=UID_PREFIX,
+                             entropy_srcs=["glowtriage-region-tracking", sop_instance_uid]),
+            identifier=REGION_TRACKING_IDENTIFIER,
+        ),
+        referenced_volume_surface=VolumeSurface(
+            graphic_type="POINT", graphic_data=np.asarray([point], dtype=float), frame_of_reference_uid=frame,
+            source_images=[SourceImageForSegmentation.from_source_image(nearest)],
+        ),
+        algorithm_id=_algorithm(model),
+        finding_sites=[FindingSite(HEAD)],
+        measurements=items,
+        qualitative_evaluations=[
+            QualitativeEvaluation(NORMALITY, ABNORMAL if result.region_flagged else NORMAL)],
+    )
+
+
 def _algorithm(model: ModelSetInfo) -> AlgorithmIdentification:
     return AlgorithmIdentification(
         name="glowtriage Glow M0/M1 normality",
@@ -209,6 +259,7 @@ def build_sr(
     series_number: int = 9901,
     instance_number: int = 1,
     content_datetime: datetime | None = None,
+    key_images: Sequence[Dataset] = (),
 ) -> Dataset:
     """A Comprehensive 3D SR (TID 1500 Measurement Report) with the triage result for one study.
 
@@ -218,6 +269,11 @@ def build_sr(
     observer and a Contributing Equipment item (Processing Equipment) carrying the model set's Device
     UID. Completion COMPLETE, verification UNVERIFIED, preliminary flag PRELIMINARY: a triage aid is
     never the definitive report.
+
+    With a region score (``result.region_*``), a second group (TID 1411) gives the region's score,
+    threshold and percentile, a SCOORD3D point at its centre and the source slice nearest to it;
+    ``key_images`` (``triage.report.keyimages``, same study) are referenced from its score and listed
+    in the evidence.
 
     Same inputs and UIDs -> same bytes: ``content_datetime`` (default: now, which is not
     reproducible) stands in for every date/time highdicom would otherwise take from the clock.
@@ -263,10 +319,11 @@ def build_sr(
         qualitative_evaluations=[QualitativeEvaluation(NORMALITY, finding)],
         source_images=sources,
     )
+    region = _region_group(result, ordered, model, sop_instance_uid, key_images)
     report = MeasurementReport(
         observation_context=context,
         procedure_reported=CT_OF_HEAD,
-        imaging_measurements=[group],
+        imaging_measurements=[group, *([region] if region is not None else [])],
     )
     equipment = ContributingEquipment(
         manufacturer=model.manufacturer,
@@ -282,7 +339,7 @@ def build_sr(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_PN_WARNING, category=UserWarning)
             sr = Comprehensive3DSR(
-                evidence=_evidence(ordered),
+                evidence=[*_evidence(ordered), *key_images],
                 content=report,
                 series_instance_uid=series_instance_uid,
                 series_number=series_number,

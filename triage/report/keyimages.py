@@ -1,0 +1,188 @@
+"""Key images of a flagged study: the source slices through its region, the region map as a colour overlay.
+
+Why Secondary Capture: every PACS viewer shows an RGB SC image, with no plug-in and no support for
+parametric maps or overlays needed, next to the CT in the same study. Each key image is one source
+slice at its own resolution, in a brain window (W 80 / L 40 HU), with the standardized log-ratio map of
+the region score (``triage.model.voxelmap``: how many normal-study s.d. below normal each window is)
+blended in where it is below ``-Z_SHOW``: yellow to red as it gets more abnormal. A ring marks the
+region's centre on the slice nearest to it. The SR references these images from its region
+measurement (``triage.report.sr``).
+
+The map lives on the model's grid (block-averaged canonical grid); each source pixel is carried to
+patient coordinates by its slice's ImagePositionPatient / ImageOrientationPatient / PixelSpacing, then
+through the canonical grid (``grid``: origin, spacing, direction) to the model grid, and sampled there
+(trilinear). So the overlay sits where the map is, whatever the source geometry (tilt, field of view).
+
+Determinism: the caller supplies every UID and the content date/time; nothing reads the clock.
+Nothing here logs patient data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from highdicom.sc import SCImage
+from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, TM
+from scipy.ndimage import map_coordinates
+
+from triage.assemble.common import TARGET_SHAPE
+from triage.model.results import ModelSetInfo, ScoreResult
+from triage.report.codes import ReportError, check_uid
+
+__all__ = ["KEY_IMAGES_DESCRIPTION", "build_key_images", "overlay_rgb", "sample_map_on_slice"]
+
+KEY_IMAGES_DESCRIPTION = "AI triage aid (not a diagnosis): abnormal region key images"  # LO: <= 64
+Z_SHOW = 2.0  # overlay only where the window is more than 2 normal s.d. below normal
+Z_FULL = 6.0  # full colour at 6 s.d.
+ALPHA_MAX = 0.6
+WINDOW_CENTER, WINDOW_WIDTH = 40.0, 80.0
+MAX_SLICES = 5
+
+
+def _slice_frame(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+    """(position, row direction, column direction, (row spacing, column spacing)) of one slice."""
+    iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    pos = np.asarray([float(v) for v in ds.ImagePositionPatient])
+    dr, dc = (float(v) for v in ds.PixelSpacing)
+    return pos, iop[:3], iop[3:], (dr, dc)
+
+
+def sample_map_on_slice(ds: Dataset, zmap: np.ndarray, grid: dict[str, Any]) -> np.ndarray:
+    """The model-grid map ``zmap`` (z, y, x) sampled at every pixel of source slice ``ds`` (rows, cols);
+    0 outside the grid."""
+    pos, row_dir, col_dir, (dr, dc) = _slice_frame(ds)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    r, c = np.meshgrid(np.arange(rows, dtype=float), np.arange(cols, dtype=float), indexing="ij")
+    # PS3.3 C.7.6.2.1.1: column index moves along the row direction by the column spacing, and so on
+    pts = pos[None, None, :] + c[..., None] * dc * row_dir + r[..., None] * dr * col_dir
+    d = np.asarray(grid["direction"], dtype=float).reshape(3, 3)
+    sp = np.asarray(grid["spacing"], dtype=float)
+    xyz = np.linalg.solve(d, (pts.reshape(-1, 3) - np.asarray(grid["origin"], dtype=float)).T).T / sp
+    canon_zyx = xyz[:, ::-1]
+    factors = np.array([t / s for t, s in zip(TARGET_SHAPE, zmap.shape, strict=True)])
+    model_zyx = (canon_zyx - (factors - 1) / 2) / factors
+    vals = map_coordinates(zmap.astype(np.float64), model_zyx.T, order=1, mode="constant", cval=0.0)
+    return vals.reshape(rows, cols)
+
+
+def overlay_rgb(hu: np.ndarray, z: np.ndarray, ring: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Brain-windowed grey image with the negative part of the z-map blended in (uint8 RGB, rows x
+    cols x 3); ``ring`` = (row, col, radius in pixels) draws a cyan ring around the region's centre."""
+    lo = WINDOW_CENTER - WINDOW_WIDTH / 2
+    grey = np.clip((hu - lo) / WINDOW_WIDTH, 0.0, 1.0)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    strength = np.clip((-z - Z_SHOW) / (Z_FULL - Z_SHOW), 0.0, 1.0)
+    alpha = np.where(-z > Z_SHOW, 0.25 + (ALPHA_MAX - 0.25) * strength, 0.0)[..., None]
+    # yellow -> red as the window gets more abnormal
+    colour = np.stack([np.ones_like(strength), 1.0 - strength, np.zeros_like(strength)], axis=-1)
+    rgb = (1.0 - alpha) * rgb + alpha * colour
+    if ring is not None:
+        rr, cc = np.meshgrid(np.arange(hu.shape[0]), np.arange(hu.shape[1]), indexing="ij")
+        dist = np.hypot(rr - ring[0], cc - ring[1])
+        width = max(1.0, hu.shape[0] / 256)
+        on = np.abs(dist - ring[2]) <= width
+        rgb[on] = (0.0, 1.0, 1.0)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def _patient_orientation(row_dir: np.ndarray, col_dir: np.ndarray) -> tuple[str, str]:
+    """Patient Orientation (0020,0020) of a slice: the main direction of its rows and columns."""
+    def label(v: np.ndarray) -> str:
+        names = (("R", "L"), ("A", "P"), ("F", "H"))
+        out = ""
+        for axis in np.argsort(-np.abs(v)):
+            if abs(v[axis]) > 0.2:
+                out += names[axis][int(v[axis] > 0)]
+        return out[:3] or "L"
+    return label(row_dir), label(col_dir)
+
+
+def _hu(ds: Dataset) -> np.ndarray:
+    arr = ds.pixel_array.astype(np.float64)
+    return arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+
+
+def choose_slices(source: Sequence[Dataset], centre_mm: Sequence[float], window_mm: float) -> list[Dataset]:
+    """The source slices whose planes lie within half a window of the region's centre (at least the
+    nearest one, at most MAX_SLICES, nearest first then in z order)."""
+    planes = []
+    c = np.asarray(centre_mm, dtype=float)
+    for ds in source:
+        pos, row_dir, col_dir, _ = _slice_frame(ds)
+        normal = np.cross(row_dir, col_dir)
+        planes.append((abs(float((c - pos) @ normal)), float(pos @ normal), ds))
+    if not planes:
+        return []
+    planes.sort(key=lambda t: t[0])
+    keep = [p for p in planes if p[0] <= window_mm / 2][:MAX_SLICES] or planes[:1]
+    return [p[2] for p in sorted(keep, key=lambda t: -t[1])]  # superior first
+
+
+def build_key_images(
+    result: ScoreResult,
+    source: Sequence[Dataset],
+    region_map: dict[str, Any],
+    grid: dict[str, Any],
+    model: ModelSetInfo,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: Callable[[int], str],
+    series_number: int = 9902,
+    content_datetime: datetime,
+) -> list[Dataset]:
+    """Secondary Capture key images of the slices through ``result``'s region (with pixels: ``source``
+    must be full datasets of the scored series). Empty when the result has no located region."""
+    if result.region_center_mm is None or result.region_window_mm is None:
+        return []
+    check_uid(series_instance_uid, "series_instance_uid")
+    zmap = np.asarray(region_map["zmap"], dtype=np.float64)
+    centre = np.asarray(result.region_center_mm, dtype=float)
+    picked = choose_slices(source, centre, float(result.region_window_mm))
+    nearest = choose_slices(picked, centre, 0.0)[0] if picked else None
+    out = []
+    for i, ds in enumerate(picked, start=1):
+        if "PixelData" not in ds:
+            raise ReportError(f"study {result.study_uid}: key images need the source pixels "
+                              f"(instance {ds.SOPInstanceUID} was read without them)")
+        pos, row_dir, col_dir, (dr, dc) = _slice_frame(ds)
+        z = sample_map_on_slice(ds, zmap, grid)
+        ring = None
+        if ds is nearest:
+            off = centre - pos
+            radius = float(result.region_window_mm) / 2 / dc
+            ring = (float(off @ col_dir) / dr, float(off @ row_dir) / dc, radius)
+        rgb = overlay_rgb(_hu(ds), z, ring)
+        sop = sop_instance_uid(i)
+        check_uid(sop, "sop_instance_uid")
+        sc = SCImage.from_ref_dataset(
+            ref_dataset=ds, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+            coordinate_system="PATIENT", series_instance_uid=series_instance_uid,
+            series_number=series_number, sop_instance_uid=sop, instance_number=i,
+            manufacturer=model.manufacturer, pixel_spacing=(dr, dc),
+            patient_orientation=_patient_orientation(row_dir, col_dir),
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+        )
+        when = content_datetime
+        sc.SeriesDescription = KEY_IMAGES_DESCRIPTION
+        sc.ImageType = ["DERIVED", "SECONDARY"]
+        sc.ConversionType = "WSD"
+        sc.ContentDate, sc.ContentTime = DA(when.date()), TM(when.time())
+        sc.SeriesDate, sc.SeriesTime = DA(when.date()), TM(when.time())
+        sc.InstanceCreationDate, sc.InstanceCreationTime = DA(when.date()), TM(when.time())
+        sc.DerivationDescription = (
+            f"Source CT slice with the glowtriage region map (model set {model.version}): colour where a "
+            f"{result.region_window_mm:g} mm window is more than {Z_SHOW:g} normal s.d. below normal"
+        )[:1024]
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = ds.SOPClassUID
+        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        sc.SourceImageSequence = [ref]
+        sc.BurnedInAnnotation = "NO"
+        if "Laterality" not in sc and "ImageLaterality" not in sc:
+            sc.Laterality = ""  # General Series type 2C: empty, the head is not a paired structure
+        out.append(sc)
+    return out
