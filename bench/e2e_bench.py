@@ -68,7 +68,7 @@ STAGES = ("assemble", "score", "report", "send")
 
 
 def _synth(folder: str, normal: int, abnormal: int, seed: int) -> None:
-    from training.synth.head import SynthOptions, write_dataset
+    from training.synth import SynthOptions, write_dataset
 
     write_dataset(
         Path(folder),

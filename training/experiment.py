@@ -141,7 +141,7 @@ class ExperimentError(Exception):
 def synthesize(out: Path, plan: Plan) -> dict[str, Path]:
     """Write the three sets (skipping one already written with the same parameters) and seal the
     mixture's labels. Returns {set: folder}."""
-    from training.synth.head import SynthOptions, write_dataset
+    from training.synth import SynthOptions, write_dataset
 
     folders: dict[str, Path] = {}
     for which in SETS:

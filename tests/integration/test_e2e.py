@@ -28,7 +28,7 @@ from training.harness.mllp import MLLPListener
 from training.harness.orthanc import Orthanc
 from training.harness.ports import free_port
 from training.harness.process import stop_all, wait_for
-from training.synth.head import SynthOptions, write_dataset
+from training.synth import SynthOptions, write_dataset
 from training.train.loop import VolumeSet, train
 from triage.assemble.volume import assemble_study, group_studies, read_headers
 from triage.config import AssemblySettings

@@ -14,7 +14,7 @@ import torch
 from pydicom.uid import generate_uid
 
 from training.presets import glow_from_preset
-from training.synth.head import SynthOptions, write_dataset
+from training.synth import SynthOptions, write_dataset
 from triage.model.modelset import calibrate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from training.synth.basics import _EDEMA, _LESION, _jsonable, _rotation, _waves
 
-if TYPE_CHECKING:
-    from training.synth.phantom import Phantom
+
+class _Head(Protocol):
+    """What lesions need of :class:`training.synth.phantom.Phantom` (a Protocol: no import cycle)."""
+
+    radii: np.ndarray
+    scale: np.ndarray
+    hu: dict[str, float]
+    sulc_hw: float
+    sulc_depth: float
 
 HEMORRHAGE_SUBTYPES = ("intraparenchymal", "subdural", "subarachnoid", "intraventricular")
 INFARCT_SUBTYPES = ("mca", "pca", "lacunar")
@@ -35,7 +42,7 @@ class LesionSpec:
     params: dict[str, Any]
 
 
-def _apply_lesion(ph: Phantom, les: LesionSpec, ctx: dict[str, np.ndarray], hu: np.ndarray,
+def _apply_lesion(ph: _Head, les: LesionSpec, ctx: dict[str, np.ndarray], hu: np.ndarray,
                   lab: np.ndarray) -> None:
     """Paint one lesion into intracranial arrays (in place).  Only intracranial voxels change."""
     q = ctx["q"]
@@ -135,7 +142,7 @@ def _parse_lesion(lesion: str | None) -> tuple[str | None, str | None]:
     return kind, sub or None
 
 
-def _draw_lesion(r: np.random.Generator, ph: Phantom, kind: str, sub: str | None) -> LesionSpec:
+def _draw_lesion(r: np.random.Generator, ph: _Head, kind: str, sub: str | None) -> LesionSpec:
     sx, sy, sz = (float(s) for s in ph.scale)
     side = 1 if r.random() < 0.5 else -1
     if kind == "hemorrhage":
