@@ -9,12 +9,14 @@ redone report byte-identical to the first, so a PACS sees a duplicate, never a s
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -27,6 +29,7 @@ from triage.model.score import Scorer, VolumeInput
 from triage.ops.logs import get_logger
 from triage.ops.metrics import METRICS
 from triage.report.hl7 import build_oru
+from triage.report.keyimages import build_key_images, choose_slices
 from triage.report.routes import Payload, plan_routes
 from triage.report.sr import build_sr
 from triage.send.base import (
@@ -122,17 +125,36 @@ def score_assembled(store: Store, scorer: Scorer, limit: int = 16) -> int:
         except VolumeError as exc:
             store.set_study_state(study.study_uid, "failed", reason=str(exc))
             continue
-        items.append((asm, VolumeInput(study.study_uid, asm.series_uid, vol.data)))
+        items.append((asm, VolumeInput(study.study_uid, asm.series_uid, vol.data, vol.metadata())))
     if not items:
         return 0
     results = scorer.score([v for _, v in items])
-    for (asm, _), res in zip(items, results, strict=True):
+    for (asm, item), res in zip(items, results, strict=True):
+        if res.region_map is not None:  # kept for the key images of the report stage
+            _save_region_map(store, res, asm.generation, item.metadata)
         store.record_score(res.study_uid, asm.generation, res.to_json())
         METRICS.study_scored(res.log_posterior, res.flagged, scorer.last_inference_s, scorer.device.type)
         log.info("study_scored", study_uid=res.study_uid, series_uid=res.series_uid,
                  log_posterior=round(res.log_posterior, 3), flagged=res.flagged, percentile=res.percentile,
                  model_version=res.model_version)
     return len(results)
+
+
+def _save_region_map(store: Store, res: ScoreResult, generation: int, metadata: dict | None) -> None:
+    """The region's z-map (model grid) and the canonical grid, beside the study's results."""
+    grid = (metadata or {}).get("grid") or {}
+    meta = json.dumps({k: v for k, v in res.region_map.items() if k != "zmap"} | {"grid": grid})
+    path = store.results_dir(res.study_uid) / f"region-{generation}.npz"
+    store.write_result_file(path, lambda f: np.savez_compressed(
+        f, zmap=np.asarray(res.region_map["zmap"], dtype=np.float32), meta=np.array(meta)))
+
+
+def _load_region_map(path: Path) -> tuple[dict, dict] | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        return {"zmap": z["zmap"], **meta}, meta.get("grid") or {}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -157,14 +179,40 @@ class _Report:
         return self.store.results_dir(self.result.study_uid)
 
     def sr(self) -> list[Path]:
+        """The SR, and for a flagged study with a located region its key images (written first, so an
+        SR on disk means its key images are too; the SR references them)."""
         path = self.folder / f"sr-{self.generation}.dcm"
         if not path.exists():
+            for old in self.folder.glob(f"key-{self.generation}-*.dcm"):
+                old.unlink()  # left by a crash before the SR: rebuilt identically below
+            kis = self._key_images()
+            for i, ki in enumerate(kis, start=1):
+                self.store.write_result_file(self.folder / f"key-{self.generation}-{i}.dcm",
+                                             lambda f, ki=ki: ki.save_as(f, enforce_file_format=True))
             sr = build_sr(self.result, self.source, self.info,
                           series_instance_uid=_uid("sr-series", *self.key),
                           sop_instance_uid=_uid("sr", *self.key),
-                          content_datetime=datetime.fromtimestamp(self.scored_at, UTC))
+                          content_datetime=datetime.fromtimestamp(self.scored_at, UTC), key_images=kis)
             self.store.write_result_file(path, lambda f: sr.save_as(f, enforce_file_format=True))
-        return [path]
+        keys = sorted(self.folder.glob(f"key-{self.generation}-*.dcm"),
+                      key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+        return [path, *keys]
+
+    def _key_images(self) -> list[Dataset]:
+        """Key images of a flagged study's region (triage.report.keyimages); none otherwise."""
+        r = self.result
+        loaded = _load_region_map(self.folder / f"region-{self.generation}.npz")
+        if not r.flagged or r.region_center_mm is None or loaded is None:
+            return []
+        region_map, grid = loaded
+        picked = {str(ds.SOPInstanceUID) for ds in
+                  choose_slices(self.source, r.region_center_mm, float(r.region_window_mm or 0.0))}
+        full = [dcmread(p) for p, ds in zip(self.paths, self.source, strict=True)
+                if str(ds.SOPInstanceUID) in picked]
+        return build_key_images(r, full, region_map, grid, self.info,
+                                series_instance_uid=_uid("key-series", *self.key),
+                                sop_instance_uid=lambda i: _uid("key", str(i), *self.key),
+                                content_datetime=datetime.fromtimestamp(self.scored_at, UTC))
 
     def source_series(self) -> list[Path]:
         return list(self.paths)
