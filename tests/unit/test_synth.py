@@ -522,7 +522,7 @@ def test_no_head_words_anywhere(tmp_path: Path) -> None:
     from triage.config import AssemblySettings
 
     words = {w.upper() for w in (*AssemblySettings().head_patterns, *HEAD_WORDS)}
-    for seed in range(4):  # several draws of the descriptions, every series (distractors included)
+    for seed in range(2):  # two draws of the descriptions, every series (distractors included)
         t = study(tmp_path, f"n{seed}", 50 + seed, pattern="no_head_words", distractors=True, matrix=256)
         assert t.patterns == ["no_head_words"]
         for f in (tmp_path / f"n{seed}").rglob("*.dcm"):
@@ -664,3 +664,15 @@ def test_lesion_centroid_is_where_the_lesion_is(tmp_path: Path, spec: str) -> No
     ph = make_phantom(np.random.default_rng(t1.phantom_seed), t1.lesion_spec)
     if spec.endswith(("intraparenchymal", "lacunar")):  # convex lesions: the centroid lies inside
         assert int(ph.sample(c[None])[1][0]) in (TISSUE["lesion"], TISSUE["edema"])
+
+
+def test_cli_pattern_flags(tmp_path: Path) -> None:
+    args = ["--out", str(tmp_path / "o"), "--normal", "2", "--abnormal", "0", "--seed", "4"]
+    args += ["--no-distractors", "--slab-samples", "1", "--two-stack-fraction", "1"]
+    args += ["--enhanced-fraction", "1", "--stray-instances", "1"]
+    assert main(args) == 0
+    truths = [json.loads(x) for x in (tmp_path / "o" / "truth.jsonl").read_text().splitlines()]
+    assert [t["patterns"] for t in truths[:2]] == [["two_stack", "enhanced"]] * 2
+    assert truths[2]["kind"] == "stray"
+    with (tmp_path / "o" / "labels.csv").open() as fh:
+        assert [r["patterns"] for r in csv.DictReader(fh)] == ["two_stack;enhanced"] * 2 + [""]
