@@ -68,7 +68,7 @@ from training.train.checkpoint import (
 from training.train.ddp import DistInfo, pick_device, setup_distributed
 from training.train.guard import NanGuard
 from training.train.settings import Settings, base_lr_of, hparam, lr_schedule_of, total_steps_of
-from triage.model.glow import Glow, GlowConfig, fit_to_shape
+from triage.model.glow import PRECISIONS, Glow, GlowConfig, bf16_supported, fit_to_shape
 from triage.ops.logs import get_logger
 
 # Names other modules import from here (the loop's public face; several now live in the modules above).
@@ -353,6 +353,7 @@ def train(
     init_batch: int | None = None,
     hook: StepHook | None = None,
     lr: float | None = None,
+    precision: str | None = None,
 ) -> TrainResult:
     """Train one Glow on ``volumes`` and save it to ``out`` with its provenance.
 
@@ -363,6 +364,9 @@ def train(
     ``lr`` overrides the base learning rate, which is otherwise the preset's ``lr``, or its
     ``finetune_lr`` for a warm start (``init_from``): a fine-tune at the full rate first throws away much
     of what the model it starts from knew.
+    ``precision`` (``"fp32"`` or ``"bf16"``) overrides the preset's ``precision``: the coupling nets'
+    compute type (:meth:`triage.model.glow.Glow.set_precision`), saved with the model so that it is
+    scored the way it was trained.
     """
     t_start = time.perf_counter()
     if role not in ROLES:
@@ -373,6 +377,10 @@ def train(
         cfg = config_from_preset(preset)
     except KeyError as exc:
         raise TrainingError(str(exc.args[0])) from exc
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise TrainingError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        cfg.extra["precision"] = precision
     data, ids = prepare_volumes(vs, cfg)
     ddp = setup_distributed(device)
     prev_det = (
@@ -416,6 +424,11 @@ def train(
         }
         torch.manual_seed(seed)
         glow = warm_start_model(Path(init_from), cfg) if init_from is not None else Glow(cfg)
+        glow.set_precision(str(cfg.extra.get("precision", "fp32")))
+        if glow.precision == "bf16" and not bf16_supported(dev):
+            log.warning("bf16_not_native", device=str(dev),
+                        hint="bf16 runs emulated here (slower than fp32); use --precision fp32")
+        meta["precision"] = glow.precision
         glow = glow.to(dev).train()
         loop = _Loop(glow, data, s, NanGuard(s.snapshot_every, max_nan_failures, nan_cooldown), ddp, dev)
         result = _run(
@@ -597,6 +610,7 @@ def _provenance(
             "batch_size": batch,
             "lr": base_lr,
             "lr_schedule": lr_schedule_of(cfg),
+            "precision": meta.get("precision", "fp32"),
             "data": {
                 "count": result.volumes,
                 "ids_sha256": meta["ids_sha256"],
@@ -641,6 +655,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float,
                    help="base learning rate (default: the preset's lr, or its finetune_lr with --init-from)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="coupling nets in fp32 or bf16 (default: the preset's precision, else fp32)")
     p.add_argument("--cache", type=Path, help="volume cache for DICOM input (default ~/.cache/glowtriage)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -674,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             init_from=args.init_from,
             lr=args.lr,
+            precision=args.precision,
             progress=not args.no_progress,
             device=args.device,
             log_every=args.log_every,

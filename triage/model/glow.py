@@ -45,6 +45,17 @@ def bf16_supported(device: torch.device | str = "cpu") -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def _bf16_conv_broken(x: Tensor) -> bool:
+    """Shapes where bf16 convolutions must not be used: 3-D inputs of depth 2 on the CPU.
+
+    torch 2.13's CPU (oneDNN) bf16 ``conv3d`` computes garbage *weight gradients* (NaN, 1e30) for a
+    3x3x3 kernel on inputs of depth 2, while the forward pass and the input gradient are right
+    (measured; the coarsest level of the paper's 32x128x128 Glow and of test-tiny has depth 2). Such
+    couplings run in float32, for training and scoring alike, so a model computes one function.
+    """
+    return x.dim() == 5 and x.shape[2] == 2 and x.device.type == "cpu"
+
+
 @dataclass
 class GlowConfig:
     """Architecture of one flow. Sizes for real use live in training/presets.toml."""
@@ -261,7 +272,7 @@ class AffineCoupling(nn.Module):
         the likelihood stays exact for the function the net computes (the flow is still invertible
         and its log-determinant still exact; bf16 only changes *which* function the net is).
         """
-        if self.compute_dtype is None or xa.dtype != torch.float32:
+        if self.compute_dtype is None or xa.dtype != torch.float32 or _bf16_conv_broken(xa):
             return self.net(xa)
         with torch.autocast(device_type=xa.device.type, dtype=self.compute_dtype):
             h = self.net(xa)
