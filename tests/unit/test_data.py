@@ -16,11 +16,11 @@ import pytest
 
 from training.data.volumes import (
     DataError,
-    patient_key,
     split_by_patient,
     volumes_from_dicom,
 )
 from training.synth.head import SynthOptions, write_dataset
+from triage.assemble.patient import patient_key
 from triage.assemble.volume import PREPROCESSING_VERSION, load_volume, save_volume
 from triage.config import AssemblySettings
 
@@ -166,7 +166,7 @@ def test_only_normal_selects_before_decoding_and_unlabelled_studies_stay_without
 
 def test_split_by_patient_keeps_each_patient_on_one_side() -> None:
     # 60 patients with 1-3 studies each
-    items = [{"study": f"s{p}.{k}", "patient_key": patient_key(f"PID{p}", f"s{p}.{k}")}
+    items = [{"study": f"s{p}.{k}", "patient_key": patient_key(f"PID{p}", "HOSP", study_uid=f"s{p}.{k}")}
              for p in range(60) for k in range(1 + p % 3)]
     train, val, test = split_by_patient(items, (0.8, 0.1, 0.1), seed=5)
     assert len(train) + len(val) + len(test) == len(items)
@@ -178,8 +178,8 @@ def test_split_by_patient_keeps_each_patient_on_one_side() -> None:
     assert split_by_patient(items, (0.8, 0.1, 0.1), seed=6) != again
     # the raw PatientID is not what is kept
     assert all("PID" not in it["patient_key"] for it in items)
-    assert patient_key("", "1.2.3").startswith("study:")
-    assert patient_key("PID1", "x") == patient_key("PID1", "y")
+    assert patient_key("", "HOSP", study_uid="1.2.3").startswith("study:")
+    assert patient_key("PID1", study_uid="x") == patient_key("PID1", study_uid="y")
     with pytest.raises(ValueError, match="sum to 1"):
         split_by_patient(items, (0.8, 0.1))
 

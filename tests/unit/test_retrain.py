@@ -29,8 +29,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from training.data.sources import VolumeSet
+from training.data.volumes import split_by_patient, volumes_from_dicom
 from training.train.loop import train
-from training.train.retrain import gather, run
+from training.train.retrain import gather, holdout_unit, patient_of, run
 from triage.assemble.volume import AssembledVolume, save_volume
 from triage.config import Config, load
 from triage.model.modelset import create_model_set
@@ -83,7 +84,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]
         torch.set_num_threads(threads)
 
 
-def put_instance(store: Store, study: str, series: str, patient_id: str) -> None:
+def put_instance(store: Store, study: str, series: str, patient_id: str, issuer: str | None = None) -> None:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CT
@@ -92,6 +93,8 @@ def put_instance(store: Store, study: str, series: str, patient_id: str) -> None
     ds.SOPClassUID, ds.SOPInstanceUID = CT, f"{series}.1"
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
     ds.PatientID = patient_id
+    if issuer is not None:
+        ds.IssuerOfPatientID = issuer
     store.put_instance(f"{series}.1", study, series, CT, ExplicitVRLittleEndian,
                        lambda f: ds.save_as(f, enforce_file_format=True), "TEST", "CT")
 
@@ -152,6 +155,38 @@ def test_gather_one_volume_per_patient_newest_study_split_by_patient(tmp_path: P
     assert all(v.dtype == np.uint8 and v.shape == (32, 128, 128) for v in g.train + g.holdout)
     again = gather(cfg)  # the split is a function of the patients, not of the run
     assert again.holdout_ids == g.holdout_ids
+
+
+def test_training_split_and_nightly_holdout_agree_on_who_is_one_patient(tmp_path: Path) -> None:
+    """Training reads the archive (``volumes_from_dicom`` on the storage root) and the retrain reads the
+    store's instances (``patient_of``): both must give one patient (PatientID + issuer) one key, so the
+    training split and the nightly hold-out keep the same studies together."""
+    root = tmp_path / "var"
+    who = {"1.2.826.0.1.7.0": ("PAT-A", "HOSP-1"), "1.2.826.0.1.7.1": ("PAT-A", "HOSP-1"),
+           "1.2.826.0.1.7.2": ("PAT-A", "HOSP-2"),  # the same number at another issuer: another person
+           "1.2.826.0.1.7.3": ("PAT-B", None), "1.2.826.0.1.7.4": None}  # no instance left: its own key
+    with Store(root) as store:
+        for (study, patient), data in zip(who.items(), blobs(len(who), 11), strict=True):
+            series = f"{study}.1"
+            vol = volume(data, study, series)
+            vol.sop_instance_uids = [f"{series}.1"]
+            save_volume(vol, store.volume_path(study, series, 1))
+            if patient is not None:
+                put_instance(store, study, series, *patient)
+    training = {it.study_uid: it.patient_key for it in volumes_from_dicom(root, tmp_path / "cache").items}
+    with Store(root) as store:
+        nightly = {study: patient_of(store, f"{study}.1", study) for study in who}
+    assert {s: k for s, (k, _) in nightly.items()} == training
+    assert [known for _, known in nightly.values()] == [True, True, True, True, False]
+    a0, a1, a2, b, none = (training[s] for s in who)
+    assert a0 == a1 and len({a0, a2, b, none}) == 4
+    assert holdout_unit(a0) == holdout_unit(a1)  # held out (or not) together every night
+    for seed in range(10):  # and on one side of every training split
+        parts = split_by_patient(list(training.items()), (0.5, 0.5), seed=seed, key=lambda kv: kv[1])
+        side = {s: i for i, part in enumerate(parts) for s, _ in part}
+        assert side["1.2.826.0.1.7.0"] == side["1.2.826.0.1.7.1"]
+    # the raw IDs are kept nowhere the keys go
+    assert not any("PAT-" in k or "HOSP" in k for k in training.values())
 
 
 def test_scheduled_job_retrains_gates_and_promotes(tmp_path: Path, models: dict[str, Path]) -> None:

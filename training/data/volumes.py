@@ -30,9 +30,10 @@ Quality control
 Labels and splits
     ``labels`` (labels.csv: ``study_uid,label,lesion``) with ``only="normal"`` keeps the normals;
     the selection happens before decoding, so unwanted studies cost nothing. Without ``only`` every
-    study is kept, labelled or not. :func:`split_by_patient` splits by a salted hash of PatientID, so
-    one patient's studies never sit on both sides of a split; the raw ID is read, hashed and dropped,
-    and only the hash is kept or logged.
+    study is kept, labelled or not (labels are read by :mod:`triage.model.labels`, the one reader).
+    :func:`split_by_patient` splits by :func:`triage.assemble.patient.patient_key` (issuer + PatientID,
+    the same key the nightly retrain holds out by), so one patient's studies never sit on both sides of
+    a split; the raw ID is read, hashed and dropped, and only the key is kept or logged.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import pydicom
 
 from training.errors import TrainingError
+from triage.assemble.patient import patient_key, patient_key_of_file
 from triage.assemble.volume import (
     PREPROCESSING_VERSION,
     InstanceHeader,
@@ -67,6 +68,8 @@ from triage.assemble.volume import (
     select_series,
 )
 from triage.config import AssemblySettings
+from triage.model.labels import Label, LabelsError
+from triage.model.labels import read_labels as _read_labels
 from triage.ops.logs import get_logger
 
 log = get_logger("data")
@@ -83,7 +86,6 @@ NOT_DICOM_SUFFIXES = frozenset(
 # must not throw the cache away.
 _TIMING_RULES = ("quiet_seconds", "force_seconds")
 _SAFE_UID = re.compile(r"[0-9][0-9.]{0,63}")
-_PATIENT_SALT = "glowtriage-patient-v1"
 _PATHS_IN_META = ("source", "cache", "rejects_csv", "labels")  # long; the log line keeps the counts
 
 
@@ -99,8 +101,9 @@ class DataError(TrainingError):
 
 @dataclass(frozen=True)
 class VolumeItem:
-    """One usable study: where its volume is and what is known about it (no PHI: ``patient_key`` is a
-    salted hash of PatientID, or of the study UID when the PatientID is empty or unknown)."""
+    """One usable study: where its volume is and what is known about it (no PHI: ``patient_key`` is
+    :func:`triage.assemble.patient.patient_key` of issuer + PatientID, or of the study UID when the
+    PatientID is empty or unknown)."""
 
     study_uid: str
     series_uid: str
@@ -164,49 +167,17 @@ class DicomVolumes(Sequence):
 # labels
 
 
-def read_labels(path: str | os.PathLike[str]) -> dict[str, tuple[str, str]]:
-    """labels.csv -> {study_uid: (label lower-cased, lesion)}; errors name the file and line."""
-    p = Path(path)
+def read_labels(path: str | os.PathLike[str]) -> dict[str, Label]:
+    """labels.csv -> {study_uid: Label(label, lesion)} through the one reader
+    (:func:`triage.model.labels.read_labels`); a bad file is a :class:`DataError` naming file and line."""
     try:
-        fh = p.open(newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise DataError(f"{p}: cannot read labels: {exc.strerror or exc}") from None
-    out: dict[str, tuple[str, str]] = {}
-    with fh:
-        reader = csv.DictReader(fh)
-        cols = {c.strip() for c in reader.fieldnames or []}
-        if not {"study_uid", "label"} <= cols:
-            raise DataError(f"{p}:1: header must contain study_uid,label[,lesion], got {sorted(cols)}")
-        for rec in reader:
-            rec = {(k or "").strip(): (v or "").strip() for k, v in rec.items() if k is not None}
-            uid, label = rec.get("study_uid", ""), rec.get("label", "").lower()
-            if not uid and not label:
-                continue
-            if not uid or not label:
-                raise DataError(f"{p}:{reader.line_num}: empty study_uid or label")
-            out[uid] = (label, rec.get("lesion", ""))
-    return out
+        return _read_labels(path)
+    except LabelsError as exc:
+        raise DataError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------------
 # patients and splits
-
-
-def patient_key(patient_id: str | None, study_uid: str) -> str:
-    """Salted hash of PatientID (16 hex digits), the only form in which a patient is kept or logged.
-    Without a PatientID the study is its own patient (key from the study UID, prefixed ``study:``)."""
-    pid = (patient_id or "").strip()
-    if not pid:
-        return "study:" + hashlib.sha256(f"{_PATIENT_SALT}\0study\0{study_uid}".encode()).hexdigest()[:16]
-    return hashlib.sha256(f"{_PATIENT_SALT}\0{pid}".encode()).hexdigest()[:16]
-
-
-def _read_patient_id(path: Path) -> str | None:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["PatientID"])
-        return str(ds.get("PatientID", "") or "")
-    except Exception:  # an unreadable header was already reported by read_headers
-        return None
 
 
 T = TypeVar("T")
@@ -447,7 +418,7 @@ def _dicom_jobs(
 
 
 def _archive_patient(root: Path, sop_uids: Sequence[str]) -> str | None:
-    """PatientID of an archived study from one of its spooled instances, when the spool still has it
+    """Patient key of an archived study from one of its spooled instances, when the spool still has it
     (retention may have removed the DICOM files and kept the volume)."""
     db = root / "state.db"
     if not sop_uids or not db.is_file():
@@ -464,7 +435,7 @@ def _archive_patient(root: Path, sop_uids: Sequence[str]) -> str | None:
         return None
     p = Path(row[0])
     p = p if p.is_absolute() else root / p
-    return _read_patient_id(p) if p.is_file() else None
+    return patient_key_of_file(p) if p.is_file() else None
 
 
 def _from_npz(
@@ -502,8 +473,9 @@ def _from_npz(
             dropped += 1
             continue
         _, f, vol = newest[uid]
-        pid = _archive_patient(store_root, vol.sop_instance_uids) if store_root else None
-        item = VolumeItem(uid, vol.series_uid, f, patient_key(pid, uid), zero_fraction=vol.zero_fraction,
+        key = _archive_patient(store_root, vol.sop_instance_uids) if store_root else None
+        item = VolumeItem(uid, vol.series_uid, f, key or patient_key("", study_uid=uid),
+                          zero_fraction=vol.zero_fraction,
                           warnings=tuple(vol.warnings), cached=True)
         out.append((item, vol.data))
     return out, rejects, skipped, dropped
@@ -586,10 +558,11 @@ def volumes_from_dicom(
                 rejects.append(Reject("study", oc.study_uid, oc.category, oc.reason))
                 log.info("study_rejected", study_uid=oc.study_uid, category=oc.category, reason=oc.reason)
                 continue
-            pid = _read_patient_id(job.patient_file) if job.patient_file else None
+            key = patient_key_of_file(job.patient_file, oc.study_uid) if job.patient_file else None
             lab, les = label_of(oc.study_uid)
             assert oc.series_uid is not None
-            item = VolumeItem(oc.study_uid, oc.series_uid, oc.path, patient_key(pid, oc.study_uid), lab, les,
+            item = VolumeItem(oc.study_uid, oc.series_uid, oc.path,
+                              key or patient_key("", study_uid=oc.study_uid), lab, les,
                               oc.zero_fraction, oc.warnings, oc.cached)
             try:
                 pairs.append((item, load_volume(oc.path).data))

@@ -7,7 +7,6 @@ the figures because the experiment and the registry's calibration read the same 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from triage.model.labels import Label, LabelsError, read_labels
 
 METRICS = {
     "posterior": ("log_posterior", "log p(normal|x)"),
@@ -123,39 +124,13 @@ def load_scores(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def load_labels(path: Path) -> dict[str, tuple[str, str]]:
-    """``labels.csv`` -> ``{study_uid: (label, lesion)}``; label is normal|abnormal, lesion may be ''."""
-    path = Path(path)
+def load_labels(path: Path) -> dict[str, Label]:
+    """``labels.csv`` -> ``{study_uid: Label(label, lesion)}`` through the one reader
+    (:func:`triage.model.labels.read_labels`); label is normal|abnormal, lesion may be ''."""
     try:
-        fh = path.open(newline="", encoding="utf-8-sig")
-    except OSError as e:
-        raise EvaluationInputError(f"{path}: cannot read labels file: {e.strerror or e}") from e
-    labels: dict[str, tuple[str, str]] = {}
-    first_line: dict[str, int] = {}
-    with fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        if "study_uid" not in cols or "label" not in cols:
-            raise EvaluationInputError(f"{path}:1: header must contain study_uid,label[,lesion], got {cols}")
-        for rec in reader:
-            lineno = reader.line_num
-            rec = {(k or "").strip(): (v or "").strip() for k, v in rec.items() if k is not None}
-            uid, label, lesion = rec.get("study_uid", ""), rec.get("label", "").lower(), rec.get("lesion", "")
-            if not uid and not label:
-                continue
-            if not uid:
-                raise EvaluationInputError(f"{path}:{lineno}: empty study_uid")
-            if label not in ("normal", "abnormal"):
-                raise EvaluationInputError(
-                    f"{path}:{lineno}: study {uid}: label {rec.get('label')!r} is not 'normal' or 'abnormal'"
-                )
-            if uid in labels:
-                raise EvaluationInputError(
-                    f"{path}:{lineno}: study {uid} is labelled twice (first on line {first_line[uid]})"
-                )
-            labels[uid] = (label, lesion)
-            first_line[uid] = lineno
-    return labels
+        return read_labels(path)
+    except LabelsError as e:
+        raise EvaluationInputError(str(e)) from None
 
 
 def group_of(label: str, lesion: str) -> str:

@@ -13,7 +13,8 @@ What one run does, and why:
    whose file is younger than ``window_days``. One volume per *patient* (the newest study): follow-up
    scans of one patient would otherwise weigh that patient several times and, split across the
    training and held-out sets, leak. The patient is read from the PatientID (+ issuer) of one spooled
-   instance of the series and reduced to a salted SHA-256 in memory; it is never logged or written.
+   instance of the series and reduced to :func:`triage.assemble.patient.patient_key` in memory (the key
+   training's ``split_by_patient`` uses too); it is never logged or written.
    A volume whose instances are gone counts as its own patient.
 2. **Hold out** ``holdout_fraction`` of the patients, chosen by their hash: the same patients every
    night, so no retrain ever trains on a patient that another night's gate judged with.
@@ -60,10 +61,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import torch
 
 from triage import __version__
+from triage.assemble.patient import patient_key, patient_key_of_file
 from triage.assemble.volume import PREPROCESSING_VERSION, VolumeError, load_volume
 from triage.config import Config, ConfigError, load
 from triage.model.calibrate import threshold_at_specificity
@@ -78,7 +79,6 @@ from triage.store.db import Store
 LOCK = ".retrain.lock"
 STATE = "state.json"
 PROMOTE_REASON = "nightly retrain"
-_PATIENT_SALT = b"glowtriage-retrain-patient\0"
 
 log = get_logger("retrain")
 
@@ -142,23 +142,16 @@ def _candidates(cfg: Config, store: Store, now: float) -> tuple[list[_Candidate]
     return out, outside
 
 
-def _patient_key(store: Store, c: _Candidate) -> tuple[str, bool]:
-    """(salted hash of issuer + PatientID, True) from one spooled instance; (hash of the study, False)
-    when no instance can tell. The ID itself never leaves this function."""
+def patient_of(store: Store, series_uid: str, study_uid: str) -> tuple[str, bool]:
+    """(:func:`~triage.assemble.patient.patient_key` of issuer + PatientID, True) from one spooled
+    instance, the same key training's split uses; (the study's key, False) when no instance can tell.
+    The ID itself never leaves :mod:`triage.assemble.patient`."""
     with contextlib.suppress(Exception):
-        for inst in store.series_instances(c.series_uid)[:3]:
-            try:
-                ds = pydicom.dcmread(
-                    inst.path, stop_before_pixels=True, specific_tags=["PatientID", "IssuerOfPatientID"]
-                )
-            except Exception:  # unreadable or gone (retention): try the next instance
-                continue
-            pid = str(ds.get("PatientID", "") or "").strip()
-            if pid:
-                issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
-                digest = hashlib.sha256(_PATIENT_SALT + f"{issuer}\0{pid}".encode()).hexdigest()
-                return "p:" + digest, True
-    return "s:" + hashlib.sha256(_PATIENT_SALT + c.study_uid.encode()).hexdigest(), False
+        for inst in store.series_instances(series_uid)[:3]:
+            key = patient_key_of_file(inst.path)  # None: unreadable or gone (retention), or no PatientID
+            if key is not None:
+                return key, True
+    return patient_key("", study_uid=study_uid), False
 
 
 def holdout_unit(patient_key: str) -> float:
@@ -177,7 +170,7 @@ def gather(cfg: Config, now: float | None = None) -> Gathered:
         newest: dict[str, tuple[_Candidate, float]] = {}
         no_patient = 0
         for c in cands:
-            key, known = _patient_key(store, c)
+            key, known = patient_of(store, c.series_uid, c.study_uid)
             no_patient += 0 if known else 1
             prev = newest.get(key)
             if prev is None or (c.mtime, c.study_uid) > (prev[0].mtime, prev[0].study_uid):

@@ -20,7 +20,6 @@ the specificity the global operating point has on those normals. The nightly ret
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import math
 import os
@@ -34,6 +33,7 @@ from triage import __version__
 from triage.assemble.folders import folder_studies
 from triage.assemble.volume import PREPROCESSING_VERSION
 from triage.config import Config
+from triage.model import labels as labels_csv
 from triage.model.calibrate import threshold_at_specificity, youden
 from triage.model.glow import Glow
 from triage.model.registry import ModelSet, Registry, RegistryError
@@ -125,16 +125,12 @@ def region_calibration(pair: ModelPair, volumes: list[np.ndarray], global_thresh
 
 
 def read_labels(path: Path) -> dict[str, tuple[str, str]]:
-    """labels.csv (study_uid,label,lesion) -> {study_uid: (label, lesion)}."""
-    out: dict[str, tuple[str, str]] = {}
-    with path.open(newline="") as f:
-        for i, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                label, lesion = row["label"].strip().lower(), (row.get("lesion") or "").strip()
-                out[row["study_uid"].strip()] = (label, lesion)
-            except (KeyError, AttributeError):
-                raise RegistryError(f"{path}:{i}: expected columns study_uid,label,lesion") from None
-    return out
+    """labels.csv -> {study_uid: (label, lesion)} through the one reader (:mod:`triage.model.labels`,
+    shared with training and evaluation); a bad file is a RegistryError naming file and line."""
+    try:
+        return dict(labels_csv.read_labels(path))
+    except labels_csv.LabelsError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 def calibrate(posteriors: dict[str, float], labels: dict[str, tuple[str, str]] | None,
