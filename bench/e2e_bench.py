@@ -57,6 +57,7 @@ from training.harness.orthanc import Orthanc  # noqa: E402
 from training.harness.ports import free_port  # noqa: E402
 from training.harness.process import stop_all  # noqa: E402
 from training.harness.storescu import storescu  # noqa: E402
+from triage.model.labels import read_labels  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
 PRESET = "cpu-small"
@@ -166,8 +167,8 @@ def _db(root: Path) -> sqlite3.Connection:
 
 
 def study_uids(folder: Path) -> list[str]:
-    with (folder / "labels.csv").open() as f:
-        return [line.split(",")[0] for line in f.read().splitlines()[1:] if line.strip()]
+    """The studies of a synthetic set, in labels.csv order (read by the one labels reader)."""
+    return list(read_labels(folder / "labels.csv"))
 
 
 def wait_sent(root: Path, uids: list[str], timeout: float, daemon: TriageProcess) -> None:
