@@ -676,3 +676,16 @@ def test_cli_pattern_flags(tmp_path: Path) -> None:
     assert truths[2]["kind"] == "stray"
     with (tmp_path / "o" / "labels.csv").open() as fh:
         assert [r["patterns"] for r in csv.DictReader(fh)] == ["two_stack;enhanced"] * 2 + [""]
+
+
+def test_uid_salt_changes_only_the_uids(tmp_path: Path) -> None:
+    a = study(tmp_path, "a", 48, "infarct", pattern="bone_twin")
+    b = study(tmp_path, "b", 48, "infarct", pattern="bone_twin", uid_salt="again")
+    assert a.study_uid != b.study_uid and a.primary_series_uid != b.primary_series_uid
+    assert a.patient_id == b.patient_id and a.positions == b.positions and a.kernel == b.kernel
+    fa, fb = sorted((tmp_path / "a").rglob("*.dcm")), sorted((tmp_path / "b").rglob("*.dcm"))
+    assert [p.relative_to(tmp_path / "a") for p in fa] == [p.relative_to(tmp_path / "b") for p in fb]
+    for x, y in zip(fa, fb, strict=True):
+        dx, dy = pydicom.dcmread(x), pydicom.dcmread(y)
+        assert dx.PixelData == dy.PixelData and dx.SOPInstanceUID != dy.SOPInstanceUID
+        assert dx.FrameOfReferenceUID != dy.FrameOfReferenceUID

@@ -47,6 +47,7 @@ class _Study:
     station: str
     kvp: float
     signed: bool
+    uid_salt: str = ""  # SynthOptions.uid_salt: new UIDs for the same content
 
 
 @dataclass
@@ -63,7 +64,10 @@ class _Series:
 
 
 def _uid(study: _Study, *parts: object) -> str:
-    return generate_uid(prefix=_UID_PREFIX, entropy_srcs=[str(study.token), *map(str, parts)])
+    srcs = [str(study.token), *map(str, parts)]
+    if study.uid_salt:
+        srcs.append(study.uid_salt)
+    return generate_uid(prefix=_UID_PREFIX, entropy_srcs=srcs)
 
 
 def _new_dataset(study: _Study, series: _Series, sop_class: str, instance: int) -> Dataset:

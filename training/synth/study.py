@@ -137,6 +137,7 @@ def _scanner(
         station=f"CT{int(sc.integers(1, 9))}",
         kvp=float(sc.choice([120.0, 120.0, 100.0, 140.0])),
         signed=vendor.signed,
+        uid_salt=options.uid_salt,
     )
     study.study_uid = _uid(study, "study")
     study.frame_uid = _uid(study, "frame")

@@ -64,6 +64,9 @@ class SynthOptions:
     bone_twin_fraction: float = 0.0
     # A water cylinder phantom instead of a head (no skull, no brain; mostly air on the canonical grid).
     phantom_fraction: float = 0.0
+    # Non-empty: every UID (study, series, SOP, frame of reference) is derived anew, nothing else
+    # changes (same pixels, headers, file names): "the same study sent again with new UIDs".
+    uid_salt: str = ""
 
 
 @dataclass
