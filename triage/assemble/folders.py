@@ -8,7 +8,7 @@ The daemon gets its volumes from the store; these commands get them from folders
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from triage.assemble.volume import (
@@ -31,6 +31,8 @@ class FolderStudy:
     series_uid: str | None
     volume: AssembledVolume | None
     reason: str | None = None  # why there is no volume
+    warnings: list[str] = field(default_factory=list)  # selection's and the volume's, for the result
+    selection: str = ""  # what the chosen series is and by which rule it won
 
 
 def list_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -56,7 +58,7 @@ def folder_studies(paths: Sequence[str | Path], rules: AssemblySettings) -> Iter
         except VolumeError as exc:
             yield FolderStudy(study_uid=f.stem, series_uid=None, volume=None, reason=str(exc))
             continue
-        yield FolderStudy(vol.study_uid or f.stem, vol.series_uid or None, vol)
+        yield FolderStudy(vol.study_uid or f.stem, vol.series_uid or None, vol, warnings=list(vol.warnings))
     headers, errors = read_headers(dicom)
     for path, reason in errors.items():
         log.info("file_skipped", file=str(path), reason=reason)
@@ -65,4 +67,5 @@ def folder_studies(paths: Sequence[str | Path], rules: AssemblySettings) -> Iter
         if vol is None or sel.chosen is None:
             yield FolderStudy(study_uid, None, None, sel.reason or "no usable series")
         else:
-            yield FolderStudy(study_uid, sel.chosen, vol)
+            warnings = [*sel.warnings, *vol.warnings]
+            yield FolderStudy(study_uid, sel.chosen, vol, warnings=warnings, selection=sel.why)

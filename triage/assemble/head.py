@@ -27,12 +27,21 @@ SLAB_MIN_FACTOR = 1.5  # slices per canonical slab from which thin slices are av
 
 
 def slab_weights(width: float) -> np.ndarray:
-    """Weights of the samples -K..K for a box ``width`` samples wide centred on a sample: each
-    sample stands for the unit interval around it, and weighs the part of it inside the box."""
+    """Weights of the samples -K..K of the canonical slice profile, ``width`` samples = one slab.
+
+    A box ``width`` samples wide (each sample stands for the unit interval around it and weighs
+    the part of it inside the box: the slab integrated, not point-sampled), convolved with a
+    triangle of half-width ``width``: the blur that linear interpolation onto the 4.5 mm grid gives
+    a 4.5 mm series on average over slice phases (variance h^2/6). So a thin series averaged here
+    has the profile of the thick series the models were trained on, not a sharper one.
+    """
     half = width / 2.0
     k_max = math.ceil(half - 0.5 - 1e-9)
     ks = np.arange(-k_max, k_max + 1, dtype=float)
-    w = np.clip(np.minimum(ks + 0.5, half) - np.maximum(ks - 0.5, -half), 0.0, 1.0)
+    box = np.clip(np.minimum(ks + 0.5, half) - np.maximum(ks - 0.5, -half), 0.0, 1.0)
+    t_max = math.ceil(width - 1e-9)
+    tri = np.maximum(0.0, 1.0 - np.abs(np.arange(-t_max, t_max + 1, dtype=float)) / width)
+    w = np.convolve(box, tri)
     return w / w.sum()
 
 
@@ -50,25 +59,29 @@ def _slab_average(stack: np.ndarray, width: float) -> np.ndarray:
     return out
 
 
-def _antialiased(stack: np.ndarray, geom: _Geometry) -> tuple[sitk.Image, list[float]]:
-    """The stack as a SimpleITK image in index space, prepared for sampling onto the canonical grid.
+def slab_profile(stack: np.ndarray, geom: _Geometry) -> tuple[np.ndarray, float]:
+    """A series with at least 1.5 slices per 4.5 mm slab averaged over the slab profile
+    (:func:`_slab_average`); thicker ones as they are (their own profile is already a slab).
+    Returns the stack and the slab width in slices (0 when not averaged). Done before the head is
+    looked for, so the vertex of a thin series is found on the same profile as a thick one's."""
+    slab = SLICE_MM / max(abs(float(geom.step[2])), 1e-6)
+    if slab < SLAB_MIN_FACTOR:
+        return stack, 0.0
+    return _slab_average(stack, slab), slab
 
-    In plane: Gaussian-smoothed along the axes that will be downsampled, sigma = (factor - 1) / 2
-    source pixels (factor = output / source spacing). Along the slices: a series with at least
-    1.5 slices per 4.5 mm slab is averaged over the slab (:func:`_slab_average`); thicker ones are
-    sampled as they are (their own slice profile is already a slab). The returned sigmas are in
-    source pixels (x, y), and for z the slab width in slices (0 when not averaged)."""
+
+def _antialiased(stack: np.ndarray, geom: _Geometry) -> tuple[sitk.Image, list[float]]:
+    """The stack as a SimpleITK image in index space, Gaussian-smoothed in plane along the axes that
+    will be downsampled: sigma = (factor - 1) / 2 source pixels (factor = output / source spacing).
+    Along the slices see :func:`slab_profile`."""
     dr, dc = geom.pixel_spacing
     factors = (PIXEL_MM / dc, PIXEL_MM / dr)
     # below a quarter pixel the sampled kernel is the identity anyway: record 0, skip the filter
     sigmas = [s if s >= 0.25 else 0.0 for s in ((f - 1.0) / 2.0 for f in factors)]
-    slab = SLICE_MM / max(abs(float(geom.step[2])), 1e-6)
-    if slab >= SLAB_MIN_FACTOR:
-        stack = _slab_average(stack, slab)
     img = sitk.GetImageFromArray(stack)
     if any(sigmas):
         img = sitk.DiscreteGaussian(img, [sg * sg for sg in (*sigmas, 0.0)], 32, 0.01, False)
-    return img, [*sigmas, slab if slab >= SLAB_MIN_FACTOR else 0.0]
+    return img, sigmas
 
 
 def _resample_coarse(src: sitk.Image, geom: _Geometry) -> sitk.Image:

@@ -113,7 +113,7 @@ from triage.assemble.geometry import (
     _regularise,
     _source_geometry,
 )
-from triage.assemble.head import _antialiased, _find_head, _resample_coarse
+from triage.assemble.head import _antialiased, _find_head, _resample_coarse, slab_profile
 from triage.assemble.headers import InstanceHeader, group_studies, read_header, read_headers
 from triage.assemble.pixels import _decode_stack, _read_series, _Slice, read_slice_hu
 from triage.assemble.select import (
@@ -217,6 +217,7 @@ def build_volume(
         "source_p01": float(np.percentile(sub, 1)),
         "source_p99": float(np.percentile(sub, 99)),
     }
+    stack, slab = slab_profile(stack, geom)
     src, sigmas = _antialiased(stack, geom)
     fraction = sitk.GetImageFromArray(np.clip((stack + 1000.0) / 1000.0, 0.0, 1.0))
     del stack
@@ -282,8 +283,8 @@ def build_volume(
         # to its centre (triage.model.voxelmap.nearest_source_slice) and key images are drawn on them
         "slice_positions_mm": [[float(v) for v in (s.header.position or ())] for s in slices],
         "slice_sop_instance_uids": [s.header.sop_instance_uid for s in slices],
-        "smoothing_sigma_px": sigmas[:2],
-        "slab_average_slices": sigmas[2],
+        "smoothing_sigma_px": sigmas,
+        "slab_average_slices": slab,
         "brain_noise_hu": None if noise is None else round(noise, 2),
         "content": content.describe(),
     }
