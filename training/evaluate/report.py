@@ -43,6 +43,7 @@ from training.evaluate.inputs import (
     parse_row,
     resolve_volume,
 )
+from training.evaluate.maps import load_centroids, region_section
 from training.evaluate.metrics import FIXED_SPECIFICITIES, correlation, operating_point, roc_summary
 from training.evaluate.plots import plot_hist, plot_montage, plot_roc, plot_zero, volume_slices
 from triage.model.calibrate import threshold_at_specificity, youden
@@ -63,13 +64,15 @@ Warn = Callable[..., None]
 
 def evaluate(scores: list[dict[str, Any]], labels: Mapping[str, tuple[str, str]], out: Path, k: int = 16,
              *, title: str | None = None, slices: int = 1, n_boot: int = 1000, seed: int = 0,
-             base_dir: Path | None = None) -> dict[str, Any]:
+             base_dir: Path | None = None, centroids: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write the figures and ``report.json`` into ``out``; return the report.
 
     ``scores`` are objects as ``triage score --json`` prints them (rows from :func:`load_scores` keep
     their file:line for messages). Studies without a label, and studies with non-finite scores, are
     left out and listed; rejected rows are counted and listed. ``volume`` paths that are relative are
     looked up under ``base_dir`` (the scores file's folder for the CLI) and then the working directory.
+    Rows with a region score also get its ROC, flags, localization (with lesion ``centroids``, patient
+    mm) and map montage (:mod:`training.evaluate.maps`).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -120,6 +123,8 @@ def evaluate(scores: list[dict[str, Any]], labels: Mapping[str, tuple[str, str]]
     volume = _volume_cache([b for b in (base_dir, Path.cwd()) if b is not None], warn)
     _zero_fraction(report, used, garr, vals, volume, out, prefix, warn)
     _montages(report, used, groups, vals["posterior"], volume, out, prefix, k, slices, warn)
+    region_section(report, scores, used, is_abn, garr, lesions, out, prefix, k, n_boot, seed,
+                   [b for b in (base_dir, Path.cwd()) if b is not None], warn, volume, centroids)
 
     report["rejected"] = rejected
     report["unlabeled"] = unlabeled
@@ -334,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = load_scores(a.scores)
         labels = load_labels(a.labels)
         rep = evaluate(scores, labels, a.out, k=a.k, title=a.title, slices=a.slices, n_boot=a.bootstrap,
-                       seed=a.seed, base_dir=a.scores.resolve().parent)
+                       seed=a.seed, base_dir=a.scores.resolve().parent, centroids=load_centroids(a.labels))
     except EvaluationInputError as e:
         print(f"training evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -348,6 +353,14 @@ def main(argv: list[str] | None = None) -> int:
               f"Youden cut-off {cut} (sens {yd['sensitivity']:.3f}, spec {yd['specificity']:.3f})")
         for les, c in rep["metrics"]["posterior"]["lesions"].items():
             print(f"  {les}: AUC {c['auc']:.3f} (n={c['n_abnormal']})")
+        reg = rep["metrics"].get("region", {}).get("overall", {})
+        if reg.get("auc") is not None:
+            lo, hi = reg["auc_ci95"]
+            loc = rep.get("region", {}).get("localization") or {}
+            where = "" if not loc.get("n") else (
+                f"; centre to lesion median {loc['median_mm']:.0f} mm, "
+                f"{100 * loc['within_30mm']:.0f}% within 30 mm (n={loc['n']})")
+            print(f"AUC region score {reg['auc']:.3f} [{lo:.3f}, {hi:.3f}]{where}")
     else:
         print(f"AUC undefined: {o['auc_undefined']}")
     print(f"n normal {rep['n_normal']}, abnormal {rep['n_abnormal']}, rejected {rep['n_rejected']}, "
