@@ -124,8 +124,9 @@ class StudyTruth:
     # Added for issue 11/12 (defaults keep older truth.jsonl files readable).
     kind: str = "head"  # "head" | "phantom" (water cylinder) | "stray" (a lone slice of another study)
     patterns: list[str] = field(default_factory=list)  # members of PATTERNS, in PATTERNS order
-    # Lesion centroid in patient coordinates (LPS, mm): mean of the primary series' pixel centres
-    # that the lesion touches (core or oedema, any slab sub-sample), weighted by the touched fraction.
+    # Lesion centroid in patient coordinates (LPS, mm): mean of the centres of the primary series'
+    # pixels (planned stack, the dropped slice included) that the lesion touches (core or oedema, at
+    # any slab sub-sample).  For a crescent (subdural) it may lie outside the lesion itself.
     lesion_centroid: list[float] | None = None
     sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.2"  # of the primary series
     slice_thicknesses: list[float] = field(default_factory=list)  # per planned slice (two stacks vary)
