@@ -272,6 +272,22 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+DEFAULT_STEPS = 2000
+
+
+def branch_recipe(current: ModelSet, configured_steps: int | None) -> tuple[int, str | None]:
+    """Steps and precision of the nightly M1: those the current set's M1 was trained with.
+
+    M0 and M1 must be trained alike for their difference to measure the data and not the training
+    (the set's M0 and M1 branched from one trunk with equal budgets): a nightly M1 trained far longer
+    or shorter than the M0 it is compared with shifts every score. ``[retrain] steps`` overrides.
+    """
+    m1 = (current.manifest.get("provenance") or {}).get("m1") or {}
+    steps = configured_steps or int(m1.get("steps") or DEFAULT_STEPS)
+    precision = m1.get("precision")
+    return steps, str(precision) if precision in ("fp32", "bf16") else None
+
+
 def _train_m1(cfg: Config, current: ModelSet, g: Gathered, out: Path) -> dict[str, Any]:
     """Train the new M1 (imported here: the gather and gate steps do not need the training loop)."""
     from training.data.sources import VolumeSet
@@ -283,11 +299,13 @@ def _train_m1(cfg: Config, current: ModelSet, g: Gathered, out: Path) -> dict[st
     if started_from == "trunk" and current.trunk_path is None:
         started_from = "m0"  # a set made without its trunk: M0 is the closest common start
     start = {"trunk": current.trunk_path, "m0": current.m0_path, "m1": current.m1_path}.get(started_from)
+    steps, precision = branch_recipe(current, rs.steps)
     res = train(
-        vs, str(current.manifest["preset"]), out, role="mixture", seed=0, steps=rs.steps,
-        init_from=start, progress=False, device=rs.device,
+        vs, str(current.manifest["preset"]), out, role="mixture", seed=0, steps=steps,
+        init_from=start, progress=False, device=rs.device, precision=precision,
     )
-    return {"steps": res.steps, "final_bpd": _num(res.final_bpd), "nan_restores": res.nan_restores,
+    return {"steps": res.steps, "precision": precision, "final_bpd": _num(res.final_bpd),
+            "nan_restores": res.nan_restores,
             "seconds": round(res.seconds, 3), "init_from": started_from}
 
 
