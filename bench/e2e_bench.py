@@ -265,6 +265,83 @@ def direct_inference(work: Path, vols: list[np.ndarray], repeat: int = 5) -> flo
     return float(np.median(times))
 
 
+def measure(
+    work: Path, sets: dict[str, Path], ports: dict[str, int]
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, Any] | None]:
+    """Daemon, PACS and RIS up; the sequential then the burst pattern through them; per-study latencies
+    and the daemon's own inference figures."""
+    root = work / "var"
+    cfg = bench_config(work, ports["dicom"], ports["metrics"], ports["pacs"], ports["hl7"])
+    mllp = MLLPListener(ports["hl7"])
+    orthanc = Orthanc(work / "pacs", aet="PACS", dicom_port=ports["pacs"], http_port=ports["http"])
+    daemon = TriageProcess(cfg, work / "daemon.log", cwd=work)
+    results: dict[str, list[dict[str, float]]] = {}
+    inference_daemon = None
+    try:
+        orthanc.start()
+        daemon.start()
+        uids = study_uids(sets["sequential"])
+        print(f"  sequential: {len(uids)} studies, one at a time ...", flush=True)
+        for i in range(len(uids)):
+            folder = sets["sequential"] / f"study_{i:04d}"
+            files = sorted(folder.rglob("*.dcm"))
+            storescu(ports["dicom"], files, calling="PACS", check=True)
+            uid = _study_uid(files[0])
+            wait_sent(root, [uid], 300, daemon)
+        results["sequential"] = latencies(root, uids)
+        burst = study_uids(sets["burst"])
+        print(f"  burst: {len(burst)} studies in one association ...", flush=True)
+        storescu(ports["dicom"], sorted(sets["burst"].rglob("*.dcm")), calling="PACS", check=True)
+        wait_sent(root, burst, 900, daemon)
+        results["burst"] = latencies(root, burst)
+        inference_daemon = scrape_inference(ports["metrics"])
+    finally:
+        stop_all(mllp, orthanc, daemon)
+    return results, inference_daemon
+
+
+def summarize(results: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
+    """One row per arrival pattern: p50/p95/max/mean of the total and of each stage, and retries."""
+    rows = []
+    for pattern, lat in results.items():
+        row: dict[str, Any] = {
+            "pattern": pattern,
+            "studies": len(lat),
+            "retries": sum(int(r["attempts"]) - 1 for r in lat),
+        }
+        for k in ("total", *STAGES):
+            row[k] = percentiles([r[k] for r in lat])
+        rows.append(row)
+    return rows
+
+
+def print_results(
+    rows: list[dict[str, Any]], inference_daemon: dict[str, Any] | None, inference_direct: float
+) -> None:
+    print()
+    print(
+        f"{'pattern':<11} {'n':>3} {'p50 s':>7} {'p95 s':>7} {'max s':>7}   "
+        + "  ".join(f"{s + ' p50':>12}" for s in STAGES)
+    )
+    for r in rows:
+        print(
+            f"{r['pattern']:<11} {r['studies']:>3} {r['total']['p50']:>7.2f} {r['total']['p95']:>7.2f} "
+            f"{r['total']['max']:>7.2f}   " + "  ".join(f"{r[s]['p50']:>12.2f}" for s in STAGES)
+        )
+    inf_d = "n/a"
+    if inference_daemon is not None:
+        under = inference_daemon["cumulative_buckets"].get("0.5", 0)
+        inf_d = f"{inference_daemon['mean']:.3f} s ({under} of {inference_daemon['count']} under 0.5 s)"
+    print(
+        f"\nmodel inference per study (M0 + M1, {PRESET}, CPU): daemon mean {inf_d}, "
+        f"direct ModelPair.log_likelihoods median {inference_direct:.3f} s"
+    )
+    print(
+        "latency = assemblies.complete_at -> outbox.sent_at of the PACS SR (Orthanc's C-STORE success); "
+        "the 1 s quiet period precedes it and is not included"
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -291,66 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     root = work / "var"
     version, vols = random_model_set(work, root, sets["sequential"] / "study_0000")
     ports = {k: free_port() for k in ("dicom", "metrics", "pacs", "hl7", "http")}
-    cfg = bench_config(work, ports["dicom"], ports["metrics"], ports["pacs"], ports["hl7"])
-    mllp = MLLPListener(ports["hl7"])
-    orthanc = Orthanc(
-        work / "pacs", aet="PACS", dicom_port=ports["pacs"], http_port=ports["http"], modalities={}
-    ).start()
-    daemon = TriageProcess(cfg, work / "daemon.log", cwd=work).start()
-    results: dict[str, list[dict[str, float]]] = {}
-    inference_daemon = None
-    try:
-        uids = study_uids(sets["sequential"])
-        print(f"  sequential: {len(uids)} studies, one at a time ...", flush=True)
-        for i in range(len(uids)):
-            folder = sets["sequential"] / f"study_{i:04d}"
-            files = sorted(folder.rglob("*.dcm"))
-            storescu(ports["dicom"], files, calling="PACS", check=True)
-            uid = _study_uid(files[0])
-            wait_sent(root, [uid], 300, daemon)
-        results["sequential"] = latencies(root, uids)
-        burst = study_uids(sets["burst"])
-        print(f"  burst: {len(burst)} studies in one association ...", flush=True)
-        storescu(ports["dicom"], sorted(sets["burst"].rglob("*.dcm")), calling="PACS", check=True)
-        wait_sent(root, burst, 900, daemon)
-        results["burst"] = latencies(root, burst)
-        inference_daemon = scrape_inference(ports["metrics"])
-    finally:
-        stop_all(mllp, orthanc, daemon)
+    results, inference_daemon = measure(work, sets, ports)
     inference_direct = direct_inference(work, vols)
 
-    rows = []
-    for pattern, lat in results.items():
-        row: dict[str, Any] = {
-            "pattern": pattern,
-            "studies": len(lat),
-            "retries": sum(int(r["attempts"]) - 1 for r in lat),
-        }
-        for k in ("total", *STAGES):
-            row[k] = percentiles([r[k] for r in lat])
-        rows.append(row)
-    print()
-    print(
-        f"{'pattern':<11} {'n':>3} {'p50 s':>7} {'p95 s':>7} {'max s':>7}   "
-        + "  ".join(f"{s + ' p50':>12}" for s in STAGES)
-    )
-    for r in rows:
-        print(
-            f"{r['pattern']:<11} {r['studies']:>3} {r['total']['p50']:>7.2f} {r['total']['p95']:>7.2f} "
-            f"{r['total']['max']:>7.2f}   " + "  ".join(f"{r[s]['p50']:>12.2f}" for s in STAGES)
-        )
-    inf_d = "n/a"
-    if inference_daemon is not None:
-        under = inference_daemon["cumulative_buckets"].get("0.5", 0)
-        inf_d = f"{inference_daemon['mean']:.3f} s ({under} of {inference_daemon['count']} under 0.5 s)"
-    print(
-        f"\nmodel inference per study (M0 + M1, {PRESET}, CPU): daemon mean {inf_d}, "
-        f"direct ModelPair.log_likelihoods median {inference_direct:.3f} s"
-    )
-    print(
-        "latency = assemblies.complete_at -> outbox.sent_at of the PACS SR (Orthanc's C-STORE success); "
-        "the 1 s quiet period precedes it and is not included"
-    )
+    rows = summarize(results)
+    print_results(rows, inference_daemon, inference_direct)
 
     result = {
         "benchmark": "e2e",
