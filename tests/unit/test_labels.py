@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from training.data.volumes import DataError
 from training.data.volumes import read_labels as data_labels
 from training.evaluate.inputs import EvaluationInputError, load_labels
-from triage.assemble.patient import is_study_key, patient_key, patient_key_of_file
+from triage.assemble.patient import is_study_key, patient_key, patient_key_of_file, quiet_validation
 from triage.model.labels import Label, LabelsError, read_labels
 from triage.model.modelset import read_labels as models_labels
 from triage.model.registry import RegistryError
@@ -132,3 +132,37 @@ def test_patient_key_of_file(tmp_path: Path) -> None:
     assert patient_key_of_file(no_id) is None
     assert patient_key_of_file(no_id, "1.2.9") == patient_key("", study_uid="1.2.9")
     assert patient_key_of_file(tmp_path / "gone.dcm", "1.2.9") is None  # cannot tell: the caller decides
+
+
+def test_quiet_validation_keeps_pydicom_from_quoting_patient_values(tmp_path: Path, caplog, recwarn) -> None:
+    """pydicom's validation messages quote a bad value (``Invalid value for VR DA: '19501301'``, seen here
+    when such a value is written); inside quiet_validation validation is off, nothing is said, and the
+    setting is restored after, so offline readers cannot put a birth date or name on stderr or a log."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3", "1.2.3.4"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    before = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        ds.PatientBirthDate, ds.PatientAge, ds.PatientID = "19501301", "SECRETAGE", "SECRET-PID"
+        ds.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    finally:
+        pydicom.config.settings.writing_validation_mode = before
+    secrets = ("19501301", "SECRETAGE")
+    mode = pydicom.config.settings.reading_validation_mode
+    caplog.set_level("DEBUG")
+    caplog.clear()
+    recwarn.clear()
+
+    def said() -> str:
+        return " ".join([r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn])
+
+    with quiet_validation():
+        assert pydicom.config.settings.reading_validation_mode == pydicom.config.IGNORE
+        back = pydicom.dcmread(tmp_path / "bad.dcm")
+        assert (back.PatientBirthDate, back.PatientAge) == secrets
+    assert pydicom.config.settings.reading_validation_mode == mode  # restored
+    assert patient_key_of_file(tmp_path / "bad.dcm") == patient_key("SECRET-PID")
+    assert pydicom.config.settings.reading_validation_mode == mode
+    assert not any(s in said() for s in (*secrets, "SECRET"))

@@ -55,7 +55,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from training.errors import TrainingError
-from triage.assemble.patient import patient_key, patient_key_of_file
+from triage.assemble.patient import patient_key, patient_key_of_file, quiet_validation
 from triage.assemble.volume import (
     PREPROCESSING_VERSION,
     InstanceHeader,
@@ -514,7 +514,20 @@ def volumes_from_dicom(
     Raises :class:`DataError` only when the source itself is unusable; bad studies and files are
     rejected, listed in ``rejects`` and in ``<cache_dir>/rejects.csv``.
     """
-    root = Path(path)
+    # pydicom's validation messages quote the values they reject (a birth date, a name): never here.
+    with quiet_validation():
+        return _volumes_from_dicom(Path(path), cache_dir, labels, only, rules, workers)
+
+
+def _volumes_from_dicom(
+    root: Path,
+    cache_dir: str | os.PathLike[str] | None,
+    labels: str | os.PathLike[str] | None,
+    only: str | None,
+    rules: AssemblySettings | None,
+    workers: int,
+) -> DicomVolumes:
+    """:func:`volumes_from_dicom`'s work, run with pydicom's value validation quiet."""
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
     if only is not None and labels is None:

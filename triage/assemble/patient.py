@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pydicom
+import pydicom.config
 
 SALT = b"glowtriage-patient-key-v2\0"
 STUDY_PREFIX = "study:"
@@ -44,6 +47,24 @@ def is_study_key(key: str) -> bool:
     return key.startswith(STUDY_PREFIX)
 
 
+@contextmanager
+def quiet_validation() -> Iterator[None]:
+    """Read DICOM without pydicom's value validation for the duration, then restore the setting.
+
+    Why: in its default mode pydicom warns *and logs* every invalid value it converts, quoting it
+    (``Invalid value for VR DA: '19501301'``), so a malformed birth date or name would land on an offline
+    command's stderr or in a log. The daemon switches validation off for its whole process
+    (``triage.daemon``); offline readers (training's data, this module) use this around their reads. It
+    validates nothing we rely on: assembly checks what it uses itself."""
+    settings = pydicom.config.settings
+    before = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = before
+
+
 def patient_key_of_file(path: str | os.PathLike[str], study_uid: str | None = None) -> str | None:
     """The patient key of one DICOM file's header (PatientID and IssuerOfPatientID only, no pixels).
 
@@ -51,10 +72,11 @@ def patient_key_of_file(path: str | os.PathLike[str], study_uid: str | None = No
     another instance or fall back to the study. A readable file without a PatientID gives the study's key
     when ``study_uid`` is given, else ``None``."""
     try:
-        ds = pydicom.dcmread(os.fspath(path), stop_before_pixels=True, force=True,
-                             specific_tags=["PatientID", "IssuerOfPatientID"])
-        pid = str(ds.get("PatientID", "") or "")
-        issuer = str(ds.get("IssuerOfPatientID", "") or "")
+        with quiet_validation():
+            ds = pydicom.dcmread(os.fspath(path), stop_before_pixels=True, force=True,
+                                 specific_tags=["PatientID", "IssuerOfPatientID"])
+            pid = str(ds.get("PatientID", "") or "")
+            issuer = str(ds.get("IssuerOfPatientID", "") or "")
     except Exception:  # any unreadable header means "this file cannot tell"; never echo its content
         return None
     if not pid.strip():
