@@ -336,40 +336,14 @@ def write_study(
     prim = new_series("primary", words.primary, words.soft_kernel, ["ORIGINAL", "PRIMARY", "AXIAL"],
                       vendor.soft_window)  # fmt: skip
 
-    # Hard cases on the primary series.
-    n_planned = len(stack)
-    rev_opt = dr.u_rev < options.reverse_fraction
-    descending = vendor.superior_first != rev_opt
-    inst = [n_planned - k if descending else k + 1 for k in range(n_planned)]
-    dropped = None
-    if ("thin" in patterns or dr.u_miss < options.missing_fraction) and n_planned > 6:
-        dropped = 2 + int(dr.miss_pos * (n_planned - 4))
-    syntax = ExplicitVRLittleEndian
-    if dr.u_comp < options.compressed_fraction:
-        avail = _available_syntaxes(options.compressed_syntaxes)
-        syntax = avail[int(dr.comp_pick * len(avail))]
-    if "thin" in patterns:
-        syntax = JPEGLosslessSV1
-
-    raw_soft = _to_raw(soft, study.signed)
-    keep = [k for k in range(n_planned) if k != dropped]
-    if stray:
-        keep = [n_planned // 2]
+    lay = _layout(dr, options, study.vendor, len(stack), patterns, stray)
     enhanced = "enhanced" in patterns
-    if enhanced:
-        write_enhanced(study, prim, stack, raw_soft, inst, keep, syntax, head="no_head_words" not in patterns)
-    else:
-        for k in keep:
-            ds = _ct_image(
-                study, prim, instance=inst[k], raw=raw_soft[k], ipp=list(stack.ipps[k]), iop=stack.iop,
-                ps=stack.ps, thickness=stack.thicknesses[k], spacing=stack.spacings[k], tilt=stack.tilt,
-                slice_location=float(stack.centres[k][2]),
-            )  # fmt: skip
-            _save(ds, prim, inst[k], syntax)
+    _write_primary(study, prim, stack, _to_raw(soft, study.signed), lay, enhanced=enhanced,
+                   head="no_head_words" not in patterns)  # fmt: skip
 
     mixed_instances: list[int] = []
     if dr.u_mixed < options.mixed_orientation_fraction and not enhanced and not stray:
-        mixed_instances = _write_mixed(study, prim, ph, stack, noise_rng, proto.noise_sigma, syntax)
+        mixed_instances = _write_mixed(study, prim, ph, stack, noise_rng, proto.noise_sigma, lay.syntax)
 
     if options.distractors and not stray:
         write_distractors(
@@ -382,6 +356,70 @@ def write_study(
             description=words.names.bone, kernel=words.names.bone_kernel, noise_sigma=proto.noise_sigma,
         )  # fmt: skip
 
+    return _truth(
+        study, ph, dr, stack, les_mask, lay, series_list, prim, words, proto, patterns, mixed_instances,
+        study_dir=out_dir.name, patient_index=patient_index, lesion_kind=lesion_kind, stray=stray,
+    )  # fmt: skip
+
+
+@dataclass
+class _Layout:
+    """How the primary's planned slices become files: numbering, the dropped one, the syntax."""
+
+    inst: list[int]  # instance number per planned (spatial) index
+    keep: list[int]  # spatial indices written
+    dropped: int | None
+    descending: bool
+    reversed_by_option: bool
+    syntax: str
+
+
+def _layout(
+    dr: _Draws, options: SynthOptions, vendor: _Vendor, n_planned: int, patterns: list[str], stray: bool
+) -> _Layout:
+    """Hard cases on the primary series: reversed numbering, a missing slice, compression."""
+    rev_opt = dr.u_rev < options.reverse_fraction
+    descending = vendor.superior_first != rev_opt
+    inst = [n_planned - k if descending else k + 1 for k in range(n_planned)]
+    dropped = None
+    if ("thin" in patterns or dr.u_miss < options.missing_fraction) and n_planned > 6:
+        dropped = 2 + int(dr.miss_pos * (n_planned - 4))
+    syntax = ExplicitVRLittleEndian
+    if dr.u_comp < options.compressed_fraction:
+        avail = _available_syntaxes(options.compressed_syntaxes)
+        syntax = avail[int(dr.comp_pick * len(avail))]
+    if "thin" in patterns:
+        syntax = JPEGLosslessSV1
+    keep = [n_planned // 2] if stray else [k for k in range(n_planned) if k != dropped]
+    return _Layout(inst, keep, dropped, descending, rev_opt, syntax)
+
+
+def _write_primary(
+    study: _Study, prim: _Series, stack: Stack, raw: np.ndarray, lay: _Layout, *, enhanced: bool, head: bool
+) -> None:
+    """One file per kept slice, or one Enhanced CT instance holding them all as frames."""
+    if enhanced:
+        write_enhanced(study, prim, stack, raw, lay.inst, lay.keep, lay.syntax, head=head)
+        return
+    for k in lay.keep:
+        ds = _ct_image(
+            study, prim, instance=lay.inst[k], raw=raw[k], ipp=list(stack.ipps[k]), iop=stack.iop,
+            ps=stack.ps, thickness=stack.thicknesses[k], spacing=stack.spacings[k], tilt=stack.tilt,
+            slice_location=float(stack.centres[k][2]),
+        )  # fmt: skip
+        _save(ds, prim, lay.inst[k], lay.syntax)
+
+
+def _truth(
+    study: _Study, ph: Phantom | CylinderPhantom, dr: _Draws, stack: Stack, les_mask: np.ndarray,
+    lay: _Layout, series_list: list[_Series], prim: _Series, words: _Words, proto: _Protocol,
+    patterns: list[str], mixed_instances: list[int], *, study_dir: str, patient_index: int,
+    lesion_kind: str | None, stray: bool,
+) -> StudyTruth:  # fmt: skip
+    """What was written, for tests and evaluations (see :class:`StudyTruth`)."""
+    vendor = study.vendor
+    n_planned = len(stack)
+    enhanced = "enhanced" in patterns
     les_obj = ph.lesion
     return StudyTruth(
         study_uid=study.study_uid,
@@ -397,12 +435,12 @@ def write_study(
         lesion_slices=[int(k) for k in np.flatnonzero(les_mask.any(axis=(1, 2)))],
         vendor=vendor.key,
         manufacturer=study.manufacturer,
-        study_dir=out_dir.name,
+        study_dir=study_dir,
         primary_series_uid=prim.uid,
         series_roles={s.uid: s.role for s in series_list},
         series_dirs={s.uid: s.folder.name for s in series_list},
         series_files={s.uid: s.count for s in series_list},
-        n_slices=len(keep),  # slices (frames of one instance when enhanced)
+        n_slices=len(lay.keep),  # slices (frames of one instance when enhanced)
         n_slices_planned=n_planned,
         slice_spacing=stack.spacing,
         slice_thickness=stack.thickness,
@@ -415,16 +453,16 @@ def write_study(
         tilt_mode=stack.tilt_mode,
         iop=[float(x) for x in stack.iop],
         ipp_first=[float(x) for x in stack.ipps[0]],
-        dropped_index=dropped,
-        reversed=descending,
-        reversed_by_option=rev_opt,
-        transfer_syntax=str(syntax),
+        dropped_index=lay.dropped,
+        reversed=lay.descending,
+        reversed_by_option=lay.reversed_by_option,
+        transfer_syntax=str(lay.syntax),
         pixel_representation=1 if study.signed else 0,
         bits_stored=16 if study.signed else 12,
         kernel=words.soft_kernel,
         noise_sigma=proto.noise_sigma,
         mixed_orientation_instances=mixed_instances,
-        instance_numbers=[inst[k] if k in keep else None for k in range(n_planned)],
+        instance_numbers=[lay.inst[k] if k in lay.keep else None for k in range(n_planned)],
         phantom_seed=dr.phantom_seed,
         patient_index=patient_index,
         phantom_meta=_jsonable(ph.meta),
