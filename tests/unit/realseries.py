@@ -103,7 +103,7 @@ def write_series(
     """
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
-    frame_uid = frame_uid or study_uid + ".7"
+    frame_uid = frame_uid or generate_uid()
     t = np.radians(tilt_deg)
     row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, np.cos(t), -np.sin(t)])
     normal = np.cross(row_dir, col_dir)

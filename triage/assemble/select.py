@@ -201,7 +201,12 @@ def rejection(info: SeriesInfo, rules: AssemblySettings) -> tuple[str, str] | No
     bad = [v for v in rules.rejected_image_type if v.upper() in info.image_type_values]
     if bad:
         return "image_type", f"ImageType {shown} contains {'/'.join(bad)}"
-    lacking = [v for v in rules.required_image_type if v.upper() not in info.image_type_values]
+    values = set(info.image_type_values)
+    if classes & set(ENHANCED_CT_STORAGE) and "VOLUME" in values:
+        # Enhanced CT's third value is the image flavor: VOLUME for a stack of axial frames (PS3.3
+        # C.8.16.1); the orientation itself is checked from the frames' geometry below
+        values.add("AXIAL")
+    lacking = [v for v in rules.required_image_type if v.upper() not in values]
     if lacking:
         return "image_type", f"ImageType {shown} lacks {'/'.join(lacking)}"
     if info.n_slices == 1:
