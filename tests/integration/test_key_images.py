@@ -47,7 +47,6 @@ def test_flagged_study_sends_key_images_with_the_sr_to_the_pacs(
     orthanc_factory: Callable[..., Orthanc], ct_series: Callable[..., list[Path]], tools, tmp_path: Path
 ) -> None:
     orthanc = orthanc_factory()
-    orthanc.start(timeout=30)
     now = [1_000_000.0]
     store = Store(tmp_path / "var", clock=lambda: now[0])
     cfg = parse({"hl7": {"enabled": False},
