@@ -22,7 +22,12 @@ study with log p(normal|x) = log p(x|normal) - log p(x). This command runs that 
 4. The operating point is set like ``triage models create`` does (``triage.model.modelset.calibrate``,
    specificity 0.9 on the held-out normals, never on the test set); the model set is registered and
    promoted in ``DIR/models`` and the test set is scored with ``triage.model.score.Scorer``, the daemon's
-   scorer. ``DIR/scores.jsonl`` is in the ``triage score --json`` format plus ``zero_fraction`` and
+   scorer. The same held-out normals calibrate the region score (``triage.model.voxelmap``: the most
+   abnormal lesion-sized window of the log-ratio voxel map, windows fixed a priori, nothing fitted to
+   a lesion kind), so global posterior, region score and likelihood alone are reported from one run
+   with the same models (``auc_region``, ``region_localization`` against the lesion centroids of the
+   test set's labels.csv when it has them); each test study's map goes to ``DIR/maps``.
+   ``DIR/scores.jsonl`` is in the ``triage score --json`` format plus ``zero_fraction`` and
    ``volume`` (the .npz, relative to DIR).
 5. ``training.evaluate.report.evaluate`` writes ``DIR/report`` (ROC, histograms, montages, report.json);
    ``DIR/experiment.json`` holds the summary, the timings and the exact command line.
@@ -263,18 +268,20 @@ def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[st
     create and promote the model set in ``DIR/models``."""
     import triage
     from triage.assemble.volume import PREPROCESSING_VERSION
-    from triage.model.modelset import calibrate
+    from triage.model.modelset import calibrate, region_calibration
     from triage.model.registry import Registry
     from triage.model.score import ModelPair, pick_device
 
     m0, m1 = out / "work" / "m0.pt", out / "work" / "m1.pt"
     pair = ModelPair.load(m0, m1, pick_device("auto"))
-    posteriors = {}
+    posteriors, maps = {}, []
     for uid, vol in zip(calib.ids, calib.volumes, strict=True):
-        lp0, lp1 = pair.log_likelihoods(vol)
+        lp0, lp1, dmap = pair.log_likelihood_maps(vol)  # the maps calibrate the region score too
         posteriors[uid] = lp0 - lp1
+        maps.append(dmap.cpu().numpy())
     threshold, method, normals, details = calibrate(posteriors, None, DEFAULT_SPECIFICITY)
     reg = Registry(out / "models")
+    region = region_calibration(pair, list(calib.volumes), threshold, normals, reg.root, maps=maps)
     ms = reg.create(
         m0, m1, preset=plan.preset, preprocessing_version=PREPROCESSING_VERSION, threshold=threshold,
         method=method, normal_scores=normals,
@@ -283,24 +290,34 @@ def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[st
                                     **details}},
         software_version=getattr(triage, "__version__", "0+unknown"),
         trunk=out / "work" / "trunk.pt" if plan.m1_init == "trunk" else None,
+        calibration_extra={"region": region} if region else None,
     )
     reg.promote(ms.version, reason="training experiment")
     return ms
 
 
 def score_test(out: Path, test: DicomVolumes, timings: Timings) -> tuple[list[dict[str, Any]], float]:
-    """Score the test set with the promoted model set (the daemon's Scorer); write scores.jsonl."""
+    """Score the test set with the promoted model set (the daemon's Scorer); write scores.jsonl, and
+    each study's region map under ``DIR/maps`` (for the evaluation's montages)."""
+    from triage.assemble.volume import load_volume
     from triage.model.registry import Registry
     from triage.model.score import Scorer, VolumeInput
 
-    scorer = Scorer.from_registry(Registry(out / "models"), device="auto")
+    scorer = Scorer.from_registry(Registry(out / "models"), device="auto", flag_policy="either")
     rows: list[dict[str, Any]] = []
+    (out / "maps").mkdir(exist_ok=True)
     t0 = time.perf_counter()
     for it, vol in zip(test.items, test.volumes, strict=True):
-        res = scorer.score([VolumeInput(it.study_uid, it.series_uid, vol)])[0]
+        meta = load_volume(it.path).metadata()  # the grid: region centre in patient mm
+        res = scorer.score([VolumeInput(it.study_uid, it.series_uid, vol, meta)])[0]
         row = res.to_json()
         row["zero_fraction"] = float(np.mean(vol == 0))
         row["volume"] = os.path.relpath(it.path, out)
+        if res.region_map is not None:
+            path = out / "maps" / f"{it.study_uid}.npz"
+            np.savez_compressed(path, zmap=np.asarray(res.region_map["zmap"], np.float32),
+                                canonical_index_zyx=np.asarray(res.region_map["canonical_index_zyx"]))
+            row["region_map"] = os.path.relpath(path, out)
         rows.append(row)
     dt = timings.add("score_test", t0)
     for r in test.rejects:
@@ -362,6 +379,7 @@ def ablation_scratch(out: Path, mixture: DicomVolumes, test: DicomVolumes, calib
 
 def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
     """The whole experiment; returns (and writes) the experiment.json content."""
+    from training.evaluate.maps import load_centroids
     from training.evaluate.report import evaluate, load_labels
 
     out.mkdir(parents=True, exist_ok=True)
@@ -398,7 +416,8 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     labels = load_labels(label_file(out, "test"))
     report = evaluate(rows, labels, out / "report", k=plan.montage_k, n_boot=plan.bootstrap, seed=plan.seed,
-                      base_dir=out, title=f"synthetic BCT, {plan.preset}")
+                      base_dir=out, title=f"synthetic BCT, {plan.preset}",
+                      centroids=load_centroids(label_file(out, "test")))
     timings.add("evaluate", t0)
     timings.seconds["total"] = round(time.perf_counter() - t_all, 3)
 
@@ -461,9 +480,16 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
                 "n_abnormal": c.get("n_abnormal")}
 
     out: dict[str, Any] = {}
-    for metric, key in (("posterior", "auc_posterior"), ("likelihood", "auc_likelihood")):
-        m = report["metrics"][metric]
+    for metric, key in (("posterior", "auc_posterior"), ("likelihood", "auc_likelihood"),
+                        ("region", "auc_region")):
+        m = report["metrics"].get(metric)
+        if m is None:
+            out[key] = None  # no region score: a model set without region calibration
+            continue
         out[key] = {"overall": curve(m["overall"]), "lesions": {k: curve(v) for k, v in m["lesions"].items()}}
+    region = report.get("region") or {}
+    out["region_localization"] = region.get("localization")
+    out["region_operating_point_on_test"] = region.get("operating_point")
     out["youden"] = report.get("youden")
     out["operating_point_on_test"] = report.get("operating_point")
     out["n_test"] = {"normal": report["n_normal"], "abnormal": report["n_abnormal"],
@@ -490,6 +516,15 @@ def print_summary(res: dict[str, Any], file: Any = None) -> None:
     print(f"posterior AUC  log p(normal|x): {_fmt_auc(post['overall'])}", file=f)
     for les, c in post["lesions"].items():
         print(f"  {les:<12} {_fmt_auc(c)}  (n={c['n_abnormal']})", file=f)
+    reg = res.get("auc_region")
+    if reg:
+        print(f"region AUC     most abnormal window of the log-ratio map: {_fmt_auc(reg['overall'])}", file=f)
+        for les, c in reg["lesions"].items():
+            print(f"  {les:<12} {_fmt_auc(c)}  (n={c['n_abnormal']})", file=f)
+        loc = res.get("region_localization") or {}
+        if loc.get("n"):
+            print(f"region centre to lesion centroid: median {loc['median_mm']:.1f} mm, "
+                  f"{100 * loc['within_30mm']:.0f}% within 30 mm (n={loc['n']})", file=f)
     abl = res.get("ablation_m1_scratch")
     if abl:
         print(f"posterior AUC, M1 from scratch (the paper's independent training): "

@@ -17,7 +17,8 @@ from triage.model.glow import Glow
 from triage.model.registry import Registry
 
 ARGS = ["--preset", "test-tiny", "--normal-train", "6", "--mixture-train", "4", "--test", "4", "--steps", "5",
-        "--branch-steps", "3", "--bootstrap", "20", "--workers", "1", "--slab-samples", "1", "--seed", "3"]
+        "--branch-steps", "3", "--bootstrap", "20", "--workers", "1", "--slab-samples", "1", "--seed", "3",
+        "--calibration-fraction", "0.5"]  # >= 3 held-out normals: enough to calibrate the region score
 SCORE_KEYS = {"study_uid", "series_uid", "log_p_normal_model", "log_p_mixture_model", "log_posterior",
               "threshold", "flagged", "model_version", "percentile", "zero_fraction", "volume"}
 
@@ -37,15 +38,25 @@ def test_writes_scores_report_and_experiment_json(done, capsys: pytest.CaptureFi
     for r in rows:
         assert set(r) >= SCORE_KEYS
         assert r["log_posterior"] == pytest.approx(r["log_p_normal_model"] - r["log_p_mixture_model"])
-        assert r["flagged"] == (r["log_posterior"] < r["threshold"])
+        assert r["global_flagged"] == (r["log_posterior"] < r["threshold"])
         vol = np.load(out / r["volume"])["data"]
         assert vol.shape == (32, 128, 128) and r["zero_fraction"] == pytest.approx(float(np.mean(vol == 0)))
 
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["n_normal"] == 2 and report["n_abnormal"] == 2
     assert report["auc"] == res["auc_posterior"]["overall"]["auc"]
-    assert {"posterior", "likelihood"} == set(report["metrics"])
+    assert {"posterior", "likelihood", "region"} == set(report["metrics"])
     assert (out / "report" / "roc_posterior.png").is_file()
+    # the region score, in the same run: its fields, maps, ROC beside the global one, the map montage
+    for r in rows:
+        assert r["region_flagged"] == (r["region_score"] < r["region_threshold"])
+        assert r["flagged"] == (r["global_flagged"] or r["region_flagged"])  # flag_policy "either"
+        assert len(r["region_center_mm"]) == 3 and r["region_sop_instance_uid"]
+        assert np.load(out / r["region_map"])["zmap"].ndim == 3
+    for fig in ("roc_region.png", "roc_compare.png", "montage_region_maps.png"):
+        assert (out / "report" / fig).is_file(), fig
+    assert res["auc_region"]["overall"]["auc"] == report["metrics"]["region"]["overall"]["auc"]
+    assert len(res["auc_region"]["overall"]["auc_ci95"]) == 2
 
     for key in ("command", "plan", "sets", "training", "auc_posterior", "auc_likelihood",
                 "seconds_per_volume", "timings_s", "model_set", "mixture_labels", "disjoint", "machine"):
