@@ -123,6 +123,11 @@ class DicomSettings(_Section):
     acse_timeout: Seconds = 30.0
     dimse_timeout: Seconds = 60.0
     network_timeout: Seconds = 60.0
+    # PS3.8 ARTIM: seconds from accept to a complete A-ASSOCIATE-RQ (TLS handshake included), then the
+    # connection is closed; handshaking connections hold no association slot (triage.receive.gate)
+    artim_timeout_s: Annotated[float, Field(gt=0, le=120)] = 5.0
+    # open connections (handshaking + established) from one IP address; more are refused
+    max_connections_per_peer: Annotated[int, Field(ge=1, le=1000)] = 16
     maximum_pdu_size: Annotated[int, Field(ge=0)] = 0  # 0: unlimited (pynetdicom's convention)
     tls: TLSSettings = Field(default_factory=TLSSettings)
 

@@ -110,6 +110,8 @@ class _EventDrivenDUL(DULServiceProvider):
         return bool(super().stop_dul())
 
     def _wait(self) -> None:
+        if getattr(self.socket, "glow_prefix", None):  # the gate's request bytes: readable now
+            return
         sock = self.socket.socket if self.socket is not None else None
         if sock is None:
             time.sleep(self._run_loop_delay)
@@ -286,5 +288,18 @@ UPSTREAM_SOURCE_SHA256: dict[str, str] = {
         "ed8bbbe3b3d6ddaee3e8673ba25b2ab2a4c45f25bc1d8ae7b48ebafd09499e6d",
     "pynetdicom.dimse_messages.DIMSEMessage.decode_msg":
         "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+    # relied on by triage/receive/gate.py and scp.py: the gate replays the A-ASSOCIATE-RQ it read
+    # through AssociationSocket.recv/ready (read by _read_pdu_data as 6 header bytes, then the rest);
+    # the request handler builds the association and its socket; the server counts acceptor threads
+    "pynetdicom.transport.AssociationSocket.recv":
+        "6bc20a33b1b7cfe76d4ad4407ca242563bc6206fde4b4e1cf7a2fbb1f11d621d",
+    "pynetdicom.transport.AssociationSocket.ready.fget":
+        "3eb58e3d39dc076df7a04c804ca183ffd3f4d1b34361039e9e6f11de3d45579c",
+    "pynetdicom.dul.DULServiceProvider._read_pdu_data":
+        "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
+    "pynetdicom.transport.RequestHandler._create_association":
+        "05c8d12b79863cdbdb901ce37187b7030a0434c5cd89d219ed0bedbda679a61e",
+    "pynetdicom.transport.RequestHandler.handle":
+        "034823fb4df3a87467bd0d45193f0d457fcf59c87fda8e97b2edfb89426f76dd",
 }
 

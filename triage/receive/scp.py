@@ -22,6 +22,10 @@ Why it is built this way:
   accepted socket, drops pynetdicom's per-message debug formatting handlers, and (on pynetdicom
   3.0.x) replaces its 1 ms polling loops with event-driven ones (:mod:`triage.receive.reactor`;
   ``GLOWTRIAGE_STOCK_PYNETDICOM=1`` in the environment turns that off, for comparison or doubt).
+* **Connections that never ask cost nothing.** Every accepted socket waits in the handshake gate
+  (:mod:`triage.receive.gate`: one thread, PS3.8 ARTIM ``dicom.artim_timeout_s``, a per-peer limit)
+  until its A-ASSOCIATE-RQ is complete; only then does pynetdicom create an association, so idle or
+  half-open sockets never hold ``max_associations`` slots, and a closed one is dropped at once.
 
 The structure walk and the statuses are in :mod:`triage.receive.inspect`; this module is the AE.
 """
@@ -46,11 +50,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from triage.config import Config, ConfigError, load
 from triage.ops.logs import configure, get_logger
 from triage.ops.metrics import METRICS
+from triage.receive.gate import HandshakeGate, PrefixedSocket, peer_ip
 from triage.receive.inspect import (
     DEFLATED_LE,
     EXPLICIT_BE,
@@ -124,17 +130,37 @@ def _status(code: int, comment: str) -> Dataset:
 
 
 # ------------------------------------------------------------------------------------- server
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server plus TCP_NODELAY and a TLS handshake off the accept thread.
+class _RequestHandler(RequestHandler):
+    """pynetdicom's handler, given the request bytes the gate already read (see :mod:`.gate`)."""
 
-    pynetdicom wraps TLS inside ``get_request``, i.e. on the single accept thread, so one peer that
-    opens a connection and never finishes the handshake would stall every other peer; here the
-    handshake runs in the connection's own thread with the ACSE timeout.
+    server: _Server
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        if sock is not None and type(sock) is AssociationSocket:
+            sock.__class__ = PrefixedSocket
+            sock.glow_prefix = bytearray(self.server.glow_handoff)  # type: ignore[attr-defined]
+        # PS3.8 ARTIM for the rest of this association's life (release, reject, abort: Sta13)
+        assoc.dul.artim_timer.timeout = self.server.glow_artim_s
+        return assoc
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with every accepted socket sent through the handshake gate.
+
+    ``process_request`` (on the accept thread) only hands the socket to the :class:`HandshakeGate`:
+    TCP_NODELAY is set, TLS and the A-ASSOCIATE-RQ are read there under ARTIM, and only a complete
+    request reaches pynetdicom (``finish_request`` on the gate's thread, which starts the association's
+    own threads and returns). pynetdicom wraps TLS inside ``get_request``, i.e. on the single accept
+    thread, so one peer that never finished its handshake stalled every other peer; not here.
     """
 
     daemon_threads = True
-    glow_tls: ssl.SSLContext | None = None
-    glow_handshake_timeout: float = 30.0
+    request_queue_size = 256  # socketserver's 5 drops SYNs under a burst (1 s retransmit for the sender)
+    glow_gate: HandshakeGate | None = None
+    glow_handoff: bytes = b""
+    glow_artim_s: float = 5.0
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -143,18 +169,27 @@ class _Server(ThreadedAssociationServer):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, address
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.glow_tls is not None:
-            try:
-                request.settimeout(self.glow_handshake_timeout)
-                request = self.glow_tls.wrap_socket(request, server_side=True)
-                request.settimeout(None)
-            except (OSError, ValueError) as exc:
-                log.warning("tls_handshake_failed", peer=str(client_address[0]), reason=str(exc))
-                with contextlib.suppress(OSError):
-                    request.close()
-                return
-        super().finish_request(request, client_address)
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.glow_gate is None:
+            super().process_request(request, client_address)
+            return
+        self.glow_gate.submit(request, client_address)
+
+    def handoff(self, sock: Any, address: Any, request_bytes: bytes) -> None:
+        """Called by the gate, on its thread, with a complete A-ASSOCIATE-RQ read from ``sock``."""
+        self.glow_handoff = request_bytes
+        try:
+            self.finish_request(sock, address)
+        finally:
+            self.glow_handoff = b""
+
+    def established_from(self, peer: str) -> int:
+        """Connections from ``peer`` that are past the gate (pynetdicom acceptor threads alive)."""
+        n = 0
+        for assoc in self.active_associations:
+            with contextlib.suppress(ValueError, AttributeError):
+                n += peer_ip(assoc.requestor.address) == peer
+        return n
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # socketserver prints tracebacks to stderr; route them through our logs instead.
@@ -266,7 +301,7 @@ class Receiver:
         try:
             server = self.ae.make_server(
                 (self._d.host, self._d.port), ae_title=self._d.ae_title, evt_handlers=handlers,
-                server_class=_Server,
+                server_class=_Server, request_handler=_RequestHandler,
             )
         except OSError as exc:
             self._restore_globals()
@@ -274,13 +309,20 @@ class Receiver:
                 f"dicom.host/dicom.port: cannot listen on {self._d.host}:{self._d.port}: "
                 f"{exc.strerror or exc}"
             ) from exc
-        server.glow_tls = tls
-        server.glow_handshake_timeout = self._d.acse_timeout
+        server.glow_artim_s = self._d.artim_timeout_s
+        server.glow_gate = HandshakeGate(
+            artim_s=self._d.artim_timeout_s, per_peer=self._d.max_connections_per_peer,
+            socket_timeout=self._d.network_timeout, tls=tls, dispatch=server.handoff,
+            established=server.established_from, on_refused=self._on_gate_refused,
+        )
+        server.glow_gate.start()
         self.ae._servers.append(server)
         self._server = server
         host, port = self.address
         log.info(
-            "listening", host=host, port=port, ae_title=self._d.ae_title, tls=server.glow_tls is not None,
+            "listening", host=host, port=port, ae_title=self._d.ae_title, tls=tls is not None,
+            artim_timeout_s=self._d.artim_timeout_s,
+            max_connections_per_peer=self._d.max_connections_per_peer,
             reactor="event-driven" if self._accelerate else "stock",
             allowed_calling_aets=sorted(self._aets), allowed_peers=[str(n) for n in self._networks],
         )
@@ -296,6 +338,8 @@ class Receiver:
         if server is None:
             return
         server.shutdown()  # stops serve_forever, closes the listening socket
+        if server.glow_gate is not None:
+            server.glow_gate.stop()  # closes connections still waiting for their request
         deadline = time.monotonic() + grace_s
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -360,6 +404,13 @@ class Receiver:
         assoc._glow_rejected = True  # type: ignore[attr-defined]  # logged here, not in _on_rejected
         assoc.acse.send_reject(0x01, 0x01, diagnostic)
         assoc.kill()
+
+    def _on_gate_refused(self, peer: str, calling: str, reason: str) -> None:
+        """The gate refused a connection before pynetdicom saw it (per-peer limit, not a request)."""
+        with self._lock:
+            self.counts["rejected_associations"] += 1
+        busy = "max_connections_per_peer" in reason
+        METRICS.association(calling, "rejected_busy" if busy else "rejected_other")
 
     def _on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejections (too many associations, bad user identity...)."""

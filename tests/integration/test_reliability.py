@@ -1,0 +1,52 @@
+"""Issue 14, the reliability campaign, at test size: the receiver against misbehaving peers and faults.
+
+Every case drives the real daemon (``triage serve`` as a subprocess, through the harness) over
+loopback. The bench (``bench/reliability.py``) runs the same case functions at full size; here they
+run small and the invariants are asserted.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+from reliability_cases import sockets  # noqa: E402
+
+integration = pytest.mark.integration
+
+
+@integration
+@pytest.mark.parametrize(
+    ("source", "per_peer"),
+    [
+        # the idle sockets come from another loopback address, so the real sender (127.0.0.1) is not
+        # refused by the per-peer limit (default 16) that those 201 sockets exhaust for 127.0.0.2
+        ("127.0.0.2", None),
+        # the issue's literal case: all from the sender's own address, per-peer limit raised above 201
+        ("127.0.0.1", 256),
+    ],
+)
+def test_200_idle_sockets_and_a_half_sent_request_do_not_delay_a_real_sender(
+    receiver_factory, tools: SimpleNamespace, tmp_path: Path, source: str, per_peer: int | None
+) -> None:
+    extra = {} if per_peer is None else {"max_connections_per_peer": per_peer}
+    rx = receiver_factory(artim_timeout_s=3.0, **extra)
+    files = tools.write_ct_series(tmp_path / "s", 2, 32, seed=7)
+    got = sockets.idle_socket_case(rx.port, files, n_idle=200, source=source, artim_s=3.0)
+    assert got["echo_status"] == 0 and got["echo_s"] < 1.0, got
+    assert got["store_statuses"] == [0] and got["store_s"] < 1.0, got
+    assert got["storescu_rc"] == 0 and got["storescu_s"] < 1.0, got
+    # PS3.8 ARTIM: the server closed every silent or half-open connection itself
+    assert got["closed_by_server_within_artim"] == 201, got
+    assert got["echo_after_close_status"] == 0 and got["echo_after_close_s"] < 1.0, got
+    assert rx.store().instance_total() == 2
+    if per_peer is None:
+        assert any("max_connections_per_peer" in e.get("reason", "") for e in rx.log_events()
+                   if e.get("event") == "connection_refused")
+    assert any(e.get("event") == "artim_expired" for e in rx.log_events())
