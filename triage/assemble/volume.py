@@ -217,7 +217,7 @@ def build_volume(
         "source_p01": float(np.percentile(sub, 1)),
         "source_p99": float(np.percentile(sub, 99)),
     }
-    stack, slab = slab_profile(stack, geom)
+    stack, geom, slab = slab_profile(stack, geom)
     src, sigmas = _antialiased(stack, geom)
     fraction = sitk.GetImageFromArray(np.clip((stack + 1000.0) / 1000.0, 0.0, 1.0))
     del stack
