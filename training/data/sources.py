@@ -12,6 +12,7 @@ Kept apart from the training loop because the loop only needs volumes and ids: w
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -20,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from training.data.volumes import NOT_DICOM_SUFFIXES, default_cache_dir, read_labels, volumes_from_dicom
 from training.errors import TrainingError
+from triage.model.glow import GlowConfig, fit_to_shape
 from triage.ops.logs import get_logger
 
 log = get_logger("train")
@@ -208,3 +212,46 @@ def resolve_data(
         extra = f"; skipped {len(vs.skipped)} unusable files" if vs.skipped else ""
         raise TrainingError(f"{p}: no .npz volumes (key 'data', uint8) found{extra}")
     return vs
+
+
+def prepare_volumes(volumes: VolumeSet, cfg: GlowConfig) -> tuple[Tensor, list[str]]:
+    """Validate, sort by id and reduce to the preset's shape: (N, C, *image_shape) uint8, ids.
+
+    Sorting by id makes the data order a function of the *set* of volumes, not of the order a folder
+    listing happened to return.
+    """
+    n = len(volumes)
+    if n == 0:
+        raise TrainingError("no volumes to train on")
+    order = sorted(range(n), key=lambda i: (volumes.ids[i], i))
+    top = 2**cfg.n_bits - 1
+    out = torch.empty((n, cfg.in_channels, *cfg.image_shape), dtype=torch.uint8)
+    for j, i in enumerate(order):
+        vid = volumes.ids[i]
+        v = volumes.volumes[i]
+        t = v.detach().cpu() if isinstance(v, Tensor) else torch.from_numpy(np.array(v, copy=True))
+        if t.dtype != torch.uint8:
+            raise TrainingError(f"volume {vid}: dtype {t.dtype}, expected uint8 (7-bit windowed volume)")
+        if t.dim() == cfg.ndim:
+            t = t.unsqueeze(0)
+        if t.dim() != cfg.ndim + 1 or t.shape[0] != cfg.in_channels:
+            raise TrainingError(
+                f"volume {vid}: shape {tuple(t.shape)} is not a {cfg.ndim}-D volume for preset "
+                f"{cfg.extra.get('preset')}"
+            )
+        try:
+            t = fit_to_shape(t, cfg.image_shape)
+        except ValueError as exc:
+            raise TrainingError(f"volume {vid}: {exc}") from exc
+        vmax = int(t.max())
+        if vmax > top:
+            raise TrainingError(
+                f"volume {vid}: values up to {vmax}, but the preset models {cfg.n_bits}-bit data (0..{top})"
+            )
+        out[j] = t
+    return out, [volumes.ids[i] for i in order]
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of the sorted ids: names a training set in provenance and checkpoints (order-free)."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()

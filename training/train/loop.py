@@ -30,9 +30,6 @@ and arguments decide), :mod:`training.train.checkpoint` (resume, warm start, pro
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import math
 import os
 import sys
@@ -42,12 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from training.data.sources import VolumeSet, as_volume_set, resolve_data
+from training.data.sources import VolumeSet, as_volume_set, ids_digest, prepare_volumes, resolve_data
 from training.errors import TrainingError
 from training.presets import config_from_preset
 from training.train import ddp as ddp_mod
@@ -68,7 +64,7 @@ from training.train.checkpoint import (
 from training.train.ddp import DistInfo, pick_device, setup_distributed
 from training.train.guard import NanGuard
 from training.train.settings import Settings, base_lr_of, hparam, lr_schedule_of, total_steps_of
-from triage.model.glow import PRECISIONS, Glow, GlowConfig, bf16_supported, fit_to_shape
+from triage.model.glow import PRECISIONS, Glow, GlowConfig, bf16_supported
 from triage.ops.logs import get_logger
 
 # Names other modules import from here (the loop's public face; several now live in the modules above).
@@ -87,48 +83,6 @@ log = get_logger("train")
 # A hook for fault injection in tests: called before each step with (step, model, noise of this rank's
 # slice); it may corrupt the noise or the weights in place, or raise to simulate a crash.
 StepHook = Callable[[int, Glow, Tensor], None]
-
-
-def prepare_volumes(volumes: VolumeSet, cfg: GlowConfig) -> tuple[Tensor, list[str]]:
-    """Validate, sort by id and reduce to the preset's shape: (N, C, *image_shape) uint8, ids.
-
-    Sorting by id makes the data order a function of the *set* of volumes, not of the order a folder
-    listing happened to return.
-    """
-    n = len(volumes)
-    if n == 0:
-        raise TrainingError("no volumes to train on")
-    order = sorted(range(n), key=lambda i: (volumes.ids[i], i))
-    top = 2**cfg.n_bits - 1
-    out = torch.empty((n, cfg.in_channels, *cfg.image_shape), dtype=torch.uint8)
-    for j, i in enumerate(order):
-        vid = volumes.ids[i]
-        v = volumes.volumes[i]
-        t = v.detach().cpu() if isinstance(v, Tensor) else torch.from_numpy(np.array(v, copy=True))
-        if t.dtype != torch.uint8:
-            raise TrainingError(f"volume {vid}: dtype {t.dtype}, expected uint8 (7-bit windowed volume)")
-        if t.dim() == cfg.ndim:
-            t = t.unsqueeze(0)
-        if t.dim() != cfg.ndim + 1 or t.shape[0] != cfg.in_channels:
-            raise TrainingError(
-                f"volume {vid}: shape {tuple(t.shape)} is not a {cfg.ndim}-D volume for preset "
-                f"{cfg.extra.get('preset')}"
-            )
-        try:
-            t = fit_to_shape(t, cfg.image_shape)
-        except ValueError as exc:
-            raise TrainingError(f"volume {vid}: {exc}") from exc
-        vmax = int(t.max())
-        if vmax > top:
-            raise TrainingError(
-                f"volume {vid}: values up to {vmax}, but the preset models {cfg.n_bits}-bit data (0..{top})"
-            )
-        out[j] = t
-    return out, [volumes.ids[i] for i in order]
-
-
-def ids_digest(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,79 +587,14 @@ def _provenance(
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="training train",
-        description="Train M0 (--role normal) or M1 (--role mixture). Runs as is, or under "
-        "`torchrun --nproc_per_node=N -m training.train ...` for data-parallel training.",
-    )
-    p.add_argument("data", type=Path, help="folder of DICOM studies (recursive), or of .npz volumes")
-    p.add_argument("--role", required=True, choices=ROLES)
-    p.add_argument("--preset", required=True, help="a preset of training/presets.toml")
-    p.add_argument("--out", required=True, type=Path, help="model file to write (checkpoint: OUT.ckpt)")
-    p.add_argument("--labels", type=Path, help="labels.csv (study_uid,label,lesion)")
-    p.add_argument("--only", help="keep only volumes with this label (e.g. normal); needs --labels")
-    p.add_argument("--steps", type=int, help="number of steps (default: the preset's steps or epochs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
-    p.add_argument("--init-from", type=Path, help="warm start from this model file")
-    p.add_argument("--lr", type=float,
-                   help="base learning rate (default: the preset's lr, or its finetune_lr with --init-from)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help="coupling nets in fp32 or bf16 (default: the preset's precision, else fp32)")
-    p.add_argument("--cache", type=Path, help="volume cache for DICOM input (default ~/.cache/glowtriage)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument(
-        "--snapshot-every",
-        type=int,
-        default=10,
-        help="steps between in-memory last-good states for the NaN guard (host RAM: 2 copies of "
-        "model + Adam state)",
-    )
-    p.add_argument("--summary", type=Path, help="also write the JSON summary (with the loss curve) here")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+# CLI (in training.train.cli)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from triage.ops.logs import configure
+    """``training train``: :func:`training.train.cli.main` (imported here on call: it imports this module)."""
+    from training.train.cli import main as cli_main
 
-    configure(level=os.environ.get("GLOWTRIAGE_LOG_LEVEL", "info"))
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    try:
-        vs = resolve_data(args.data, args.labels, args.only, args.cache)
-        result = train(
-            vs,
-            args.preset,
-            args.out,
-            role=args.role,
-            seed=args.seed,
-            steps=args.steps,
-            resume=args.resume,
-            init_from=args.init_from,
-            lr=args.lr,
-            precision=args.precision,
-            progress=not args.no_progress,
-            device=args.device,
-            log_every=args.log_every,
-            checkpoint_every=args.checkpoint_every,
-            snapshot_every=args.snapshot_every,
-        )
-    except TrainingError as exc:
-        print(f"training train: error: {exc}", file=sys.stderr)
-        return 1
-    if rank0:
-        if args.summary:
-            args.summary.parent.mkdir(parents=True, exist_ok=True)
-            args.summary.write_text(json.dumps(result.summary(with_curve=True), indent=1) + "\n")
-        print(json.dumps(result.summary()))
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
