@@ -365,3 +365,58 @@ def test_score_same_study_new_uids_other_order_scores_the_same(
         assert (
             rows[uids[name]]["series_uid"] == pydicom.dcmread(soft, stop_before_pixels=True).SeriesInstanceUID
         )
+
+
+# ------------------------------------------------------------------ the project's own generator
+
+
+SYNTH_PATTERNS = {
+    "thin": {"thin_fraction": 1.0, "thin_matrix": 128},
+    "two_stack": {"two_stack_fraction": 1.0},
+    "no_head_words": {"no_head_words_fraction": 1.0},
+    "enhanced": {"enhanced_fraction": 1.0},
+    "bone_twin": {"bone_twin_fraction": 1.0},
+}
+
+
+@pytest.mark.parametrize("pattern", [*SYNTH_PATTERNS, "phantom", "stray"])
+def test_synth_patterns_are_built_or_refused_with_their_cause(tmp_path: Path, pattern: str) -> None:
+    """training.synth's issue-11 patterns (another room writes them) through assemble_study."""
+    from training.synth import SynthOptions, write_stray, write_study
+
+    rng = np.random.default_rng(7)
+    if pattern == "stray":
+        host = write_study(tmp_path, rng, lesion=None, options=SynthOptions(), patient_index=0)
+        stray = write_stray(tmp_path, np.random.default_rng(8), options=SynthOptions(), patient_index=1)
+        results = _assemble(tmp_path)
+        assert results[host.study_uid][1] is not None
+        sel, vol = results[stray.study_uid]
+        assert vol is None and "1 image: no volume" in (sel.reason or "")
+        return
+    options = SynthOptions(**SYNTH_PATTERNS.get(pattern, {"phantom_fraction": 1.0}))
+    truth = write_study(tmp_path, rng, lesion=None, options=options, patient_index=0)
+    headers, _ = read_headers(p for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in {".json"})
+    sel, vol = assemble_study(group_studies(headers)[truth.study_uid])
+    if pattern == "phantom":
+        assert vol is None and "content is not a head: no skull ring" in (sel.reason or "")
+        return
+    assert vol is not None, sel.reason
+    assert sel.chosen == truth.primary_series_uid, sel.why
+
+
+def test_synth_same_study_with_new_uids_gives_the_identical_volume(tmp_path: Path) -> None:
+    """The bone-twin study written twice (uid_salt: every UID new, pixels and file names the same)."""
+    from training.synth import SynthOptions, write_study
+
+    vols = []
+    for salt in ("", "again"):
+        opts = SynthOptions(bone_twin_fraction=1.0, uid_salt=salt)
+        truth = write_study(
+            tmp_path / (salt or "first"), np.random.default_rng(7), lesion=None, options=opts, patient_index=0
+        )
+        headers, _ = read_headers(sorted((tmp_path / (salt or "first")).rglob("*.dcm"), reverse=bool(salt)))
+        sel, vol = assemble_study(group_studies(headers)[truth.study_uid])
+        assert vol is not None and sel.chosen == truth.primary_series_uid
+        vols.append(vol)
+    assert vols[0].series_uid != vols[1].series_uid
+    np.testing.assert_array_equal(vols[0].data, vols[1].data)
