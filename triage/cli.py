@@ -1,4 +1,4 @@
-"""`triage serve | score | status | models | check-config`.
+"""`triage serve | score | status | models | store | check-config`.
 
 Heavy imports (torch, pynetdicom) happen inside the commands, so `triage check-config` answers fast.
 Exit codes: 0 success, 1 a runtime failure (message on stderr), 2 bad usage or bad configuration.
@@ -182,6 +182,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ store
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    """``triage store rebuild``: a new state.db from the spool files (see triage.store.rebuild)."""
+    cfg = _config(args)
+    _configure_logs(cfg)
+    from triage.store.rebuild import rebuild, state_db_problem
+
+    root = cfg.storage_root
+    problem = state_db_problem(root)
+    if problem is None and (root / "state.db").exists() and not args.force:
+        print(f"{root / 'state.db'} is usable; nothing to rebuild (--force rebuilds it anyway)",
+              file=sys.stderr)
+        return 1
+    report = rebuild(root, reprocess_hours=args.reprocess_hours)
+    print(json.dumps({"storage_root": str(root), "problem": problem, **report.as_dict()}))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ config
 
 
@@ -233,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--promote", action="store_true", help="create: make it current")
     p.set_defaults(func=cmd_models)
+
+    p = add("store", "rebuild: a new state.db from the spool files (stop the daemon first)")
+    p.add_argument("action", choices=["rebuild"])
+    p.add_argument("--reprocess-hours", type=float, default=24.0,
+                   help="studies whose newest file is older are indexed but not scored or sent again")
+    p.add_argument("--force", action="store_true", help="rebuild even when state.db looks usable")
+    p.set_defaults(func=cmd_store)
 
     add("check-config", "validate config.toml and exit").set_defaults(func=cmd_check_config)
     return ap

@@ -10,6 +10,7 @@ at the next scoring round (the registry's ``current`` link is read every round).
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from triage.ops.metrics import METRICS, start_http
 from triage.pipeline import Sender, assemble_due, report_scored, score_assembled
 from triage.receive.scp import Receiver
 from triage.store.db import Store
+from triage.store.rebuild import StateDbError, check_or_raise
 
 log = get_logger("daemon")
 
@@ -37,6 +39,8 @@ class Daemon:
         # pydicom's value-validation warnings quote the offending value (a birth date, a name):
         # the daemon does not validate what it archives, and must not put those values in a log.
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        # state.db lost or corrupt: refuse with the file and the command to run (triage.store.rebuild)
+        check_or_raise(cfg.storage_root, str(cfg.source) if cfg.source else None)
         self.store = Store(cfg.storage_root)
         self.registry = Registry(cfg.models_dir)
         self.stop_event = threading.Event()
@@ -161,7 +165,12 @@ class Daemon:
 
 
 def serve(cfg: Config) -> int:
-    daemon = Daemon(cfg)
+    try:
+        daemon = Daemon(cfg)
+    except StateDbError as exc:
+        log.error("state_db_unusable", reason=str(exc))
+        print(f"triage serve: {exc}", file=sys.stderr)
+        return 1
     daemon.run_forever()
     return 0
 

@@ -50,3 +50,22 @@ def test_200_idle_sockets_and_a_half_sent_request_do_not_delay_a_real_sender(
         assert any("max_connections_per_peer" in e.get("reason", "") for e in rx.log_events()
                    if e.get("event") == "connection_refused")
     assert any(e.get("event") == "artim_expired" for e in rx.log_events())
+
+
+@integration
+@pytest.mark.parametrize("how", ["corrupt", "lost"])
+def test_state_db_lost_or_corrupt_refuses_to_start_and_rebuilds_from_the_spool(
+    receiver_factory, tools: SimpleNamespace, tmp_path: Path, how: str
+) -> None:
+    from reliability_cases.statedb import state_db_case
+
+    rx = receiver_factory()
+    files = tools.write_ct_series(tmp_path / "s", 6, 32, seed=3)
+    got = state_db_case(rx, rx.port, rx.root, files, how)
+    assert got["acknowledged"] == 6, got
+    assert got["refused"], got
+    assert str(rx.root / "state.db") in got["message"], got
+    assert f"triage store rebuild --config {rx.config}" in got["message"], got
+    assert got["rebuild_rc"] == 0, got
+    assert got["lost"] == 0, got
+    assert tools.echo(rx.port) == 0

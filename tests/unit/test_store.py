@@ -395,3 +395,70 @@ def test_recovery_and_tmp_sweeps_use_the_injected_clock(tmp_path: Path) -> None:
     assert store.sweep_tmp(older_than_s=60.0) == 1
     assert not old.exists() and fresh.exists()
     store.close()
+
+
+# ------------------------------------------------------------------ state.db lost or corrupt (issue 14)
+def _filled_store(root: Path, studies: int = 3, per_series: int = 4) -> set[str]:
+    """A store with ``studies`` studies of one series each; returns the SOP UIDs acknowledged."""
+    sops: set[str] = set()
+    with Store(root) as s:
+        for _ in range(studies):
+            study, series = generate_uid(), generate_uid()
+            for i in range(per_series):
+                sop = generate_uid()
+                put(s, part10(sop, study, series, pixel=i), sop, study, series)
+                sops.add(sop)
+    return sops
+
+
+def test_state_db_problem_names_missing_empty_and_corrupt_files(tmp_path: Path) -> None:
+    from triage.store.rebuild import StateDbError, check_or_raise, state_db_problem
+
+    fresh = tmp_path / "fresh"
+    assert state_db_problem(fresh) is None  # a new install: nothing to protect
+    root = tmp_path / "var"
+    _filled_store(root, 1, 2)
+    assert state_db_problem(root) is None
+    db = root / "state.db"
+    original = db.read_bytes()
+
+    db.unlink()
+    assert "is missing" in (state_db_problem(root) or "")
+    db.write_bytes(b"")
+    assert "holds no index" in (state_db_problem(root) or "")
+    db.write_bytes(b"this is not a database at all" * 200)
+    assert "is corrupt" in (state_db_problem(root) or "")
+    broken = bytearray(original)  # a real database with its page 2 (a table's b-tree) overwritten
+    broken[4096:8192] = b"\xff" * 4096
+    db.write_bytes(bytes(broken))
+    assert "is corrupt" in (state_db_problem(root) or ""), state_db_problem(root)
+    with pytest.raises(StateDbError) as err:
+        check_or_raise(root, "/etc/glowtriage/config.toml")
+    msg = str(err.value)
+    assert str(db) in msg and "triage store rebuild --config /etc/glowtriage/config.toml" in msg
+
+
+def test_rebuild_indexes_every_spool_file_and_closes_old_studies(tmp_path: Path) -> None:
+    from triage.store.rebuild import CLOSED_REASON, rebuild, state_db_problem
+
+    root = tmp_path / "var"
+    sops = _filled_store(root, 3, 4)
+    (root / "state.db").write_bytes(b"garbage" * 1000)
+    (root / "state.db-wal").write_bytes(b"")
+    # age one study's files past the reprocess window
+    study_dirs = sorted((root / "spool").iterdir())
+    old_study = study_dirs[0].name
+    for f in study_dirs[0].glob("*/*.dcm"):
+        os.utime(f, (1_000_000.0, 1_000_000.0))
+    report = rebuild(root, reprocess_hours=24.0)
+    assert report.indexed == len(sops) and report.quarantined == 0
+    assert report.studies == 3 and report.studies_closed == 1
+    assert any(n.startswith("state.db.broken-") for n in report.moved_aside)
+    assert (root / f"{report.moved_aside[0]}").read_bytes().startswith(b"garbage")  # kept, not deleted
+    assert state_db_problem(root) is None
+    with Store(root) as s:
+        assert s.instance_total() == len(sops)
+        assert all(s.instance(sop) is not None for sop in sops)
+        assert s.study(old_study).state == "rejected" and s.study(old_study).reason == CLOSED_REASON
+        others = [d.name for d in study_dirs[1:]]
+        assert {s.study(u).state for u in others} == {"receiving"}

@@ -72,6 +72,7 @@ from triage.receive.inspect import (
 )
 from triage.receive.reactor import accelerate, copy_applies, receive_into
 from triage.store.db import Store
+from triage.store.rebuild import StateDbError, check_or_raise
 from triage.store.schema import StoreError
 
 log = get_logger("receive")
@@ -587,6 +588,7 @@ class Receiver:
 def serve_receiver(cfg: Config) -> None:
     """Open the store, recover, listen, and block until SIGTERM/SIGINT (used by ``triage serve``)."""
     configure(cfg.settings.logging.level, cfg.settings.logging.format)
+    check_or_raise(cfg.storage_root, str(cfg.source) if cfg.source else None)  # as the daemon does
     store = Store(cfg.storage_root)
     try:
         store.recover()
@@ -623,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         serve_receiver(cfg)
+    except StateDbError as exc:
+        print(f"{args.config or 'config'}: {exc}", file=sys.stderr)
+        return 1
     except ReceiverError as exc:
         print(f"{args.config or 'config'}: {exc}", file=sys.stderr)
         return 1
