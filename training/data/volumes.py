@@ -6,14 +6,10 @@ through :mod:`triage.assemble.volume` (``read_headers`` -> ``group_studies`` -> 
 no second reader here. What this module adds is what training needs on top:
 
 Cache
-    Decoding a study costs ~0.3 s on this machine, and an epoch visits every study, so each volume is
-    written once with :func:`triage.assemble.volume.save_volume` and read back on later calls. The key is
-    the study UID, the series UID, a hash of the series' SOP Instance UIDs, the assembly rules that can
-    change a voxel, and :data:`~triage.assemble.volume.PREPROCESSING_VERSION`: a re-sent series with another
-    instance, a changed rule or a new preprocessing version gets a new key and is rebuilt; nothing
-    stale is ever read. Series that could not be built are cached too (a small JSON with the reason),
-    so a second call decodes nothing at all. Headers are re-read on every call (no pixels: ~2 ms a
-    file) because they decide the key.
+    Each volume is decoded once and read back on later calls (:mod:`training.data.cache`: keyed by
+    series, its SOP Instance UIDs, the voxel-changing assembly rules and the preprocessing version, so
+    nothing stale is ever read; failures are cached too, so a second call decodes nothing at all).
+    Headers are re-read on every call (no pixels: ~2 ms a file) because they decide the key.
 
 Sources
     A folder searched recursively for DICOM files (non-DICOM files are skipped with a reason), or the
@@ -40,10 +36,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 import os
-import re
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -54,17 +48,24 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from training.data.cache import (
+    Candidate,
+    Job,
+    Outcome,
+    assemble_cached,
+    cache_key,
+    default_cache_dir,
+    rules_digest,
+)
 from training.errors import TrainingError
 from triage.assemble.patient import patient_key, patient_key_of_file, quiet_validation
 from triage.assemble.volume import (
     PREPROCESSING_VERSION,
     InstanceHeader,
     VolumeError,
-    build_volume,
     group_studies,
     load_volume,
     read_headers,
-    save_volume,
     select_series,
 )
 from triage.config import AssemblySettings
@@ -74,7 +75,6 @@ from triage.ops.logs import get_logger
 
 log = get_logger("data")
 
-CACHE_FORMAT = "glowtriage.volume-cache/1"
 REJECTS_CSV = "rejects.csv"
 # Files that are certainly not DICOM instances: skipped without opening them (a dataset folder holds
 # labels.csv and truth.jsonl beside the studies, an archive holds its database).
@@ -82,10 +82,6 @@ NOT_DICOM_SUFFIXES = frozenset(
     {".npz", ".npy", ".json", ".jsonl", ".csv", ".png", ".jpg", ".pt", ".ckpt", ".db", ".toml", ".txt",
      ".log", ".md", ".wal", ".shm", ".db-wal", ".db-shm", ".tmp", ".py", ".html", ".pdf", ".xml"}
 )
-# Assembly rules that decide *when* a series is complete, not what its volume looks like: changing them
-# must not throw the cache away.
-_TIMING_RULES = ("quiet_seconds", "force_seconds")
-_SAFE_UID = re.compile(r"[0-9][0-9.]{0,63}")
 _PATHS_IN_META = ("source", "cache", "rejects_csv", "labels")  # long; the log line keeps the counts
 
 
@@ -233,123 +229,6 @@ def split_by_patient(
 
 
 # --------------------------------------------------------------------------------------------------
-# cache
-
-
-def default_cache_dir() -> Path:
-    """``$GLOWTRIAGE_CACHE``, else ``~/.cache/glowtriage/volumes`` (the same place ``training train``
-    uses)."""
-    env = os.environ.get("GLOWTRIAGE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "glowtriage" / "volumes"
-
-
-def _rules_digest(rules: AssemblySettings) -> str:
-    d = {k: v for k, v in rules.model_dump(mode="json").items() if k not in _TIMING_RULES}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _safe(uid: str) -> str:
-    """A UID as a file name; anything that is not a plain UID (``..``, ``/``) becomes its hash."""
-    return uid if _SAFE_UID.fullmatch(uid) else "h" + hashlib.sha256(uid.encode()).hexdigest()[:32]
-
-
-def cache_key(series_uid: str, sop_instance_uids: Sequence[str], rules_digest: str) -> str:
-    """What a cached volume depends on: series, its instances (as a set), rules, preprocessing."""
-    h = hashlib.sha256()
-    sops = sorted(set(sop_instance_uids))
-    for part in (CACHE_FORMAT, PREPROCESSING_VERSION, rules_digest, series_uid, *sops):
-        h.update(part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:20]
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    series_uid: str
-    paths: tuple[Path, ...]
-    key: str
-
-
-@dataclass(frozen=True)
-class _Job:
-    study_uid: str
-    candidates: tuple[_Candidate, ...]
-    selection_reason: str | None  # set when no series qualified
-    selection_category: str
-    patient_file: Path | None
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    study_uid: str
-    series_uid: str | None
-    path: Path | None
-    cached: bool
-    built: int  # series decoded in this call (0 when everything came from the cache)
-    zero_fraction: float = 0.0
-    warnings: tuple[str, ...] = ()
-    category: str = ""
-    reason: str = ""
-
-
-def _entry(cache_dir: Path, study_uid: str, cand: _Candidate) -> tuple[Path, Path]:
-    folder, name = cache_dir / _safe(study_uid), f"{_safe(cand.series_uid)}-{cand.key}"
-    return folder / f"{name}.npz", folder / f"{name}.failed.json"
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh)
-    os.replace(tmp, path)
-
-
-def _assemble_cached(job: _Job, rules: AssemblySettings, cache_dir: Path) -> _Outcome:
-    """The daemon's selection order with a cache in front of ``build_volume``: the first candidate
-    whose cached volume exists (or that builds now) wins; a cached failure moves on without decoding."""
-    if not job.candidates:
-        return _Outcome(job.study_uid, None, None, True, 0, category=job.selection_category,
-                        reason=job.selection_reason or "no series")
-    failures: list[str] = []
-    built = 0
-    last_category = "build"
-    for cand in job.candidates:
-        npz, failed = _entry(cache_dir, job.study_uid, cand)
-        if npz.exists():
-            try:
-                vol = load_volume(npz)
-                if vol.preprocessing_version == PREPROCESSING_VERSION and vol.study_uid == job.study_uid:
-                    return _Outcome(job.study_uid, cand.series_uid, npz, built == 0, built,
-                                    vol.zero_fraction, tuple(vol.warnings))
-            except VolumeError as exc:  # a damaged cache file is rebuilt, not trusted
-                log.warning("cache_entry_unreadable", study_uid=job.study_uid, reason=exc.reason)
-        if failed.exists():
-            try:
-                f = json.loads(failed.read_text())
-                failures.append(f"{cand.series_uid}: {f['reason']}")
-                last_category = str(f.get("category", "build"))
-                continue
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable marker: try to build again
-        built += 1
-        try:
-            vol = build_volume(list(cand.paths), rules)
-        except VolumeError as exc:
-            _write_json_atomic(failed, {"format": CACHE_FORMAT, "reason": exc.reason,
-                                        "category": exc.category,
-                                        "preprocessing_version": PREPROCESSING_VERSION})
-            failures.append(f"{cand.series_uid}: {exc.reason}")
-            last_category = exc.category
-            continue
-        save_volume(vol, npz)
-        return _Outcome(job.study_uid, cand.series_uid, npz, False, built, vol.zero_fraction,
-                        tuple(vol.warnings))
-    return _Outcome(job.study_uid, None, None, built == 0, built, category=last_category,
-                    reason="no candidate series could be built (" + "; ".join(failures) + ")")
-
-
-# --------------------------------------------------------------------------------------------------
 # sources
 
 
@@ -380,7 +259,7 @@ def _category_of(sel_categories: dict[str, str]) -> str:
 
 def _dicom_jobs(
     root: Path, rules: AssemblySettings, cache_dir: Path, keep_study: Callable[[str], bool]
-) -> tuple[list[_Job], list[Reject], list[str], int]:
+) -> tuple[list[Job], list[Reject], list[str], int]:
     """Headers of every file below ``root`` -> one job per wanted study; file rejects; dropped count."""
     files, rejects, skipped = [], [], []
     for p in _walk_files(root, cache_dir.resolve() if cache_dir.exists() else None):
@@ -398,8 +277,8 @@ def _dicom_jobs(
         skipped.append(f"{h.path}: {reason}")
         rejects.append(Reject("file", str(h.path), "invalid", reason))
     studies = group_studies(h for h in headers if h.study_uid)
-    digest = _rules_digest(rules)
-    jobs: list[_Job] = []
+    digest = rules_digest(rules)
+    jobs: list[Job] = []
     dropped = 0
     for study_uid in sorted(studies):
         if not keep_study(study_uid):
@@ -408,12 +287,12 @@ def _dicom_jobs(
         series: dict[str, list[InstanceHeader]] = studies[study_uid]
         sel = select_series(series, rules)
         cands = tuple(
-            _Candidate(uid, tuple(sorted(h.path for h in series[uid])),
+            Candidate(uid, tuple(sorted(h.path for h in series[uid])),
                        cache_key(uid, [h.sop_instance_uid for h in series[uid]], digest))
             for uid in sel.candidates
         )
         first = cands[0].paths[0] if cands else None
-        jobs.append(_Job(study_uid, cands, sel.reason, _category_of(sel.categories), first))
+        jobs.append(Job(study_uid, cands, sel.reason, _category_of(sel.categories), first))
     return jobs, rejects, skipped, dropped
 
 
@@ -617,11 +496,11 @@ def _has_dicom(root: Path, cache: Path) -> bool:
     return any(p.suffix.lower() not in NOT_DICOM_SUFFIXES for p in _walk_files(root, excl))
 
 
-def _run_jobs(jobs: list[_Job], rules: AssemblySettings, cache: Path, workers: int) -> list[_Outcome]:
+def _run_jobs(jobs: list[Job], rules: AssemblySettings, cache: Path, workers: int) -> list[Outcome]:
     if workers <= 1 or len(jobs) < 2:
-        return [_assemble_cached(j, rules, cache) for j in jobs]
+        return [assemble_cached(j, rules, cache) for j in jobs]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_assemble_cached, jobs, [rules] * len(jobs), [cache] * len(jobs), chunksize=1))
+        return list(pool.map(assemble_cached, jobs, [rules] * len(jobs), [cache] * len(jobs), chunksize=1))
 
 
 __all__ = [
