@@ -173,8 +173,15 @@ def test_real_series_patterns_through_the_daemon(tmp_path: Path) -> None:
     thin_warnings = assembled[uids["thin"]]["warnings"]
     assert any(w.startswith("interpolated across a 1.25 mm gap") for w in thin_warnings), thin_warnings
     assert any("variable slice spacing" in w for w in assembled[uids["two_stack"]]["warnings"])
-    soft_series = next(p for p in sends["twins"] if p.parent.name == "soft")
+    # the warnings reach the SR (Contributing Equipment's description), built even with the PACS down
     import pydicom
 
+    srs = {}
+    for f in root.rglob("sr-*.dcm"):
+        ds = pydicom.dcmread(f)
+        srs[ds.StudyInstanceUID] = ds
+    described = srs[uids["thin"]].ContributingEquipmentSequence[0].ContributionDescription
+    assert "assembly warnings: " in described and "interpolated across a 1.25 mm gap" in described
+    soft_series = next(p for p in sends["twins"] if p.parent.name == "soft")
     chosen = assembled[uids["twins"]]["series_uid"]
     assert chosen == pydicom.dcmread(soft_series, stop_before_pixels=True).SeriesInstanceUID

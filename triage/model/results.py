@@ -49,6 +49,9 @@ class ScoreResult:
     region_sop_instance_uid: str | None = None  # the source slice nearest to that centre
     global_flagged: bool | None = None  # log_posterior < threshold, whatever the policy
     flag_policy: str = "global"  # which of the two decided ``flagged``: global, region or either
+    # assembly's warnings (triage.assemble, issue 11): content vs headers, resampling, a sharp kernel,
+    # content scored with non_head_content = "warn"; they go into the JSON and the SR
+    warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     # The standardized map at the winning window (model grid) and the canonical grid, for key images:
     # not part of the JSON (the pipeline keeps it beside the results).

@@ -332,7 +332,10 @@ def build_sr(
         software_versions=[model.software_version, model.version],
         device_serial_number=model.version,
         contribution_datetime=when,
-        contribution_description="Normality score of the source series (AI triage aid, not a diagnosis)",
+        contribution_description=(  # ST, at most 1024 characters; assembly warnings (issue 11) appended
+            "Normality score of the source series (AI triage aid, not a diagnosis)"
+            + ("; assembly warnings: " + "; ".join(result.warnings) if result.warnings else "")
+        )[:1024],
     )
     equipment.DeviceUID = model.device_uid  # type 3 in the current SOP Common module (see report)
     try:
