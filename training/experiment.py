@@ -122,7 +122,8 @@ class Plan:
 
 
 QUICK = {"normal_train": 12, "mixture_train": 12, "test": 12, "steps": 40, "branch_steps": 20,
-         "bootstrap": 200, "montage_k": 8}
+         "bootstrap": 200, "montage_k": 8,
+         "calibration_fraction": 0.25}  # >= 3 held-out normals, the least the region score calibrates on
 
 
 @dataclass
@@ -561,8 +562,10 @@ def _parser() -> argparse.ArgumentParser:
                         "docstring), or both from scratch")
     p.add_argument("--no-compare-scratch", dest="compare_scratch", action="store_false",
                    help="skip the same-run comparison with an M1 trained from scratch")
-    p.add_argument("--calibration-fraction", type=float, default=d.calibration_fraction,
-                   help="share of the normal set's patients held out to set the operating point")
+    p.add_argument("--calibration-fraction", type=float,
+                   help="share of the normal set's patients held out to set the operating point and "
+                        f"calibrate the region score (default {d.calibration_fraction}; "
+                        f"{QUICK['calibration_fraction']} with --quick)")
     p.add_argument("--distractors", action="store_true",
                    help="write localizer/bone/thin/reformat/dose series too (exercises series selection; "
                         "~3x slower synthesis)")
@@ -576,12 +579,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan_from_args(a: argparse.Namespace) -> Plan:
     base = {**Plan().__dict__, **(QUICK if a.quick else {})}
-    for key in ("normal_train", "mixture_train", "test", "steps", "branch_steps", "bootstrap"):
+    for key in ("normal_train", "mixture_train", "test", "steps", "branch_steps", "bootstrap",
+                "calibration_fraction"):
         v = getattr(a, key)
         if v is not None:
             base[key] = v
     base.update(preset=a.preset, seed=a.seed, m1_init=a.m1_init, compare_scratch=a.compare_scratch,
-                calibration_fraction=a.calibration_fraction,
                 distractors=a.distractors, slab_samples=a.slab_samples, workers=a.workers)
     return Plan(**base)
 
