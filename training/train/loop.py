@@ -25,17 +25,19 @@ Input is a *volume source* (:class:`training.data.sources.VolumeSet`): uint8 vol
 The pieces around the loop have their own modules: :mod:`training.train.settings` (what the preset
 and arguments decide), :mod:`training.train.checkpoint` (resume, warm start, provenance helpers),
 :mod:`training.train.guard` (the NaN guard) and :mod:`training.train.ddp` (processes under torchrun).
-``python -m training.train`` and ``python -m training.train.loop`` both run :func:`main`.
+``python -m training.train`` and ``python -m training.train.loop`` both run :func:`main`; what a run
+reports (its result and the provenance saved in the model) is :mod:`training.train.result`.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +57,13 @@ from training.train.checkpoint import (
     load_checkpoint,
     now_iso,
     plain,
-    sha256_file,
-    software_versions,
     to_cpu,
     warm_start_model,
     weights_digest,
 )
 from training.train.ddp import DistInfo, pick_device, setup_distributed
 from training.train.guard import NanGuard
+from training.train.result import TrainResult, provenance, window_mean
 from training.train.settings import Settings, base_lr_of, hparam, lr_schedule_of, total_steps_of
 from triage.model.glow import PRECISIONS, Glow, GlowConfig, bf16_supported
 from triage.ops.logs import get_logger
@@ -137,53 +138,6 @@ class _Order:
             )
         self.perm, self.pos, self.epoch = s["perm"].clone(), int(s["pos"]), int(s["epoch"])
         self.g.set_state(s["rng"])
-
-
-def _window_mean(values: Sequence[float], end: int, width: int) -> float:
-    win = [v for v in values[max(0, end - width) : end] if math.isfinite(v)]
-    return sum(win) / len(win) if win else float("nan")
-
-
-@dataclass
-class TrainResult:
-    """What a run did; ``summary()`` is the JSON the CLI prints."""
-
-    out: Path
-    role: str
-    preset: str
-    steps: int
-    updates: int
-    final_bpd: float
-    best_bpd: float
-    seconds: float
-    volumes: int
-    nan_restores: int
-    world_size: int
-    resumed_from: int | None
-    losses: list[float]
-    lrs: list[float]
-
-    def summary(self, with_curve: bool = False) -> dict[str, Any]:
-        def num(v: float) -> float | None:
-            return v if math.isfinite(v) else None
-
-        s: dict[str, Any] = {
-            "out": str(self.out),
-            "role": self.role,
-            "preset": self.preset,
-            "steps": self.steps,
-            "updates": self.updates,
-            "final_bpd": num(self.final_bpd),
-            "best_bpd": num(self.best_bpd),
-            "seconds": round(self.seconds, 3),
-            "volumes": self.volumes,
-            "nan_restores": self.nan_restores,
-            "world_size": self.world_size,
-            "resumed_from": self.resumed_from,
-        }
-        if with_curve:
-            s["losses"] = [num(v) for v in self.losses]
-        return s
 
 
 def _derived_generator(seed: int, stream: int) -> torch.Generator:
@@ -467,7 +421,7 @@ def _run(
             log.info(
                 "train_step",
                 step=done,
-                bpd=round(_window_mean(loop.losses, done, s.log_every), 4),
+                bpd=round(window_mean(loop.losses, done, s.log_every), 4),
                 lr=loop.lrs[-1],
                 grad_norm=loop.last_grad_norm,
                 seconds=round(time.perf_counter() - t_start, 1),
@@ -479,7 +433,7 @@ def _run(
 
     losses = loop.losses
     window = max(1, min(10, s.total))
-    means = [_window_mean(losses, e, window) for e in range(1, len(losses) + 1)]
+    means = [window_mean(losses, e, window) for e in range(1, len(losses) + 1)]
     means = [m for m in means if math.isfinite(m)]
     result = TrainResult(
         out=out,
@@ -487,7 +441,7 @@ def _run(
         preset=s.preset,
         steps=s.total,
         updates=sum(1 for v in losses if math.isfinite(v)),
-        final_bpd=_window_mean(losses, len(losses), window),
+        final_bpd=window_mean(losses, len(losses), window),
         best_bpd=min(means) if means else float("nan"),
         seconds=time.perf_counter() - t_start,
         volumes=int(meta["volumes"]),
@@ -498,7 +452,7 @@ def _run(
         lrs=loop.lrs,
     )
     if lead:
-        extra = _provenance(
+        extra = provenance(
             result,
             cfg,
             vs,
@@ -538,63 +492,81 @@ def _progress_bar(enabled: bool, total: int, initial: int, preset: str, role: st
     return tqdm(total=total, initial=initial, desc=f"{role}/{preset}", unit="step", dynamic_ncols=True)
 
 
-def _provenance(
-    result: TrainResult,
-    cfg: GlowConfig,
-    vs: VolumeSet,
-    meta: Mapping[str, Any],
-    *,
-    seed: int,
-    batch: int,
-    base_lr: float,
-    dev: torch.device,
-    init_from: Path | None,
-) -> dict[str, Any]:
-    def num(v: float) -> float | None:
-        return float(v) if math.isfinite(v) else None
-
-    data_meta = plain({k: v for k, v in vs.meta.items() if k not in ("count", "ids_sha256", "image_shape")})
-    return plain(
-        {
-            "role": result.role,
-            "preset": result.preset,
-            "steps": result.steps,
-            "updates": result.updates,
-            "seed": int(seed),
-            "batch_size": batch,
-            "lr": base_lr,
-            "lr_schedule": lr_schedule_of(cfg),
-            "precision": meta.get("precision", "fp32"),
-            "data": {
-                "count": result.volumes,
-                "ids_sha256": meta["ids_sha256"],
-                "image_shape": list(cfg.image_shape),
-                **data_meta,
-            },
-            "started": meta["started"],
-            "finished": now_iso(),
-            "seconds": round(result.seconds, 3),
-            "final_bpd": num(result.final_bpd),
-            "best_bpd": num(result.best_bpd),
-            "nan_restores": result.nan_restores,
-            "world_size": result.world_size,
-            "device": dev.type,
-            "resumed_from": result.resumed_from,
-            "init_from": {"path": str(init_from), "sha256": sha256_file(init_from)} if init_from else None,
-            "software": software_versions(),
-        }
-    )
-
-
 # --------------------------------------------------------------------------------------------------
-# CLI (in training.train.cli)
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="training train",
+        description="Train M0 (--role normal) or M1 (--role mixture). Runs as is, or under "
+        "`torchrun --nproc_per_node=N -m training.train ...` for data-parallel training.",
+    )
+    p.add_argument("data", type=Path, help="folder of DICOM studies (recursive), or of .npz volumes")
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--preset", required=True, help="a preset of training/presets.toml")
+    p.add_argument("--out", required=True, type=Path, help="model file to write (checkpoint: OUT.ckpt)")
+    p.add_argument("--labels", type=Path, help="labels.csv (study_uid,label,lesion)")
+    p.add_argument("--only", help="keep only volumes with this label (e.g. normal); needs --labels")
+    p.add_argument("--steps", type=int, help="number of steps (default: the preset's steps or epochs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if it exists")
+    p.add_argument("--init-from", type=Path, help="warm start from this model file")
+    p.add_argument("--lr", type=float,
+                   help="base learning rate (default: the preset's lr, or its finetune_lr with --init-from)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="coupling nets in fp32 or bf16 (default: the preset's precision, else fp32)")
+    p.add_argument("--cache", type=Path, help="volume cache for DICOM input (default ~/.cache/glowtriage)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=10,
+        help="steps between in-memory last-good states for the NaN guard (host RAM: 2 copies of "
+        "model + Adam state)",
+    )
+    p.add_argument("--summary", type=Path, help="also write the JSON summary (with the loss curve) here")
+    p.add_argument("--no-progress", action="store_true")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``training train``: :func:`training.train.cli.main` (imported here on call: it imports this module)."""
-    from training.train.cli import main as cli_main
+    """Run ``training train`` with ``argv``; 0 on success, 1 on a TrainingError (printed as one line)."""
+    args = _parser().parse_args(argv)
+    from triage.ops.logs import configure
 
-    return cli_main(argv)
+    configure(level=os.environ.get("GLOWTRIAGE_LOG_LEVEL", "info"))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        vs = resolve_data(args.data, args.labels, args.only, args.cache)
+        result = train(
+            vs,
+            args.preset,
+            args.out,
+            role=args.role,
+            seed=args.seed,
+            steps=args.steps,
+            resume=args.resume,
+            init_from=args.init_from,
+            lr=args.lr,
+            precision=args.precision,
+            progress=not args.no_progress,
+            device=args.device,
+            log_every=args.log_every,
+            checkpoint_every=args.checkpoint_every,
+            snapshot_every=args.snapshot_every,
+        )
+    except TrainingError as exc:
+        print(f"training train: error: {exc}", file=sys.stderr)
+        return 1
+    if rank0:
+        if args.summary:
+            args.summary.parent.mkdir(parents=True, exist_ok=True)
+            args.summary.write_text(json.dumps(result.summary(with_curve=True), indent=1) + "\n")
+        print(json.dumps(result.summary()))
+    return 0
 
 
 if __name__ == "__main__":
