@@ -1,12 +1,19 @@
 """Series selection: describe every series of a study from its headers, reject with a reason or rank.
 
-The checks, in order: image storage SOP class, modality, ImageType (all of ``required_image_type``,
-none of ``rejected_image_type``), head (BodyPartExamined, SeriesDescription or ProtocolName match
-``head_patterns``; with no body part, a StudyDescription that matches is enough), slice thickness
-range, geometry present, orientation (slice normal within ``max_tilt_deg`` of the patient z axis),
-coverage along the normal. Candidates are ranked by kernel (soft, then unknown, then sharp), then
-slice thickness closest to 4-5 mm, then more coverage, then series UID, so the result is
-deterministic. A series whose instances have more than one orientation keeps its largest
+Refused from headers only for what headers tell for sure, in order: image storage SOP class (CT
+Image or Enhanced CT), modality, ImageType (all of ``required_image_type``, none of
+``rejected_image_type``; Enhanced CT's VOLUME counts as AXIAL), "1 image: no volume", slice
+thickness range (0.5-10 mm), geometry present, orientation (slice normal within ``max_tilt_deg``),
+coverage along the normal. Header words about the body part, the kernel or reformats are hints for
+ranking only: whether a series is a head is decided from its content when it is built
+(:mod:`triage.assemble.content`), so empty, foreign or protocol-only descriptions refuse nothing.
+
+Candidates are ranked by :func:`rank_key`: headers naming another body part last; sharpness from the
+image (brain noise measured on three slices of each candidate when a study has more than one); head
+words; kernel name and reformat words; slice thickness closest to the 4-5 mm band; coverage; brain
+noise (the smoother of two reconstructions wins); then description text. Never a UID, a file name or
+the arrival order (the series UID only breaks a tie between series equal in all of these, which then
+give the same volume). A series whose instances have more than one orientation keeps its largest
 orientation group; equal-sized groups are ambiguous and the series is rejected.
 """
 

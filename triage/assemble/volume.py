@@ -18,12 +18,23 @@ Entry points
 
 
 Ordering and spacing
-    Slices are ordered by ImagePositionPatient projected on the slice normal (row x column of
-    ImageOrientationPatient), never by InstanceNumber. Two instances at one position are rejected.
-    Consecutive steps must equal the median step within 10%; a step that is an integer multiple of it
-    is a missing slice, rejected with both neighbours' positions named, or, with
-    ``interpolate_gaps = true`` and at most ``max_gap_slices`` missing, filled by linear interpolation
-    with a warning. Anything else is irregular spacing and rejected.
+    Slices (frames of an Enhanced CT instance count one each) are ordered by ImagePositionPatient
+    projected on the slice normal (row x column of ImageOrientationPatient), never by
+    InstanceNumber. Two instances at one position are rejected. Any step up to ``max_slice_gap_mm``
+    (8 mm) between consecutive positions is accepted: a stack with uniform steps is used as it is,
+    otherwise (GE's two-stack protocol, a missing thin slice) it is linearly interpolated along the
+    line of positions onto steps of the median step (at most 4.5 mm), gaps recorded as warnings. A
+    longer step is a hole and refused, naming both neighbours' positions.
+
+Thin series
+    A series with at least 1.5 slices per 4.5 mm slab is averaged over the slab profile
+    (:func:`triage.assemble.head.slab_weights`: the slab integrated, with the interpolation blur a
+    4.5 mm series gets) before anything else, so a 0.625 mm series gives the volume a 5 mm one does.
+
+Content
+    The built volume must show a head (:mod:`triage.assemble.content`: a skull ring around
+    brain-density tissue), else it is refused with what was found (or scored with a warning when
+    ``non_head_content = "warn"``); a sharp reconstruction (brain noise) is scored with a warning.
 
 Geometry and gantry tilt
     With the slices uniform, the voxel (column k, row j, slice f) sits at
