@@ -270,3 +270,42 @@ def test_a_changed_region_calibration_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes() + b"x")
     with pytest.raises(ScoringError, match="does not match its manifest hash"):
         Scorer.from_registry(reg, device="cpu")
+
+
+def test_the_score_stage_records_the_region_and_keeps_its_map(tmp_path: Path) -> None:
+    """pipeline.score_assembled: the volume's metadata reaches the scorer (centre in patient mm, nearest
+    source slice), the stored score has the region fields, and the z-map is kept for the key images."""
+    import pydicom
+
+    from training.harness.series import write_ct_series
+    from triage.assemble.volume import AssembledVolume, save_volume
+    from triage.pipeline import _load_region_map, score_assembled
+    from triage.store.db import Store
+
+    reg = Registry(tmp_path / "models")
+    make_region_set(reg, tmp_path)
+    scorer = Scorer.from_registry(reg, device="cpu")
+    store = Store(tmp_path / "var")
+    meta = metadata()
+    (ct,) = write_ct_series(tmp_path / "ct", n=1, size=16, study_uid="1.2.9", series_uid="1.2.9.1")
+    ds = pydicom.dcmread(ct, stop_before_pixels=True)
+    store.put_instance(str(ds.SOPInstanceUID), "1.2.9", "1.2.9.1", str(ds.SOPClassUID),
+                       str(ds.file_meta.TransferSyntaxUID), lambda f: f.write(ct.read_bytes()), "TEST",
+                       modality="CT")
+    store.set_series_state("1.2.9.1", "stable")
+    store.set_study_state("1.2.9", "stable")
+    vol = AssembledVolume(data=canonical(9), hu_stats={}, source_geometry=meta["source_geometry"],
+                          grid=meta["grid"], coverage_mm=144.0, warnings=[], zero_fraction=0.0,
+                          study_uid="1.2.9", series_uid="1.2.9.1",
+                          sop_instance_uids=meta["sop_instance_uids"])
+    path = save_volume(vol, tmp_path / "v.npz")
+    store.record_assembly("1.2.9", "1.2.9.1", 0, path, complete_at=0.0)
+    assert score_assembled(store, scorer) == 1
+    s = store.score("1.2.9")
+    assert s is not None and s["region_score"] is not None and len(s["region_center_mm"]) == 3
+    assert s["region_sop_instance_uid"] in meta["sop_instance_uids"]
+    loaded = _load_region_map(store.results_dir("1.2.9") / "region-0.npz")
+    assert loaded is not None
+    region_map, grid = loaded
+    assert region_map["zmap"].shape == tuple(scorer.pair.m0.cfg.image_shape) and grid == meta["grid"]
+    store.close()
