@@ -76,3 +76,38 @@ def test_cli_reads_centroids_from_labels_csv(tmp_path: Path, capsys: pytest.Capt
                  str(tmp_path / "out"), "--bootstrap", "20", "--k", "4"]) == 0
     out = capsys.readouterr().out
     assert "AUC region score 1.000" in out and "median 30 mm, 50% within 30 mm (n=8)" in out
+
+
+def test_key_images_become_pngs(tmp_path: Path) -> None:
+    """The demo's view of a flagged study: the daemon's key images (newest generation) as PNGs."""
+    from datetime import datetime
+
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    from training.evaluate.maps import write_key_image_pngs
+    from training.harness.series import write_ct_series
+    from triage.model.results import ModelSetInfo, ScoreResult
+    from triage.report.keyimages import build_key_images
+
+    ct = [dcmread(p) for p in write_ct_series(tmp_path / "ct", n=4, size=32)]
+    res = ScoreResult(study_uid=str(ct[0].StudyInstanceUID), series_uid=str(ct[0].SeriesInstanceUID),
+                      log_p_normal_model=-1.0, log_p_mixture_model=0.0, log_posterior=-1.0, threshold=0.0,
+                      flagged=True, percentile=0.0, model_version="v", region_score=-9.0,
+                      region_window_mm=10.0, region_center_mm=[0.0, 0.0, 5.0])
+    info = ModelSetInfo(version="v", device_uid=generate_uid(), preset="p", preprocessing_version="p",
+                        threshold=0.0, threshold_method="m")
+    grid = {"origin": [-109.14, -109.14, 50.0], "spacing": [1.71875, 1.71875, 4.5],
+            "direction": [1, 0, 0, 0, 1, 0, 0, 0, -1]}
+    kis = build_key_images(res, ct, {"zmap": -8 * np.ones((32, 64, 64))}, grid, info,
+                           series_instance_uid=generate_uid(), sop_instance_uid=lambda i: generate_uid(),
+                           content_datetime=datetime(2026, 1, 1))
+    results = tmp_path / "results"
+    results.mkdir()
+    for gen in (0, 1):
+        for i, ki in enumerate(kis, 1):
+            ki.save_as(results / f"key-{gen}-{i}.dcm", enforce_file_format=True)
+    pngs = write_key_image_pngs(results, tmp_path / "png", prefix="s1-")
+    assert [p.name for p in pngs] == [f"s1-key-{i}.png" for i in range(1, len(kis) + 1)]
+    assert all(p.stat().st_size > 0 for p in pngs)
+    assert write_key_image_pngs(tmp_path / "ct", tmp_path / "none") == []

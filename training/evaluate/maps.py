@@ -195,3 +195,28 @@ def _map_montage(report: dict[str, Any], used: list[Row], raw: Mapping[str, Mapp
     plot_montage(tiles, out / name, f"{prefix}top {len(tiles)} by region score: slice through the region, "
                                     "map where > 2 normal s.d. below normal")
     report["figures"].append(name)
+
+
+def write_key_image_pngs(results_dir: Path, out_dir: Path, prefix: str = "") -> list[Path]:
+    """The daemon's key images of one study (``<storage>/results/<study>/key-<generation>-<i>.dcm``, the
+    newest generation) as PNGs in ``out_dir``: what the demo shows a newcomer of each flagged study.
+    Returns the PNGs written (none when the study has no key images)."""
+    import matplotlib.image
+    from pydicom import dcmread
+
+    files = sorted(Path(results_dir).glob("key-*-*.dcm"),
+                   key=lambda p: tuple(int(v) for v in p.stem.split("-")[1:3]))
+    if not files:
+        return []
+    newest = max(int(p.stem.split("-")[1]) for p in files)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for p in files:
+        gen, i = (int(v) for v in p.stem.split("-")[1:3])
+        if gen != newest:
+            continue
+        png = out_dir / f"{prefix}key-{i}.png"
+        matplotlib.image.imsave(png, dcmread(p).pixel_array)
+        written.append(png)
+    return written
