@@ -69,3 +69,30 @@ def test_state_db_lost_or_corrupt_refuses_to_start_and_rebuilds_from_the_spool(
     assert got["rebuild_rc"] == 0, got
     assert got["lost"] == 0, got
     assert tools.echo(rx.port) == 0
+
+
+@integration
+def test_disk_full_mid_transfer_answers_out_of_resources_and_spools_nothing_half_written(
+    receiver_factory, tools: SimpleNamespace, tmp_path: Path
+) -> None:
+    from reliability_cases.disk import disk_full_case, tmpfs
+
+    files = tools.write_ct_series(tmp_path / "s", 30, 256, seed=5)  # ~130 KB each, ~4 MB in all
+    try:
+        mount = tmpfs(tmp_path / "tiny", 3)
+        mount.__enter__()
+    except OSError as exc:  # not root, or no mount in this sandbox: the reserve test still covers 0xA700
+        pytest.skip(str(exc))
+    try:
+        root = tmp_path / "tiny" / "var"
+        rx = receiver_factory(storage={"root": str(root), "min_free_mb": 0})
+        got = disk_full_case(rx.port, root, tmp_path / "tiny", files, tools.send_files, tools.echo)
+        rx.stop()
+    finally:
+        mount.__exit__(None, None, None)
+    assert got["answered"] == 30 and got["other_statuses"] == [], got  # every instance got a status
+    assert got["success"] > 0 and got["out_of_resources"] > 0, got
+    assert got["acknowledged_missing"] == 0 and got["acknowledged_corrupt"] == 0, got
+    assert got["spool_files_without_row"] == 0 and got["tmp_leftovers"] == 0, got
+    assert got["echo_while_full"] == 0, got
+    assert got["resent_success"] == got["resent"] == got["out_of_resources"], got

@@ -247,13 +247,66 @@ _TMP_DIR_ATTR = "glow_receive_dir"
 _STOCK_NAMED_TEMPORARY_FILE = tempfile.NamedTemporaryFile
 
 
+class GuardedFile:
+    """The received dataset's file, surviving a full disk (ENOSPC, EDQUOT) instead of killing the DUL.
+
+    pynetdicom writes each P-DATA fragment from the DUL thread; an ``OSError`` there aborts the
+    association, so the sender gets no status for the instance in flight (nor for the rest). Here the
+    first failed write is remembered in :attr:`glow_error`, the file is truncated to give the space
+    back at once, and later fragments are dropped; the message completes, and the C-STORE handler
+    answers out-of-resources (0xA701) and deletes the partial file, which never reaches the spool.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.file = self  # pynetdicom calls ``.file.flush()``
+        self.glow_error: OSError | None = None
+
+    def _fail(self, exc: OSError) -> None:
+        self.glow_error = exc
+        with contextlib.suppress(OSError, ValueError):
+            os.ftruncate(self._inner.file.fileno(), 0)
+
+    def write(self, data: Any) -> int:
+        if self.glow_error is None:
+            try:
+                return int(self._inner.write(data))
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.glow_error is None:
+            try:
+                self._inner.file.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()  # a BufferedWriter closes its raw file even when the last flush fails
+        except OSError as exc:
+            if self.glow_error is None:
+                self.glow_error = exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 def _named_temporary_file(*args: Any, **kwargs: Any) -> IO[bytes]:
-    """``tempfile.NamedTemporaryFile``, in the folder the current DUL thread was given (if any)."""
-    if kwargs.get("dir") is None:
-        folder = getattr(threading.current_thread(), _TMP_DIR_ATTR, None)
-        if folder is not None:
-            kwargs["dir"] = folder
+    """``tempfile.NamedTemporaryFile``, in the folder the current DUL thread was given (if any), as a
+    :class:`GuardedFile` there."""
+    folder = getattr(threading.current_thread(), _TMP_DIR_ATTR, None)
+    if kwargs.get("dir") is None and folder is not None:
+        kwargs["dir"] = folder
+        return cast(IO[bytes], GuardedFile(_STOCK_NAMED_TEMPORARY_FILE(*args, **kwargs)))
     return _STOCK_NAMED_TEMPORARY_FILE(*args, **kwargs)
+
+
+def receive_error(request: Any) -> OSError | None:
+    """The write error of a C-STORE request's received dataset file, if the disk refused it."""
+    return getattr(getattr(request, "_dataset_file", None), "glow_error", None)
 
 
 def receive_into(assoc: Association, folder: Path) -> None:
@@ -288,6 +341,9 @@ UPSTREAM_SOURCE_SHA256: dict[str, str] = {
         "ed8bbbe3b3d6ddaee3e8673ba25b2ab2a4c45f25bc1d8ae7b48ebafd09499e6d",
     "pynetdicom.dimse_messages.DIMSEMessage.decode_msg":
         "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+    # GuardedFile: the file reaches the handler as C_STORE._dataset_file and is closed after it
+    "pynetdicom.service_class.StorageServiceClass.SCP":
+        "63afca7fc6c6e7ee6e6eb303dd6aa72c1e69dbfcb94dd91c9e90ea6d900a4c40",
     # relied on by triage/receive/gate.py and scp.py: the gate replays the A-ASSOCIATE-RQ it read
     # through AssociationSocket.recv/ready (read by _read_pdu_data as 6 header bytes, then the rest);
     # the request handler builds the association and its socket; the server counts acceptor threads

@@ -40,6 +40,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 import threading
@@ -70,7 +71,7 @@ from triage.receive.inspect import (
     BadInstance,
     inspect_instance,
 )
-from triage.receive.reactor import accelerate, copy_applies, receive_into
+from triage.receive.reactor import accelerate, copy_applies, receive_error, receive_into
 from triage.store.db import Store
 from triage.store.rebuild import StateDbError, check_or_raise
 from triage.store.schema import StoreError
@@ -128,6 +129,13 @@ def _status(code: int, comment: str) -> Dataset:
     # (0000,0902) Error Comment is LO: 64 characters, no backslash.
     ds.ErrorComment = comment.replace("\\", "/").encode("ascii", "replace").decode("ascii")[:64]
     return ds
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT from a file operation, or SQLite's "database or disk is full" at commit."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 # ------------------------------------------------------------------------------------- server
@@ -516,6 +524,13 @@ class Receiver:
                "transfer_syntax": ts}
         tmp: Path | None = None
         try:
+            failed = receive_error(req)
+            if failed is not None:  # the disk refused the dataset while it arrived (reactor.GuardedFile)
+                self._count("out_of_resources")
+                METRICS.instance_rejected("out_of_resources")
+                self._free_at = -1e9  # re-read free space for the next instance
+                log.error("out_of_resources", **ctx, reason=f"disk full while receiving: {failed}")
+                return _status(OUT_OF_RESOURCES_WRITE, "disk full while receiving")
             free = self._free_bytes()
             if free < self._reserve:
                 self._count("out_of_resources")
@@ -562,7 +577,7 @@ class Receiver:
         except Exception as exc:  # never let one instance take the listener down
             self._count("errors")
             METRICS.instance_rejected("internal_error")
-            disk_full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            disk_full = _disk_full(exc)
             reason = f"{type(exc).__name__}: {exc}"
             where = None
             if tmp is not None and tmp.exists() and not disk_full:

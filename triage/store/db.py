@@ -221,13 +221,21 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
             old_path = Path(old["path"]) if old is not None else None
             if old_path is not None and old_path != final:
                 self.files.remove(old_path)  # the same SOP instance re-sent under other UIDs
-            reopened = self._commit_index(
-                IndexJob(
-                    (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, final, size, sha,
-                     calling_aet, modality, self.clock()),
-                    {"replaced": old is not None},
+            try:
+                reopened = self._commit_index(
+                    IndexJob(
+                        (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, final, size, sha,
+                         calling_aet, modality, self.clock()),
+                        {"replaced": old is not None},
+                    )
                 )
-            )
+            except BaseException:
+                # No row, no acknowledgement (e.g. the disk filled at commit): the sender will retry,
+                # so the spool must not keep an instance the index does not know.
+                if old is None:
+                    with contextlib.suppress(OSError):
+                        self.files.remove(final)
+                raise
         return PutResult(duplicate=False, path=final, replaced=old is not None, reopened=reopened, size=size)
 
     def _commit_index(self, job: IndexJob) -> bool:
