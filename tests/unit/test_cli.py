@@ -101,6 +101,18 @@ def test_models_create_list_show_promote_rollback_and_score(data: Path, tmp_path
     by_uid = {r["study_uid"]: r["log_posterior"] for r in rows if not r.get("rejected")}
     assert {r["study_uid"]: r["log_posterior"] for r in again} == by_uid
 
+    # v2 was calibrated without labels on 3 normals: it keeps a region calibration, and `score --json`
+    # gives the region, its centre in patient mm and the source slice nearest to it
+    assert with_trunk["calibration"]["region"]["windows_mm"] == [10.0, 20.0, 40.0]
+    run("models", "promote", v2, "--config", str(cfg))
+    region_rows = [json.loads(line) for line in
+                   run("score", "--json", "--config", str(cfg), str(data / "studies")).stdout.splitlines()]
+    for r in region_rows:
+        assert r["region_flagged"] == (r["region_score"] < r["region_threshold"])
+        assert r["flagged"] == (r["global_flagged"] or r["region_flagged"]) and r["flag_policy"] == "either"
+        assert len(r["region_center_mm"]) == 3 and r["region_sop_instance_uid"].startswith("1.")
+        assert 0.0 <= r["region_percentile"] <= 100.0
+
 
 def test_score_without_a_model_set_fails_clearly(tmp_path: Path, data: Path) -> None:
     cfg = tmp_path / "config.toml"
