@@ -130,7 +130,7 @@ def score_assembled(store: Store, scorer: Scorer, limit: int = 16) -> int:
         return 0
     results = scorer.score([v for _, v in items])
     for (asm, item), res in zip(items, results, strict=True):
-        if res.region_map is not None:  # kept for the key images of the report stage
+        if res.region_map is not None and res.flagged:  # for the key images of the report stage
             _save_region_map(store, res, asm.generation, item.metadata)
         store.record_score(res.study_uid, asm.generation, {**res.to_json(), "warnings": list(asm.warnings)})
         METRICS.study_scored(res.log_posterior, res.flagged, scorer.last_inference_s, scorer.device.type)

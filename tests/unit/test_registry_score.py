@@ -274,7 +274,8 @@ def test_a_changed_region_calibration_file_is_refused(tmp_path: Path) -> None:
 
 def test_the_score_stage_records_the_region_and_keeps_its_map(tmp_path: Path) -> None:
     """pipeline.score_assembled: the volume's metadata reaches the scorer (centre in patient mm, nearest
-    source slice), the stored score has the region fields, and the z-map is kept for the key images."""
+    source slice), the stored score has the region fields, and a flagged study's z-map is kept for the
+    key images."""
     import pydicom
 
     from training.harness.series import write_ct_series
@@ -300,8 +301,11 @@ def test_the_score_stage_records_the_region_and_keeps_its_map(tmp_path: Path) ->
                           sop_instance_uids=meta["sop_instance_uids"])
     path = save_volume(vol, tmp_path / "v.npz")
     store.record_assembly("1.2.9", "1.2.9.1", 0, path, complete_at=0.0)
+    assert scorer.region is not None
+    scorer.region.cal.threshold = float("inf")  # flag it by the region: flagged studies keep their map
     assert score_assembled(store, scorer) == 1
     s = store.score("1.2.9")
+    assert s is not None and s["flagged"] and s["region_flagged"]
     assert s is not None and s["region_score"] is not None and len(s["region_center_mm"]) == 3
     assert s["region_sop_instance_uid"] in meta["sop_instance_uids"]
     loaded = _load_region_map(store.results_dir("1.2.9") / "region-0.npz")
