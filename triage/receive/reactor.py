@@ -130,6 +130,18 @@ class _EventDrivenDUL(DULServiceProvider):
         if fds[0] in ready:
             self._waker.drain()
 
+    def _abort_on_error(self) -> None:
+        """pynetdicom's own reaction to an exception in the DUL loop: A-ABORT, association killed."""
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        with contextlib.suppress(Exception):  # the socket may already be gone
+            self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
     def run_reactor(self) -> None:  # pynetdicom 3.0 DULServiceProvider.run_reactor, sleep -> _wait
         try:
             self._idle_timer.start()
@@ -150,23 +162,23 @@ class _EventDrivenDUL(DULServiceProvider):
                     elif self._is_transport_event():
                         self._idle_timer.restart()
                 except Exception as exc:
-                    _DUL_LOGGER.error("Exception in DUL.run(), aborting association")
-                    _DUL_LOGGER.exception(exc)
-                    abort_pdu = A_ABORT_RQ()
-                    abort_pdu.source = 0x02
-                    abort_pdu.reason_diagnostic = 0x00
-                    self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
-                    self.assoc.is_aborted = True
-                    self.assoc.is_established = False
-                    self.assoc._kill = True
-                    self._kill_thread = True
+                    _DUL_LOGGER.error(f"Exception in DUL.run(), aborting association: {exc!r}")
+                    self._abort_on_error()
                     return
                 try:
                     event = self.event_queue.get(block=False)
                 except queue.Empty:
                     sleep = True
                     continue
-                self.state_machine.do_action(event)
+                # Not in the upstream loop: an action that raises on malformed input (e.g. a command
+                # set without CommandField in DT-2) killed the DUL thread with an uncaught exception.
+                # Answer it like a bad PDU instead: A-ABORT, association over, thread ends cleanly.
+                try:
+                    self.state_machine.do_action(event)
+                except Exception as exc:
+                    _DUL_LOGGER.error(f"State machine action failed, aborting association: {exc!r}")
+                    self._abort_on_error()
+                    return
                 sleep = False
         finally:
             self._waker.close()

@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import shutil
 import signal
@@ -138,6 +139,34 @@ def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
+class _NoTraceback(logging.Filter):
+    """pynetdicom logs every malformed PDU or DIMSE message it rejects with ``LOGGER.exception``: a full
+    traceback per bad input, which is noise (the input was refused, nothing crashed) and which a port
+    scan or a fuzzing peer turns into megabytes. The exception's repr goes on the message line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({exc!r})" if exc is not None else record.getMessage()
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_NO_TRACEBACK = _NoTraceback()
+
+
+def quiet_pynetdicom_tracebacks() -> None:
+    """Put :class:`_NoTraceback` on every pynetdicom logger (a logger's filters do not reach its
+    children, so each one gets it)."""
+    names = ["pynetdicom", *(n for n in logging.root.manager.loggerDict if n.startswith("pynetdicom."))]
+    for name in names:
+        lg = logging.getLogger(name)
+        if _NO_TRACEBACK not in lg.filters:
+            lg.addFilter(_NO_TRACEBACK)
+
+
 # ------------------------------------------------------------------------------------- server
 class _RequestHandler(RequestHandler):
     """pynetdicom's handler, given the request bytes the gate already read (see :mod:`.gate`)."""
@@ -152,6 +181,10 @@ class _RequestHandler(RequestHandler):
             sock.glow_prefix = bytearray(self.server.glow_handoff)  # type: ignore[attr-defined]
         # PS3.8 ARTIM for the rest of this association's life (release, reject, abort: Sta13)
         assoc.dul.artim_timer.timeout = self.server.glow_artim_s
+        # The request is already here: if pynetdicom cannot decode it (it aborts), the acceptor thread
+        # would still wait acse_timeout (30 s) for it, holding a max_associations slot. Wait ARTIM at
+        # most; EVT_REQUESTED puts acse_timeout back once the request is decoded.
+        assoc.acse_timeout = self.server.glow_artim_s
         return assoc
 
 
@@ -193,11 +226,12 @@ class _Server(ThreadedAssociationServer):
             self.glow_handoff = b""
 
     def established_from(self, peer: str) -> int:
-        """Connections from ``peer`` that are past the gate (pynetdicom acceptor threads alive)."""
+        """Established associations from ``peer`` (connections past the gate that are in use)."""
         n = 0
         for assoc in self.active_associations:
+            # established only: one being torn down (aborted, rejected, released) is no longer a sender's
             with contextlib.suppress(ValueError, AttributeError):
-                n += peer_ip(assoc.requestor.address) == peer
+                n += assoc.is_established and peer_ip(assoc.requestor.address) == peer
         return n
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -297,6 +331,7 @@ class Receiver:
         self._prev_globals = (_config.STORE_RECV_CHUNKED_DATASET, _config.LOG_HANDLER_LEVEL)
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_HANDLER_LEVEL = "none"
+        quiet_pynetdicom_tracebacks()
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -387,6 +422,7 @@ class Receiver:
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        assoc.acse_timeout = self._d.acse_timeout  # see _RequestHandler: ARTIM only until the request
         rq = assoc.requestor.primitive
         calling = _text(getattr(rq, "calling_ae_title", ""))
         called = _text(getattr(rq, "called_ae_title", ""))
