@@ -420,3 +420,24 @@ def test_synth_same_study_with_new_uids_gives_the_identical_volume(tmp_path: Pat
         vols.append(vol)
     assert vols[0].series_uid != vols[1].series_uid
     np.testing.assert_array_equal(vols[0].data, vols[1].data)
+
+
+def test_thick_soft_series_wins_over_thin_by_the_documented_rule(tmp_path: Path) -> None:
+    study = generate_uid()
+    write_series(tmp_path / "thin", thin_zs(step=1.25), thickness=1.25, study_uid=study, **SMALL)
+    thick = write_series(tmp_path / "thick", thick_zs(), thickness=5.0, study_uid=study, **SMALL)
+    ((sel, vol),) = _assemble(tmp_path).values()
+    assert vol is not None and sel.chosen == vol.series_uid
+    assert sel.chosen == pydicom.dcmread(thick[0], stop_before_pixels=True).SeriesInstanceUID
+    assert "slice thickness closest to the 4-5 mm band" in sel.why
+    (thin_uid,) = set(sel.skipped)
+    assert sel.skipped[thin_uid].startswith(f"candidate ranked below {sel.chosen}")
+    assert "1.25 mm" in sel.skipped[thin_uid]
+
+
+def test_head_content_under_a_wrong_body_part_is_scored_with_a_warning(tmp_path: Path) -> None:
+    write_series(tmp_path, thick_zs(), thickness=5.0, study_uid=generate_uid(), body_part="CHEST",
+                 series_description="Thorax 5mm", **SMALL)  # fmt: skip
+    ((sel, vol),) = _assemble(tmp_path).values()
+    assert vol is not None, sel.reason
+    assert "BodyPartExamined 'CHEST' names no head, but the content is a head" in vol.warnings
