@@ -9,6 +9,7 @@ or rejected with a reason that names the cause, and the warnings are recorded wi
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -179,9 +180,13 @@ def test_real_series_patterns_through_the_daemon(tmp_path: Path) -> None:
     srs = {}
     for f in root.rglob("sr-*.dcm"):
         ds = pydicom.dcmread(f)
-        srs[ds.StudyInstanceUID] = ds
-    described = srs[uids["thin"]].ContributingEquipmentSequence[0].ContributionDescription
+        srs[ds.StudyInstanceUID] = (f, ds)
+    sr_file, sr = srs[uids["thin"]]
+    described = sr.ContributingEquipmentSequence[0].ContributionDescription
     assert "assembly warnings: " in described and "interpolated across a 1.25 mm gap" in described
+    check = subprocess.run(["dciodvfy", str(sr_file)], capture_output=True, text=True)
+    errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("Error")]
+    assert not errors, errors
     soft_series = next(p for p in sends["twins"] if p.parent.name == "soft")
     chosen = assembled[uids["twins"]]["series_uid"]
     assert chosen == pydicom.dcmread(soft_series, stop_before_pixels=True).SeriesInstanceUID
