@@ -24,8 +24,13 @@ from reliability_cases.sockets import IMPLICIT_LE, VERIFICATION, associate_rq
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-PDU_NAMES = {0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA", 0x06: "A-RELEASE-RP",
-             0x07: "A-ABORT"}
+PDU_NAMES = {
+    0x02: "A-ASSOCIATE-AC",
+    0x03: "A-ASSOCIATE-RJ",
+    0x04: "P-DATA",
+    0x06: "A-RELEASE-RP",
+    0x07: "A-ABORT",
+}
 
 
 def _recv_pdu(s: socket.socket, timeout: float) -> tuple[int, bytes] | None:
@@ -83,8 +88,10 @@ def _pdata(context_id: int, control: int, payload: bytes) -> bytes:
 
 def _echo_command(message_id: int = 1) -> bytes:
     """A C-ECHO-RQ command set, Implicit VR LE (PS3.7 9.3.5)."""
+
     def el(group: int, elem: int, value: bytes) -> bytes:
         return struct.pack("<HHL", group, elem, len(value)) + value
+
     body = el(0, 0x0002, VERIFICATION.encode() + b"\0") + el(0, 0x0100, struct.pack("<H", 0x0030))
     body += el(0, 0x0110, struct.pack("<H", message_id)) + el(0, 0x0800, struct.pack("<H", 0x0101))
     return el(0, 0x0000, struct.pack("<L", len(body))) + body
@@ -111,30 +118,57 @@ def fixed_pdu_cases() -> list[tuple[str, Callable[[int], str]]]:
     rq = associate_rq()
     cases: list[tuple[str, Callable[[int], str]]] = [
         ("zero-length A-ASSOCIATE-RQ", lambda p: exchange(p, [struct.pack(">BBL", 1, 0, 0)])),
-        ("oversize A-ASSOCIATE-RQ length (4 GiB)",
-         lambda p: exchange(p, [struct.pack(">BBL", 1, 0, 2**32 - 1)])),
-        ("unknown first PDU type 0x55",
-         lambda p: exchange(p, [b"\x55\x00" + struct.pack(">L", 10) + bytes(10)])),
+        (
+            "oversize A-ASSOCIATE-RQ length (4 GiB)",
+            lambda p: exchange(p, [struct.pack(">BBL", 1, 0, 2**32 - 1)]),
+        ),
+        (
+            "unknown first PDU type 0x55",
+            lambda p: exchange(p, [b"\x55\x00" + struct.pack(">L", 10) + bytes(10)]),
+        ),
         ("P-DATA before association", lambda p: exchange(p, [_pdata(1, 3, _echo_command())])),
         ("HTTP request to the DICOM port", lambda p: exchange(p, [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"])),
-        ("TLS ClientHello to a plain listener", lambda p: exchange(p, [bytes.fromhex("16030100a5010000a10303")
-                                                                      + bytes(160)])),
-        ("slow sender (RQ 1 byte per 2 ms)", lambda p: exchange(p, [rq[i:i + 1] for i in range(len(rq))],
-                                                                 gap_s=0.002)),
-        ("P-DATA dataset fragment before any command",
-         lambda p: in_association(p, [_pdata(1, 0x02, b"\x08\x00\x16\x00" + bytes(8))])),
-        ("P-DATA on an unaccepted context id 99",
-         lambda p: in_association(p, [_pdata(99, 3, _echo_command())])),
+        (
+            "TLS ClientHello to a plain listener",
+            lambda p: exchange(p, [bytes.fromhex("16030100a5010000a10303") + bytes(160)]),
+        ),
+        (
+            "slow sender (RQ 1 byte per 2 ms)",
+            lambda p: exchange(p, [rq[i : i + 1] for i in range(len(rq))], gap_s=0.002),
+        ),
+        (
+            "P-DATA dataset fragment before any command",
+            lambda p: in_association(p, [_pdata(1, 0x02, b"\x08\x00\x16\x00" + bytes(8))]),
+        ),
+        (
+            "P-DATA on an unaccepted context id 99",
+            lambda p: in_association(p, [_pdata(99, 3, _echo_command())]),
+        ),
         ("P-DATA zero length", lambda p: in_association(p, [struct.pack(">BBL", 4, 0, 0)])),
-        ("P-DATA oversize length (1 GiB, then silence)",
-         lambda p: in_association(p, [struct.pack(">BBL", 4, 0, 2**30)], wait_s=1.0)),
-        ("PDV length past the PDU", lambda p: in_association(
-            p, [struct.pack(">BBL", 4, 0, 10) + struct.pack(">LB", 500, 1) + b"\x03" + bytes(4)])),
-        ("command fragments out of order (last flag first)", lambda p: in_association(
-            p, [_pdata(1, 0x03, _echo_command()[20:]), _pdata(1, 0x01, _echo_command()[:20])])),
-        ("A-ABORT mid-command", lambda p: in_association(
-            p, [_pdata(1, 0x01, _echo_command()[:20]), struct.pack(">BBLBBBB", 7, 0, 4, 0, 0, 0, 0)],
-            wait_s=0.5)),
+        (
+            "P-DATA oversize length (1 GiB, then silence)",
+            lambda p: in_association(p, [struct.pack(">BBL", 4, 0, 2**30)], wait_s=1.0),
+        ),
+        (
+            "PDV length past the PDU",
+            lambda p: in_association(
+                p, [struct.pack(">BBL", 4, 0, 10) + struct.pack(">LB", 500, 1) + b"\x03" + bytes(4)]
+            ),
+        ),
+        (
+            "command fragments out of order (last flag first)",
+            lambda p: in_association(
+                p, [_pdata(1, 0x03, _echo_command()[20:]), _pdata(1, 0x01, _echo_command()[:20])]
+            ),
+        ),
+        (
+            "A-ABORT mid-command",
+            lambda p: in_association(
+                p,
+                [_pdata(1, 0x01, _echo_command()[:20]), struct.pack(">BBLBBBB", 7, 0, 4, 0, 0, 0, 0)],
+                wait_s=0.5,
+            ),
+        ),
         ("a valid C-ECHO (control)", lambda p: in_association(p, [_pdata(1, 0x03, _echo_command())])),
     ]
     return cases
@@ -167,7 +201,7 @@ def hypothesis_rq_cases(port: int, n: int, seed: int = 0) -> collections.Counter
             body = body[: draw(st.integers(0, len(body)))]
         elif kind == "length":  # an item's length field set to a lie
             i = draw(st.integers(68, len(body) - 4))
-            body[i + 2: i + 4] = struct.pack(">H", draw(st.integers(0, 0xFFFF)))
+            body[i + 2 : i + 4] = struct.pack(">H", draw(st.integers(0, 0xFFFF)))
         elif kind == "fixed":  # protocol version, AE titles
             i = draw(st.integers(0, 67))
             body[i] = draw(st.integers(0, 255))
@@ -177,8 +211,13 @@ def hypothesis_rq_cases(port: int, n: int, seed: int = 0) -> collections.Counter
         return struct.pack(">BBL", 1, 0, declared) + bytes(body)
 
     @hseed(seed)
-    @settings(max_examples=n, database=None, deadline=None, derandomize=False,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n,
+        database=None,
+        deadline=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(mutated())
     def run(pdu: bytes) -> None:
         outcomes[exchange(port, [pdu], wait_s=1.0)] += 1
@@ -205,18 +244,19 @@ def mutate_dataset(raw: bytes, rng: random.Random) -> bytes:
         ds = ds[: rng.randrange(len(ds))]
     elif kind == "length":  # a 2- or 4-byte length field somewhere in the first 2 KB set to a lie
         i = rng.randrange(0, min(len(ds) - 4, 2048))
-        ds[i: i + 4] = struct.pack("<L", rng.choice([0, 0xFFFFFFFF, 0x7FFFFFFF, rng.randrange(1 << 32)]))
+        ds[i : i + 4] = struct.pack("<L", rng.choice([0, 0xFFFFFFFF, 0x7FFFFFFF, rng.randrange(1 << 32)]))
     elif kind == "junk":
         i = rng.randrange(len(ds))
-        ds[i: i + 64] = bytes(rng.randrange(256) for _ in range(64))
+        ds[i : i + 64] = bytes(rng.randrange(256) for _ in range(64))
     else:  # an element's tag rewritten
         i = rng.randrange(0, min(len(ds) - 4, 4096)) & ~1
-        ds[i: i + 4] = struct.pack("<HH", rng.randrange(1 << 16), rng.randrange(1 << 16))
+        ds[i : i + 4] = struct.pack("<HH", rng.randrange(1 << 16), rng.randrange(1 << 16))
     return meta + bytes(ds)
 
 
-def dataset_cases(port: int, sources: Sequence[Path], n: int, out_dir: Path, seed: int = 0,
-                  per_association: int = 50) -> dict[str, Any]:
+def dataset_cases(
+    port: int, sources: Sequence[Path], n: int, out_dir: Path, seed: int = 0, per_association: int = 50
+) -> dict[str, Any]:
     """``n`` mutated instances sent raw over pynetdicom; statuses counted, and whether each failure came
     with an error comment (a refusal with a reason)."""
     from pydicom.filereader import read_file_meta_info
@@ -270,8 +310,12 @@ def dataset_cases(port: int, sources: Sequence[Path], n: int, out_dir: Path, see
             _ = read_file_meta_info  # imported for callers that check the meta
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
-    return {"sent": n, "statuses": dict(statuses), "failures_without_reason": silent_failures,
-            "without_status": no_status}
+    return {
+        "sent": n,
+        "statuses": dict(statuses),
+        "failures_without_reason": silent_failures,
+        "without_status": no_status,
+    }
 
 
 def pdu_cases(port: int, n_structured: int, seed: int = 0) -> dict[str, Any]:

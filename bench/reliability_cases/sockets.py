@@ -34,8 +34,11 @@ def _item(item_type: int, body: bytes) -> bytes:
     return struct.pack(">BBH", item_type, 0, len(body)) + body
 
 
-def associate_rq(called: str = "GLOWTRIAGE", calling: str = "FUZZSCU",
-                 contexts: Sequence[tuple[str, Sequence[str]]] = ((VERIFICATION, (IMPLICIT_LE,)),)) -> bytes:
+def associate_rq(
+    called: str = "GLOWTRIAGE",
+    calling: str = "FUZZSCU",
+    contexts: Sequence[tuple[str, Sequence[str]]] = ((VERIFICATION, (IMPLICIT_LE,)),),
+) -> bytes:
     """A well-formed A-ASSOCIATE-RQ PDU (PS3.8 9.3.2), built by hand so a test can break any part."""
     body = struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16) + bytes(32)
     body += _item(0x10, b"1.2.840.10008.3.1.1.1")
@@ -104,8 +107,9 @@ def timed_echo(port: int, *, called: str = "GLOWTRIAGE", timeout: float = 10.0) 
         assoc.release()
 
 
-def timed_store(port: int, files: Sequence[Path], *, called: str = "GLOWTRIAGE",
-                timeout: float = 10.0) -> tuple[list[int], float]:
+def timed_store(
+    port: int, files: Sequence[Path], *, called: str = "GLOWTRIAGE", timeout: float = 10.0
+) -> tuple[list[int], float]:
     """(statuses, seconds from connect to the last response) with pynetdicom as the SCU."""
     from pydicom.filereader import read_file_meta_info
     from pynetdicom import AE
@@ -129,8 +133,9 @@ def timed_store(port: int, files: Sequence[Path], *, called: str = "GLOWTRIAGE",
         assoc.release()
 
 
-def idle_socket_case(port: int, files: Sequence[Path], *, n_idle: int = 200, source: str = "127.0.0.2",
-                     artim_s: float = 5.0) -> dict[str, Any]:
+def idle_socket_case(
+    port: int, files: Sequence[Path], *, n_idle: int = 200, source: str = "127.0.0.2", artim_s: float = 5.0
+) -> dict[str, Any]:
     """Issue 14's case: ``n_idle`` silent connections plus one half-sent A-ASSOCIATE-RQ from ``source``,
     then a real sender's C-ECHO and C-STORE from 127.0.0.1; then how soon the server closed the
     silent ones (ARTIM) and how soon C-ECHO works after the client closes them all."""

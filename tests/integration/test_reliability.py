@@ -96,3 +96,54 @@ def test_disk_full_mid_transfer_answers_out_of_resources_and_spools_nothing_half
     assert got["spool_files_without_row"] == 0 and got["tmp_leftovers"] == 0, got
     assert got["echo_while_full"] == 0, got
     assert got["resent_success"] == got["resent"] == got["out_of_resources"], got
+
+
+@integration
+def test_kill_9_at_random_moments_during_ingest_loses_no_acknowledged_instance(
+    receiver_factory, tmp_path: Path
+) -> None:
+    from reliability_cases.ingest import kill_cycles_case
+
+    rx = receiver_factory()
+    got = kill_cycles_case(rx, rx.port, rx.root, tmp_path / "ct", cycles=2, associations=4,
+                           per_association=30)
+    assert got["acknowledged"] > 0, got
+    assert got["acknowledged_lost"] == 0 and got["acknowledged_corrupt"] == 0, got
+
+
+@integration
+def test_fuzzed_pdus_and_datasets_leave_the_daemon_serving_with_every_refusal_explained(
+    receiver_factory, tools: SimpleNamespace, tmp_path: Path
+) -> None:
+    from reliability_cases import fuzz
+
+    rx = receiver_factory(artim_timeout_s=0.5)
+    pdus = fuzz.pdu_cases(rx.port, 60, seed=1)
+    named = pdus["named"]
+    # refusals at the PDU level come as an A-ABORT with its PS3.8 reason, before any association
+    assert named["zero-length A-ASSOCIATE-RQ"] == "A-ABORT 2/6", named
+    assert named["oversize A-ASSOCIATE-RQ length (4 GiB)"] == "A-ABORT 2/6", named
+    assert named["unknown first PDU type 0x55"] == "A-ABORT 2/1", named
+    assert named["P-DATA before association"] == "A-ABORT 2/2", named
+    assert named["slow sender (RQ 1 byte per 2 ms)"] == "A-ASSOCIATE-AC", named
+    assert named["a valid C-ECHO (control)"] == "P-DATA", named
+    assert pdus["structured_total"] == 60
+    sources = tools.write_ct_series(tmp_path / "ct", 3, 32, seed=11)
+    datasets = fuzz.dataset_cases(rx.port, sources, 60, tmp_path / "mut", seed=2)
+    assert datasets["without_status"] == 0 and datasets["failures_without_reason"] == 0, datasets
+    assert rx.running
+    assert tools.echo(rx.port) == 0
+    valid = tools.write_ct_series(tmp_path / "valid", 1, 32, seed=12)
+    assert set(tools.send_files(rx.port, valid).statuses.values()) == {0}
+    assert "Traceback" not in rx.log_text()
+    assert any(e.get("event") == "association_refused" for e in rx.log_events())
+
+
+@integration
+def test_concurrent_load_stores_everything_and_reports_peak_rss(receiver_factory, tmp_path: Path) -> None:
+    from reliability_cases.ingest import load_case
+
+    rx = receiver_factory()
+    got = load_case(rx, rx.port, rx.root, tmp_path / "ct", associations=4, per_association=15, size=64)
+    assert got["missing"] == 0 and got["instances"] == 60, got
+    assert 0 < got["rss_peak_mb"] < 4096, got

@@ -182,6 +182,12 @@ class _EventDrivenDUL(DULServiceProvider):
                 sleep = False
         finally:
             self._waker.close()
+            # Not upstream: an acceptor whose request never became a primitive (undecodable, aborted)
+            # waits in receive_pdu(timeout=acse_timeout) with a max_associations slot; a None tells it
+            # at once that no request will come (pynetdicom's own time-out branch then closes it).
+            assoc = self.assoc
+            if assoc.is_acceptor and getattr(assoc.requestor, "primitive", None) is None:
+                self.to_user_queue.put(None)
 
 
 class _EventDrivenAssociation(Association):

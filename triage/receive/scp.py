@@ -217,6 +217,12 @@ class _Server(ThreadedAssociationServer):
             return
         self.glow_gate.submit(request, client_address)
 
+    def service_actions(self) -> None:
+        # pynetdicom runs a full gc.collect() on the accept thread every 60 connections; in the daemon
+        # (torch and the model loaded) that is a long pause for every sender during a connection burst.
+        # Python's own cyclic collector still runs; nothing else lives here.
+        pass
+
     def handoff(self, sock: Any, address: Any, request_bytes: bytes) -> None:
         """Called by the gate, on its thread, with a complete A-ASSOCIATE-RQ read from ``sock``."""
         self.glow_handoff = request_bytes
