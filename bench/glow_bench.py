@@ -91,16 +91,12 @@ def bench_one(name: str, repeat: int, device: torch.device, variant: str = "fp32
     precision = parts[0]
     raw_model = Glow(cfg).to(device)
     raw_model.set_precision(precision)
-    fmt = torch.channels_last_3d if cfg.ndim == 3 else torch.channels_last
-    if "cl" in parts:
-        raw_model = raw_model.to(memory_format=fmt)
+    raw_model.set_channels_last("cl" in parts)
     params = sum(p.numel() for p in raw_model.parameters())
     batch = int(batch or cfg.extra.get("batch_size", 1))
     if device.type == "cpu":
         batch = min(batch, 4)  # paper presets' batches are GPU-sized
     x = torch.randint(0, 128, (batch, 1, *cfg.image_shape), device=device)
-    if "cl" in parts:
-        x = x.contiguous(memory_format=fmt)
     raw_model.train()
     with torch.no_grad():
         raw_model.bits_per_dim(x, noise=True)  # ActNorm data-dependent init

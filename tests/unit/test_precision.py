@@ -118,3 +118,22 @@ def test_bf16_training_gradients_are_finite_where_cpu_conv3d_is_broken() -> None
         scale = g32.abs().max().item()
         if scale > 1e-3:
             assert (g16 - g32).abs().max().item() < 0.1 * scale + 1e-3, name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_channels_last_is_only_a_layout(precision: str, tmp_path: Path) -> None:
+    m = _model(precision)
+    x = m.preprocess(torch.randint(0, 128, (2, 1, *m.cfg.image_shape)))
+    with torch.no_grad():
+        plain = m.log_prob(x)
+        m.set_channels_last(True)
+        cl = m.log_prob(x)
+        zs, _ = m.encode(x)
+        back = m.decode(zs)
+    assert ((cl - plain).abs() / plain.abs()).max().item() < (1e-5 if precision == "fp32" else 1e-2)
+    assert (back - x).abs().max().item() < 1e-4
+    m.save(tmp_path / "m.pt")
+    loaded = Glow.load(tmp_path / "m.pt")
+    assert loaded.channels_last and loaded.precision == precision
+    with torch.no_grad():
+        assert torch.equal(loaded.log_prob(x), loaded.log_prob(x))
