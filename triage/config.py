@@ -398,8 +398,8 @@ class RetrainSettings(_Section):
     window_days: Annotated[int, Field(ge=1)] = 90
     min_volumes: Annotated[int, Field(ge=2)] = 50
     init_from: Literal["trunk", "m0", "m1", "scratch"] = "trunk"  # where the new M1 starts (see config.toml)
-    # None: the branch length the current set's M1 was trained with (its provenance), else 2000
-    steps: Annotated[int, Field(ge=1)] | None = None
+    # 0: the branch length the current set's M1 was trained with (its provenance), else 2000
+    steps: Annotated[int, Field(ge=0)] = 0
     nice: Annotated[int, Field(ge=0, le=19)] = 10
     gate_nll_margin_bpd: Annotated[float, Field(ge=0)] = 0.02
     gate_score_shift_sd: Annotated[float, Field(ge=0)] = 1.0

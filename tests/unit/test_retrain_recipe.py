@@ -14,7 +14,7 @@ def _set(m1: dict | None) -> SimpleNamespace:
 
 
 def test_steps_and_precision_follow_the_sets_m1() -> None:
-    assert branch_recipe(_set({"steps": 300, "precision": "bf16"}), None) == (300, "bf16")
+    assert branch_recipe(_set({"steps": 300, "precision": "bf16"}), 0) == (300, "bf16")
 
 
 def test_configured_steps_override_the_set() -> None:
@@ -27,5 +27,5 @@ def test_a_set_without_a_record_falls_back() -> None:
 
 
 def test_config_leaves_steps_unset_by_default() -> None:
-    assert parse({}, None).settings.retrain.steps is None
+    assert parse({}, None).settings.retrain.steps == 0  # 0: follow the set
     assert parse({"retrain": {"steps": 50}}, None).settings.retrain.steps == 50
