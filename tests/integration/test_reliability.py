@@ -147,3 +147,17 @@ def test_concurrent_load_stores_everything_and_reports_peak_rss(receiver_factory
     got = load_case(rx, rx.port, rx.root, tmp_path / "ct", associations=4, per_association=15, size=64)
     assert got["missing"] == 0 and got["instances"] == 60, got
     assert 0 < got["rss_peak_mb"] < 4096, got
+
+
+@integration
+def test_daytime_alert_follows_the_site_time_zone_with_daylight_saving() -> None:
+    """deploy/prometheus/alerts_tz_test.yml (apart from alerts_test.yml, which test_deploy.py runs: it
+    evaluates most of a year). The winter window itself is in alerts_test.yml."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("promtool")
+    assert tool, "promtool is not installed (scripts/bootstrap.sh installs it)"
+    done = subprocess.run([tool, "test", "rules", "alerts_tz_test.yml"], cwd=REPO / "deploy" / "prometheus",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
