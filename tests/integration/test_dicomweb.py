@@ -22,6 +22,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from training.harness.fixtures import assembled_series
 from training.harness.orthanc import Orthanc, dicomweb_plugin
 from triage.config import Config, parse
 from triage.model.results import ModelSetInfo, ScoreResult
@@ -59,15 +60,7 @@ def _config(url: str, *, images: bool = False) -> Config:
 
 def _scored_study(store: Store, ct: list[Path], clock: Callable[[], float]) -> str:
     """A received, assembled and scored study in the store (the stages before report)."""
-    heads = [dcmread(p, stop_before_pixels=True) for p in ct]
-    study, series = str(heads[0].StudyInstanceUID), str(heads[0].SeriesInstanceUID)
-    for path, ds in zip(ct, heads, strict=True):
-        store.put_instance(str(ds.SOPInstanceUID), study, series, str(ds.SOPClassUID),
-                           str(ds.file_meta.TransferSyntaxUID), lambda f, p=path: f.write(p.read_bytes()),
-                           "TEST", modality="CT")
-    store.set_series_state(series, "stable")
-    store.set_study_state(study, "stable")
-    store.record_assembly(study, series, 0, store.root / "v.npz", complete_at=clock())
+    study, series = assembled_series(store, ct, clock)
     result = ScoreResult(study_uid=study, series_uid=series, log_p_normal_model=-1000.5,
                          log_p_mixture_model=-990.25, log_posterior=-10.25, threshold=-3.5, flagged=True,
                          percentile=1.5, model_version=MODEL.version)

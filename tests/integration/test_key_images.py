@@ -18,6 +18,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from training.harness.fixtures import assembled_series
 from training.harness.orthanc import Orthanc
 from triage.assemble.common import PIXEL_MM, SLICE_MM
 from triage.config import parse
@@ -52,15 +53,8 @@ def test_flagged_study_sends_key_images_with_the_sr_to_the_pacs(
     cfg = parse({"hl7": {"enabled": False},
                  "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}}, None)
     ct = ct_series(tmp_path / "ct", n=10, size=64)
+    study, series = assembled_series(store, ct, lambda: now[0])
     heads = [dcmread(p, stop_before_pixels=True) for p in ct]
-    study, series = str(heads[0].StudyInstanceUID), str(heads[0].SeriesInstanceUID)
-    for path, ds in zip(ct, heads, strict=True):
-        store.put_instance(str(ds.SOPInstanceUID), study, series, str(ds.SOPClassUID),
-                           str(ds.file_meta.TransferSyntaxUID), lambda f, p=path: f.write(p.read_bytes()),
-                           "TEST", modality="CT")
-    store.set_series_state(series, "stable")
-    store.set_study_state(study, "stable")
-    store.record_assembly(study, series, 0, store.root / "v.npz", complete_at=now[0])
     grid, zmap = _grid_and_map()
     result = ScoreResult(
         study_uid=study, series_uid=series, log_p_normal_model=-1000.5, log_p_mixture_model=-990.25,

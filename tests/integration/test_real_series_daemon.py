@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from pydicom.uid import generate_uid
 
 from training.harness.config import write_config
 from training.harness.daemon import TriageProcess
+from training.harness.fixtures import tiny_model
 from training.harness.ports import free_port
 from training.harness.process import stop_all
 from training.harness.storescu import storescu
@@ -38,16 +38,6 @@ DONE = {"scored", "reported", "sent", "rejected", "failed"}
 def _thick() -> list[float]:
     return [SKULL_TOP + 4.0 - 5.0 * i for i in range(30)][::-1]
 
-
-def _model(path: Path, seed: int) -> Path:
-    from training.presets import glow_from_preset
-
-    torch.manual_seed(seed)
-    m = glow_from_preset("test-tiny")
-    m.train()
-    m.bits_per_dim(torch.randint(0, 128, (4, 1, *m.cfg.image_shape)), noise=True)
-    m.save(path)
-    return path
 
 
 def _patterns(root: Path) -> tuple[dict[str, str], dict[str, list[Path]]]:
@@ -122,8 +112,8 @@ def test_real_series_patterns_through_the_daemon(tmp_path: Path) -> None:
     root = tmp_path / "var"
     reg = Registry(root / "models")
     s = reg.create(
-        _model(tmp_path / "m0.pt", 1),
-        _model(tmp_path / "m1.pt", 2),
+        tiny_model(tmp_path / "m0.pt", 1),
+        tiny_model(tmp_path / "m1.pt", 2),
         preset="test-tiny",
         preprocessing_version=PREPROCESSING_VERSION,
         threshold=0.0,

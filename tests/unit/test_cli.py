@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.uid import generate_uid
 
-from training.presets import glow_from_preset
+from training.harness.fixtures import tiny_model
 from training.synth import SynthOptions, write_dataset
 from triage.model.modelset import calibrate
 
@@ -26,14 +25,6 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "triage.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300, check=check)
 
-
-def _model(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    m = glow_from_preset("test-tiny")
-    m.train()
-    m.bits_per_dim(torch.randint(0, 128, (4, 1, *m.cfg.image_shape)), noise=True)
-    m.save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +44,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         out = base / "chest" / f.name
         out.parent.mkdir(exist_ok=True)
         ds.save_as(out)
-    _model(base / "m0.pt", 1)
-    _model(base / "m1.pt", 2)
+    tiny_model(base / "m0.pt", 1)
+    tiny_model(base / "m1.pt", 2)
     return base
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.uid import generate_uid
 from realseries import (
     SKULL_TOP,
@@ -30,6 +29,7 @@ from realseries import (
 )
 from scipy import ndimage
 
+from training.harness.fixtures import tiny_model
 from triage.assemble.volume import (
     AssembledVolume,
     assemble_study,
@@ -283,16 +283,6 @@ def write_patterns(root: Path) -> dict[str, str]:
     return uids
 
 
-def _model(path: Path, seed: int) -> Path:
-    from training.presets import glow_from_preset
-
-    torch.manual_seed(seed)
-    m = glow_from_preset("test-tiny")
-    m.train()
-    m.bits_per_dim(torch.randint(0, 128, (4, 1, *m.cfg.image_shape)), noise=True)
-    m.save(path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], dict[str, dict], Path]:
@@ -310,9 +300,9 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], di
         "--config",
         str(cfg),
         "--m0",
-        str(_model(base / "m0.pt", 1)),
+        str(tiny_model(base / "m0.pt", 1)),
         "--m1",
-        str(_model(base / "m1.pt", 2)),
+        str(tiny_model(base / "m1.pt", 2)),
         "--calibrate",
         str(calib),
         "--promote",
