@@ -612,3 +612,46 @@ def test_walk_refuses_a_nesting_bomb() -> None:
         data = _el(0x00082218, b"SQ", _item(data, undefined=True) + _SEQ_END, undefined=True)
     with pytest.raises(BadInstance, match="nested deeper"):
         _check(data)
+
+
+@integration
+def test_per_peer_connection_limit_answers_a_transient_rejection_with_the_reason(
+    receiver_factory, tools: SimpleNamespace
+) -> None:
+    """dicom.max_connections_per_peer: over it, a request gets A-ASSOCIATE-RJ (transient, local limit
+    exceeded) from the handshake gate, the reason is logged, and the slot comes back when one ends."""
+    from pynetdicom import AE
+
+    rx = receiver_factory(max_connections_per_peer=1)
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate("127.0.0.1", rx.port, ae_title="GLOWTRIAGE")
+    try:
+        assert held.is_established
+        assert tools.echo(rx.port) is None  # the second connection from 127.0.0.1 is refused
+    finally:
+        held.release()
+    time.sleep(0.3)
+    assert tools.echo(rx.port) == 0
+    rejected = [e for e in rx.log_events() if e.get("event") == "association_rejected"]
+    assert any("max_connections_per_peer = 1" in e.get("reason", "") and e.get("diagnostic") == 2
+               for e in rejected), rejected
+
+
+@integration
+def test_a_silent_connection_is_closed_by_artim_and_holds_no_association_slot(
+    receiver_factory, tools: SimpleNamespace
+) -> None:
+    import socket
+
+    rx = receiver_factory(max_associations=1, artim_timeout_s=1.0)
+    t0 = time.monotonic()
+    silent = socket.create_connection(("127.0.0.1", rx.port), timeout=5)
+    try:
+        assert tools.echo(rx.port) == 0  # the only association slot is not taken by the silent socket
+        silent.settimeout(5)
+        assert silent.recv(1) == b""  # the server closed it (PS3.8 ARTIM)
+        assert 0.9 < time.monotonic() - t0 < 3.0
+    finally:
+        silent.close()
+    assert any(e.get("event") == "artim_expired" for e in rx.log_events())
