@@ -2,8 +2,9 @@
 
 It starts real peers (Orthanc, `triage serve`, an MLLP listener) on free ports, so it is an
 integration test. What it checks: the run exits 0, the triage table lists every test study exactly
-once with a score, a flag and its truth, the AUC line is printed, every study's SR reached the PACS and
-its ORU^R01 the RIS, nothing is left running, and a second run reuses data and models.
+once with a score, a region score, a flag (and which score raised it), the region's centre and its truth,
+the AUC line gives both scores, flagged studies have key-image PNGs, every study's SR reached the PACS
+and its ORU^R01 the RIS, nothing is left running, and a second run reuses data and models.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from training.demo import QUICK
+from training.demo import FULL, QUICK
+from training.demo.plan import MIN_REGION_NORMALS
+from training.demo.results import auc_of, flagged_by
 from training.harness.config import set_toml_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,20 +43,45 @@ def test_quick_demo_runs_end_to_end_and_reuses_its_work(tmp_path: Path) -> None:
 
     truth = [json.loads(x) for x in (tmp_path / "demo-out/data/test/truth.jsonl").read_text().splitlines()]
     names = {Path(t["study_dir"]).name: t for t in truth}
-    table = re.findall(r"^\s+(\d+)\s+(study_\d{4})\s+(-?[0-9.]+)\s+(\d+)\s+(FLAG|-)\s+(\S+)", out, re.M)
+    table = re.findall(
+        r"^\s+(\d+)\s+(study_\d{4})\s+(-?[0-9.]+)\s+(\d+)\s+(-?[0-9.]+)\s+(\d+)\s+(FLAG|-)\s+"
+        r"(global|region|both|-)\s+(\(-?\d+,-?\d+,-?\d+\))\s+(\S+)", out, re.M)
     assert sorted(r[1] for r in table) == sorted(names), out
     scores = [float(r[2]) for r in table]
     assert scores == sorted(scores), "the table is sorted most suspicious (lowest) first"
-    for _rank, name, _score, _pct, _flag, label in table:
+    for _rank, name, _score, _pct, _region, _rpct, flag, by, _centre, label in table:
         assert label.startswith(names[name]["lesion"] or "normal")
-    assert re.search(rf"AUC .* on these {n_test} studies .*: (0|1)\.\d{{3}}", out), out
+        assert (flag == "FLAG") == (by != "-")
+    auc = r"(0|1)\.\d{3}"
+    assert re.search(
+        rf"AUC .* on these {n_test} studies .*: log p\(normal\|x\) {auc}; region score {auc}", out), out
+    assert "region score: flag when" in out and "flag_policy either" in out
+    assert "key images: " in out
     assert f"SRs: {n_test} of {n_test} studies" in out
     assert f"HL7: {n_test} ORU^R01 acknowledged" in out
 
     summary = json.loads((tmp_path / "demo-out/demo.json").read_text())
     assert len(summary["rows"]) == n_test and all(r["state"] == "sent" for r in summary["rows"])
+    assert summary["flag_policy"] == "either" and summary["auc_region"] is not None
+    if summary["region_threshold"] is not None:  # None in the manifest: an infinite threshold
+        assert summary["region_threshold"] == summary["rows"][0]["region_threshold"]
     for r in summary["rows"]:
-        assert r["flagged"] == (r["log_posterior"] < summary["threshold"])
+        g = r["log_posterior"] < summary["threshold"]
+        reg = r["region_score"] < r["region_threshold"]
+        assert r["global_flagged"] == g and r["region_flagged"] == reg
+        assert r["flagged"] == (g or reg)  # flag_policy "either", the shipped default
+        assert r["flagged_by"] == ({(True, True): "both", (True, False): "global", (False, True): "region"}
+                                   .get((g, reg)))
+        assert 0 <= r["region_percentile"] <= 100 and len(r["region_center_mm"]) == 3
+        assert r["region_sop_instance_uid"]
+        # every flagged study's key images are PNGs under demo-out/key_images; an unflagged one has none
+        assert bool(r["key_images"]) == r["flagged"], r
+        for png in r["key_images"]:
+            path = tmp_path / "demo-out" / png
+            assert path.parent.name == "key_images" and path.name.startswith(f"{r['study_uid']}-key-")
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "demo-out/key_images").glob("*.png")) == sorted(
+        Path(png).name for r in summary["rows"] for png in r["key_images"])
     cfg = (tmp_path / "demo-out/config.toml").read_text()
     assert f"port = {summary['ports']['dicom']}" in cfg and "quiet_seconds = 2.0" in cfg
     # The daemon was stopped by SIGTERM: its last log line says so.
@@ -67,6 +95,66 @@ def test_quick_demo_runs_end_to_end_and_reuses_its_work(tmp_path: Path) -> None:
         assert f"{name}: reusing" in second.stdout
     assert "reusing model set" in second.stdout
     assert f"SRs: {n_test} of {n_test} studies" in second.stdout  # a new daemon state, all sent again
+
+
+def test_both_plans_keep_enough_calibration_normals_for_the_region_score() -> None:
+    assert QUICK.calibration >= MIN_REGION_NORMALS and FULL.calibration >= MIN_REGION_NORMALS
+
+
+def test_flagged_by_names_the_scores_the_policy_used_and_auc_of_takes_either_score() -> None:
+    both = {"flagged": True, "global_flagged": True, "region_flagged": True}
+    assert flagged_by({**both, "flag_policy": "either"}) == "both"
+    assert flagged_by({**both, "flag_policy": "global"}) == "global"
+    assert flagged_by({**both, "flag_policy": "region"}) == "region"
+    assert flagged_by({**both, "global_flagged": False, "flag_policy": "either"}) == "region"
+    assert flagged_by({**both, "flagged": False, "flag_policy": "either"}) is None
+    assert flagged_by({"flagged": True}) == "global"  # a set without a region calibration
+    assert flagged_by({}) is None
+    rows = [{"abnormal": True, "log_posterior": -5.0, "region_score": 1.0},
+            {"abnormal": False, "log_posterior": 1.0, "region_score": -1.0},
+            {"abnormal": False, "log_posterior": 2.0, "region_score": None}]
+    assert auc_of(rows) == 1.0 and auc_of(rows, "region_score") == 0.0
+
+
+def _key_image(path: Path, value: int) -> None:
+    """A small RGB Secondary Capture, as the daemon's key images are (no patient data)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = np.full((8, 8, 3), value, np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_write_key_images_makes_pngs_of_the_flagged_studies_newest_generation_only(tmp_path: Path) -> None:
+    from training.demo.results import write_key_images
+
+    root, out = tmp_path / "var", tmp_path / "demo-out"
+    for uid in ("1.2.3", "1.2.4"):
+        (root / "results" / uid).mkdir(parents=True)
+        for name in ("key-1-1.dcm", "key-2-1.dcm", "key-2-2.dcm"):
+            _key_image(root / "results" / uid / name, 40)
+    (out / "key_images").mkdir(parents=True)
+    (out / "key_images" / "stale.png").write_bytes(b"from an earlier run")
+    rows = [{"study_uid": "1.2.3", "flagged": True, "key_images": []},
+            {"study_uid": "1.2.4", "flagged": False, "key_images": []}]
+    folder = write_key_images(rows, root, out)
+    assert folder == out / "key_images"
+    assert rows[0]["key_images"] == ["key_images/1.2.3-key-1.png", "key_images/1.2.3-key-2.png"]
+    assert rows[1]["key_images"] == []  # not flagged: its key images (if any) are not the demo's to show
+    assert sorted(p.name for p in folder.iterdir()) == ["1.2.3-key-1.png", "1.2.3-key-2.png"]
+    assert (folder / "1.2.3-key-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_set_toml_key_changes_one_key_of_one_section_and_keeps_the_rest() -> None:

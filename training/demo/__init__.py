@@ -11,7 +11,8 @@ What it does, in the order a hospital would meet it:
 2. **Models.** M0 and M1 are trained (``training.train.loop``, the ``cpu-small`` preset) on the volumes
    ``training.data.volumes`` builds through ``triage.assemble.volume``;
    ``triage.model.modelset.create_model_set`` sets the
-   operating point on the calibration normals (specificity 0.9, no lesion label used) and the set is
+   operating point on the calibration normals (specificity 0.9, no lesion label used), calibrates the
+   region score on the same normals (both plans keep at least the 3 it needs) and the set is
    promoted in the daemon's registry.
 3. **Peers.** Orthanc stands in for the PACS (a real one, temporary config, own storage), an MLLP
    listener for the RIS (it acknowledges every ORU^R01), and ``triage serve`` runs as a subprocess on
@@ -22,8 +23,11 @@ What it does, in the order a hospital would meet it:
    a PACS auto-routing rule would; the demo polls ``triage status --json`` until every study is
    ``sent`` (or ``rejected``/``failed``).
 5. **Result.** A triage table (most suspicious first) with each study's log p(normal|x), its
-   percentile among the calibration normals, the flag and the truth; the AUC on these studies; where
-   the SRs and HL7 messages went. Everything is then stopped (daemon by SIGTERM).
+   percentile among the calibration normals, its region score (the most abnormal lesion-sized window
+   of the voxel map) and percentile, the flag (under ``[scoring] flag_policy``) and which score raised
+   it, the region's centre in patient mm, and the truth; the AUCs of both scores on these studies; the
+   flagged studies' key images as PNGs under ``demo-out/key_images``; where the SRs and HL7 messages
+   went. Everything is then stopped (daemon by SIGTERM).
 
 Re-running reuses the data, the volume cache, the trained models and the model set when they were made
 with the same plan (``--fresh`` redoes everything); the daemon's state and the PACS are new each run.

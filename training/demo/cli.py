@@ -23,9 +23,11 @@ from training.demo.results import (
     build_rows,
     hl7_priorities,
     print_deliveries,
+    print_key_images,
     print_summary,
     print_table,
     read_truth,
+    write_key_images,
 )
 from training.harness import HarnessError
 
@@ -126,12 +128,17 @@ def run_traffic(
         srs = {u: peers.orthanc.sr_count(u) for u in uids}
         messages = list(peers.mllp.messages)
         rows = build_rows(dc.cfg.storage_root, truth, studies, srs, hl7_priorities(messages, uids))
+        key_dir = write_key_images(rows, dc.cfg.storage_root, out)
         say(
-            "\n[5/5] triage table: most suspicious first (log p(normal|x) in nats; "
-            "pctl: percentile among the calibration normals)"
+            "\n[5/5] triage table: most suspicious first (log p(normal|x) in nats; pctl: percentile among "
+            "the calibration normals;\n      region: the most abnormal lesion-sized window of the voxel map, "
+            "in normal s.d., rpctl its percentile;\n      by: the score(s) under their threshold when "
+            "flagged; region centre: patient LPS mm)"
         )
         print_table(rows)
         result = print_summary(rows, plan)
+        print_key_images(rows, str(key_dir.relative_to(out.parent)))
+        result["key_images_dir"] = str(key_dir)
         print_deliveries(
             rows,
             len(messages),
@@ -174,6 +181,16 @@ def run(args: argparse.Namespace) -> int:
         f"  model set {ms.version}: flag when log p(normal|x) < {op['threshold']:.1f} ({op['method']} on "
         f"the calibration normals)"
     )
+    region = ms.manifest["calibration"].get("region")
+    if region:
+        thr = "(infinite threshold)" if region["threshold"] is None else f"< {region['threshold']:.2f}"
+        wins = "/".join(f"{w:.0f}" for w in region["windows_mm"])
+        say(
+            f"  region score: flag when {thr} (normal s.d., windows {wins} mm; same "
+            f"specificity on the calibration normals); flag_policy {dc.cfg.settings.scoring.flag_policy}"
+        )
+    else:
+        say("  region score: not calibrated (needs >= 3 calibration normals): the global score flags alone")
     _print_config(dc, out)
     code, result = run_traffic(args, out, dc, sets["test"], plan, laps)
 
@@ -185,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
         "models": train_info,
         "model_set": ms.version,
         "threshold": op["threshold"],
+        "region_threshold": (region or {}).get("threshold"),
+        "region_windows_mm": (region or {}).get("windows_mm"),
         "config": str(dc.path),
         "config_changes": dc.changes,
         "ports": dataclasses.asdict(dc.ports),

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from training.demo.plan import DemoError, Plan, say
+from training.demo.plan import MIN_REGION_NORMALS, DemoError, Plan, say
 
 
 def _digest(ids: Sequence[str]) -> str:
@@ -114,8 +114,9 @@ def _progress_lines(name: str, total: int) -> Callable[..., None]:
 
 
 def install_model_set(cfg: Any, m0: Path, m1: Path, calibration: Path, plan: Plan) -> Any:
-    """create_model_set on the calibration normals (specificity rule) and promote it; reused when the
-    current set holds these very models calibrated on this folder."""
+    """create_model_set on the calibration normals (specificity rule; with >= 3 of them also the region
+    score's calibration) and promote it; reused when the current set holds these very models calibrated
+    on this folder (and, where the plan allows one, a region calibration)."""
     from triage.model.modelset import create_model_set
     from triage.model.registry import Registry, RegistryError, sha256_file
 
@@ -131,6 +132,8 @@ def install_model_set(cfg: Any, m0: Path, m1: Path, calibration: Path, plan: Pla
         and cur.manifest["m1_sha256"] == sha256_file(m1)
         and cur.manifest["operating_point"]["method"] == want_method
         and cur.manifest["provenance"]["calibration"]["data"] == str(calibration)
+        # a set made before the region score existed is redone, so the demo shows it
+        and (plan.calibration < MIN_REGION_NORMALS or "region" in cur.manifest["calibration"])
     ):
         say(f"  reusing model set {cur.version}")
         return cur

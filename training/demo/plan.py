@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 MARKER = ".glowtriage-demo"  # in the output folder: --fresh only ever deletes a folder that has it
 SETS = ("normal", "mixture", "calibration", "test")
 TERMINAL = ("sent", "rejected", "failed")
+# triage.model.modelset.region_calibration fits the region score only on at least this many calibration
+# normals (fewer: the set flags by the global score alone); both plans below give at least as many
+MIN_REGION_NORMALS = 3
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class Plan:
     normal: int = 24  # M0's training normals
     mixture_normal: int = 12  # M1's unlabeled mixture
     mixture_abnormal: int = 12
-    calibration: int = 12  # held-out normals: operating point and percentiles
+    calibration: int = 12  # held-out normals: operating points (global and region) and percentiles
     test_normal: int = 10  # the studies sent through the daemon
     test_abnormal: int = 10
     steps: int = 100  # the trunk; M0 and M1 then branch for steps // 2 each (batch of the preset)
@@ -42,7 +45,7 @@ QUICK = Plan(
     normal=4,
     mixture_normal=2,
     mixture_abnormal=2,
-    calibration=3,
+    calibration=MIN_REGION_NORMALS,  # the fewest that still calibrate the region score
     test_normal=2,
     test_abnormal=2,
     steps=20,
