@@ -570,22 +570,43 @@ def _parser() -> argparse.ArgumentParser:
                    help="write localizer/bone/thin/reformat/dose series too (exercises series selection; "
                         "~3x slower synthesis)")
     p.add_argument("--slab-samples", type=int, default=d.slab_samples)
-    p.add_argument("--workers", type=int, default=d.workers, help="processes decoding DICOM")
+    p.add_argument("--workers", type=int,
+                   help=f"processes writing and decoding DICOM (default {d.workers}, or the preset's)")
     p.add_argument("--bootstrap", type=int, help=f"bootstrap resamples for AUC CIs (default {d.bootstrap})")
     p.add_argument("--quick", action="store_true",
                    help="a few-minute smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     return p
 
 
+def preset_recipe(preset: str) -> dict[str, int]:
+    """The experiment sizes a preset names (``experiment_*`` keys of presets.toml), for machines whose
+    speed differs from the CPU defaults' by orders of magnitude (``paper-bct`` on one GPU)."""
+    from training.presets import preset as preset_keys
+
+    try:
+        keys = preset_keys(preset)
+    except KeyError:
+        return {}
+    return {k.removeprefix("experiment_"): int(v) for k, v in keys.items()
+            if k.startswith("experiment_") and k.removeprefix("experiment_") in _RECIPE_KEYS}
+
+
+_RECIPE_KEYS = ("normal_train", "mixture_train", "test", "steps", "branch_steps", "workers")
+
+
 def plan_from_args(a: argparse.Namespace) -> Plan:
-    base = {**Plan().__dict__, **(QUICK if a.quick else {})}
+    base = {**Plan().__dict__, **({} if a.quick else preset_recipe(a.preset)), **(QUICK if a.quick else {})}
     for key in ("normal_train", "mixture_train", "test", "steps", "branch_steps", "bootstrap",
                 "calibration_fraction"):
         v = getattr(a, key)
         if v is not None:
             base[key] = v
     base.update(preset=a.preset, seed=a.seed, m1_init=a.m1_init, compare_scratch=a.compare_scratch,
-                distractors=a.distractors, slab_samples=a.slab_samples, workers=a.workers)
+                distractors=a.distractors, slab_samples=a.slab_samples)
+    if a.workers is not None:
+        base["workers"] = a.workers
+    elif base["workers"] <= 0:  # the recipe's 0: every core of this machine
+        base["workers"] = os.cpu_count() or 1
     return Plan(**base)
 
 

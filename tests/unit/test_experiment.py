@@ -171,3 +171,17 @@ def test_bad_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--steps must be >= 1" in capsys.readouterr().err
     quick = ex.plan_from_args(ex._parser().parse_args(["--out", "x", "--quick", "--steps", "9"]))
     assert quick.normal_train == ex.QUICK["normal_train"] and quick.steps == 9
+
+
+def test_a_preset_can_size_its_own_experiment() -> None:
+    """paper-bct names GPU-sized experiment steps and every core for synthesis; the CLI still wins."""
+    import os
+
+    plan = ex.plan_from_args(ex._parser().parse_args(["--out", "x", "--preset", "paper-bct"]))
+    assert (plan.steps, plan.branch_steps, plan.normal_train) == (1200, 600, 160)
+    assert plan.workers == (os.cpu_count() or 1)
+    plan = ex.plan_from_args(ex._parser().parse_args(["--out", "x", "--preset", "paper-bct", "--steps", "7",
+                                                      "--workers", "3"]))
+    assert (plan.steps, plan.workers) == (7, 3)
+    cpu = ex.plan_from_args(ex._parser().parse_args(["--out", "x"]))
+    assert (cpu.preset, cpu.steps, cpu.workers) == ("cpu-full", ex.Plan().steps, ex.Plan().workers)
