@@ -288,56 +288,14 @@ def build_sr(
         content_datetime = datetime.now()
     when = _local_naive(content_datetime, ordered[0])
 
-    device = DeviceObserverIdentifyingAttributes(
-        uid=model.device_uid,
-        name="glowtriage",
-        manufacturer_name=model.manufacturer,
-        model_name=model.model_name,
-        serial_number=model.version,
-    )
-    context = ObservationContext(
-        observer_device_context=ObserverContext(
-            observer_type=codes.cid270.Device, observer_identifying_attributes=device
-        )
-    )
-    finding = ABNORMAL if result.flagged else NORMAL
-    try:
-        sources = [SourceImageForMeasurementGroup.from_source_image(ds) for ds in ordered]
-    except (ValueError, AttributeError) as exc:
-        raise ReportError(
-            f"study {result.study_uid}: a source instance is not an image header: {exc}"
-        ) from None
-    group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            # derived, not random: the tracking UID is part of the bytes that must repeat
-            uid=generate_uid(prefix=UID_PREFIX, entropy_srcs=["glowtriage-tracking", sop_instance_uid]),
-            identifier=TRACKING_IDENTIFIER,
-        ),
-        algorithm_id=_algorithm(model),
-        finding_sites=[FindingSite(HEAD)],
-        measurements=_measurements(result),
-        qualitative_evaluations=[QualitativeEvaluation(NORMALITY, finding)],
-        source_images=sources,
-    )
+    group = _triage_group(result, ordered, model, sop_instance_uid)
     region = _region_group(result, ordered, model, sop_instance_uid, key_images)
     report = MeasurementReport(
-        observation_context=context,
+        observation_context=_observation_context(model),
         procedure_reported=CT_OF_HEAD,
         imaging_measurements=[group, *([region] if region is not None else [])],
     )
-    equipment = ContributingEquipment(
-        manufacturer=model.manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,  # DCM 109102, CID 7005
-        manufacturer_model_name=model.model_name,
-        software_versions=[model.software_version, model.version],
-        device_serial_number=model.version,
-        contribution_datetime=when,
-        contribution_description=(  # ST, at most 1024 characters; assembly warnings (issue 11) appended
-            "Normality score of the source series (AI triage aid, not a diagnosis)"
-            + ("; assembly warnings: " + "; ".join(result.warnings) if result.warnings else "")
-        )[:1024],
-    )
-    equipment.DeviceUID = model.device_uid  # type 3 in the current SOP Common module (see report)
+    equipment = _equipment(result, model, when)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_PN_WARNING, category=UserWarning)
@@ -371,11 +329,73 @@ def build_sr(
             )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ReportError(f"study {result.study_uid}: cannot build the SR: {exc}") from None
-    # highdicom stamps these with datetime.now(); pin them so a rebuilt SR is byte-identical.
+    _pin_clock(sr, model, when)
+    return sr
+
+
+def _observation_context(model: ModelSetInfo) -> ObservationContext:
+    """The algorithm as the device observer (TID 1004), identified by the model set's Device UID."""
+    device = DeviceObserverIdentifyingAttributes(
+        uid=model.device_uid,
+        name="glowtriage",
+        manufacturer_name=model.manufacturer,
+        model_name=model.model_name,
+        serial_number=model.version,
+    )
+    return ObservationContext(
+        observer_device_context=ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _triage_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetInfo,
+                  sop_instance_uid: str) -> MeasurementsAndQualitativeEvaluations:
+    """The whole-study group: the scores, the normal/abnormal finding and every source image."""
+    finding = ABNORMAL if result.flagged else NORMAL
+    try:
+        sources = [SourceImageForMeasurementGroup.from_source_image(ds) for ds in ordered]
+    except (ValueError, AttributeError) as exc:
+        raise ReportError(
+            f"study {result.study_uid}: a source instance is not an image header: {exc}"
+        ) from None
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            # derived, not random: the tracking UID is part of the bytes that must repeat
+            uid=generate_uid(prefix=UID_PREFIX, entropy_srcs=["glowtriage-tracking", sop_instance_uid]),
+            identifier=TRACKING_IDENTIFIER,
+        ),
+        algorithm_id=_algorithm(model),
+        finding_sites=[FindingSite(HEAD)],
+        measurements=_measurements(result),
+        qualitative_evaluations=[QualitativeEvaluation(NORMALITY, finding)],
+        source_images=sources,
+    )
+
+
+def _equipment(result: ScoreResult, model: ModelSetInfo, when: datetime) -> ContributingEquipment:
+    """Contributing Equipment (Processing Equipment) carrying the model set's Device UID."""
+    equipment = ContributingEquipment(
+        manufacturer=model.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,  # DCM 109102, CID 7005
+        manufacturer_model_name=model.model_name,
+        software_versions=[model.software_version, model.version],
+        device_serial_number=model.version,
+        contribution_datetime=when,
+        contribution_description=(  # ST, at most 1024 characters; assembly warnings (issue 11) appended
+            "Normality score of the source series (AI triage aid, not a diagnosis)"
+            + ("; assembly warnings: " + "; ".join(result.warnings) if result.warnings else "")
+        )[:1024],
+    )
+    equipment.DeviceUID = model.device_uid  # type 3 in the current SOP Common module (see report)
+    return equipment
+
+
+def _pin_clock(sr: Dataset, model: ModelSetInfo, when: datetime) -> None:
+    """highdicom stamps these with datetime.now(); pin them so a rebuilt SR is byte-identical."""
     sr.DeviceUID = model.device_uid  # General Equipment: this SR's "device" is the model set
     sr.InstanceCreationDate = DA(when.date())
     sr.InstanceCreationTime = TM(when.time())
     for item in sr.ContributingEquipmentSequence:
         if item.get("ManufacturerModelName") == "highdicom":
             item.ContributionDateTime = DT(when)
-    return sr
