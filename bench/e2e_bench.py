@@ -21,9 +21,15 @@ complete one after the other and queue for the scorer, so the tail shows queuein
 
 The model set is a random-weights ``cpu-small`` pair with ActNorm initialised on a few volumes: the
 time a flow takes does not depend on its weights, so no training is needed to measure speed (the
-scores themselves mean nothing here). Beside the latency the table gives the model's own inference
-time per study: the daemon's ``glowtriage_inference_seconds`` (mean, both flows) and a direct
-``ModelPair.log_likelihoods`` timing in this process after the daemon has stopped.
+scores themselves mean nothing here). It keeps a region calibration (issue 12:
+``triage.model.modelset.region_calibration`` on those volumes, as ``create_model_set`` does on the
+calibration normals), so the daemon runs the path a real set runs: both voxel maps, the region score,
+and key images for the studies it flags (``flag_policy`` "either", the shipped default). Beside the
+latency the table gives the model's own inference time per study: the daemon's
+``glowtriage_inference_seconds`` (mean), a direct ``ModelPair.log_likelihoods`` timing, and the cost of
+the map: ``Scorer.score`` on the same volumes in this process, with the region calibration (maps,
+region score, centre; "either") and without it (the global score alone; "global"), interleaved, after
+the daemon has stopped. Issue 12's target: with the map within 1.3x of the global score alone.
 
     python bench/e2e_bench.py [--studies 24] [--out bench/results/e2e.json] [--work DIR]
 """
@@ -90,9 +96,11 @@ def make_studies(work: Path, n: int) -> dict[str, Path]:
     return sets
 
 
-def random_model_set(work: Path, root: Path, sample: Path) -> tuple[str, list[np.ndarray]]:
-    """A cpu-small M0/M1 pair with random weights, ActNorm initialised on a few real volumes, registered
-    and promoted under ``root/models``; returns (version, the volumes used)."""
+def random_model_set(work: Path, root: Path, samples: list[Path]) -> tuple[Any, Any, list[Any]]:
+    """A cpu-small M0/M1 pair with random weights, ActNorm initialised on the volumes of ``samples``
+    (study folders), registered twice under ``root/models``: with a region calibration on those volumes
+    (promoted: the daemon's) and without one (the global score alone, for the scoring-time comparison).
+    Returns (the region set, the global-only set, the assembled volumes)."""
     import torch
 
     from training.presets import config_from_preset
@@ -101,14 +109,13 @@ def random_model_set(work: Path, root: Path, sample: Path) -> tuple[str, list[np
     from triage.assemble.volume import PREPROCESSING_VERSION
     from triage.config import AssemblySettings
     from triage.model.glow import Glow, fit_to_shape
+    from triage.model.modelset import region_calibration
     from triage.model.registry import Registry
     from triage.model.score import ModelPair, pick_device
 
-    vols = [st.volume.data for st in folder_studies([sample], AssemblySettings()) if st.volume is not None][
-        :4
-    ]
+    vols = [st.volume for st in folder_studies(samples, AssemblySettings()) if st.volume is not None][:4]
     cfg = config_from_preset(PRESET)
-    x = torch.cat([fit_to_shape(torch.from_numpy(v)[None, None], cfg.image_shape) for v in vols])
+    x = torch.cat([fit_to_shape(torch.from_numpy(v.data)[None, None], cfg.image_shape) for v in vols])
     paths = []
     for role, seed in (("m0", 0), ("m1", 1)):
         torch.manual_seed(seed)
@@ -120,21 +127,73 @@ def random_model_set(work: Path, root: Path, sample: Path) -> tuple[str, list[np
         g.save(p, extra={"preset": PRESET, "note": "random weights (e2e benchmark)"})
         paths.append(p)
     pair = ModelPair.load(paths[0], paths[1], pick_device("cpu"))
-    post = sorted(float(np.subtract(*pair.log_likelihoods(v))) for v in vols)
+    post = sorted(float(np.subtract(*pair.log_likelihoods(v.data))) for v in vols)
+    threshold = post[len(post) // 2]
     reg = Registry(root / "models")
-    s = reg.create(
-        paths[0],
-        paths[1],
-        preset=PRESET,
-        preprocessing_version=PREPROCESSING_VERSION,
-        threshold=post[len(post) // 2],
-        method="bench: random weights",
-        normal_scores=post,
-        provenance={"note": "random weights; speed only"},
-        software_version=__version__,
+    common: dict[str, Any] = {
+        "preset": PRESET,
+        "preprocessing_version": PREPROCESSING_VERSION,
+        "threshold": threshold,
+        "method": "bench: random weights",
+        "normal_scores": post,
+        "software_version": __version__,
+    }
+    region = region_calibration(pair, [v.data for v in vols], threshold, post, reg.root)
+    if region is None:
+        raise SystemExit(f"no region calibration on {len(vols)} volumes (needs >= 3): use more --studies")
+    with_region = reg.create(
+        paths[0], paths[1], provenance={"note": "random weights; speed only; region calibration"},
+        calibration_extra={"region": region}, **common,
     )
-    reg.promote(s.version, reason="e2e benchmark")
-    return s.version, vols
+    global_only = reg.create(
+        paths[0], paths[1], provenance={"note": "random weights; speed only; global score alone"}, **common
+    )
+    reg.promote(with_region.version, reason="e2e benchmark")
+    return with_region, global_only, vols
+
+
+def scoring_with_and_without_map(with_region: Any, global_only: Any, vols: list[Any],
+                                 repeat: int = 3) -> dict[str, Any]:
+    """Seconds per volume of ``Scorer.score`` with the region calibration (both voxel maps, the region
+    score and its centre; flag_policy "either") and without it (log_prob only; "global"), on the same
+    volumes in this process, interleaved so that other load on the machine hits both alike. Medians over
+    ``repeat`` passes of every volume, after one warm-up volume each (oneDNN compiles on first use)."""
+    from triage.model.score import Scorer, VolumeInput
+
+    scorers = {
+        "global": Scorer(global_only, device="cpu", flag_policy="global"),
+        "with_map": Scorer(with_region, device="cpu", flag_policy="either"),
+    }
+    items = [VolumeInput(v.study_uid, v.series_uid, v.data, v.metadata()) for v in vols]
+    for sc in scorers.values():
+        sc.score(items[:1])
+    times: dict[str, list[float]] = {k: [] for k in scorers}
+    for _ in range(repeat):
+        for it in items:
+            for name, sc in scorers.items():
+                t0 = time.perf_counter()
+                res = sc.score([it])[0]
+                times[name].append(time.perf_counter() - t0)
+                if name == "with_map" and res.region_score is None:
+                    raise SystemExit("the region set scored without a region: the comparison would be void")
+    return {**map_ratio(times["global"], times["with_map"]), "volumes": len(items), "repeat": repeat}
+
+
+def map_ratio(global_s: list[float], with_map_s: list[float]) -> dict[str, Any]:
+    """The with-map / global-alone figures from interleaved samples (``with_map_s[i]`` ran right after
+    ``global_s[i]``, on the same volume). Three views, because on a shared machine the load moves by
+    more than the effect: the ratio of the medians (the headline), the ratio of the minima (each path at
+    its least disturbed) and the median of the paired ratios (each pair saw about the same load)."""
+    g, m = np.asarray(global_s, float), np.asarray(with_map_s, float)
+    return {
+        "global_s": float(np.median(g)),
+        "with_map_s": float(np.median(m)),
+        "ratio": float(np.median(m) / np.median(g)),
+        "ratio_of_minima": float(m.min() / g.min()),
+        "paired_ratio_median": float(np.median(m / g)),
+        "target_ratio": 1.3,
+        "samples_s": {"global": [round(float(t), 4) for t in g], "with_map": [round(float(t), 4) for t in m]},
+    }
 
 
 def bench_config(work: Path, dicom: int, metrics: int, pacs: int, hl7: int) -> Path:
@@ -316,7 +375,10 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]
 
 
 def print_results(
-    rows: list[dict[str, Any]], inference_daemon: dict[str, Any] | None, inference_direct: float
+    rows: list[dict[str, Any]],
+    inference_daemon: dict[str, Any] | None,
+    inference_direct: float,
+    map_cost: dict[str, Any],
 ) -> None:
     print()
     print(
@@ -335,6 +397,14 @@ def print_results(
     print(
         f"\nmodel inference per study (M0 + M1, {PRESET}, CPU): daemon mean {inf_d}, "
         f"direct ModelPair.log_likelihoods median {inference_direct:.3f} s"
+    )
+    ok = "within" if map_cost["ratio"] <= map_cost["target_ratio"] else "OVER"
+    print(
+        f"scoring per study (Scorer.score, same {map_cost['volumes']} volumes x {map_cost['repeat']}, "
+        f"interleaved): global score alone {map_cost['global_s']:.3f} s, with the voxel maps and region "
+        f"score {map_cost['with_map_s']:.3f} s: {map_cost['ratio']:.2f}x ({ok} the "
+        f"{map_cost['target_ratio']:g}x target; ratio of minima {map_cost['ratio_of_minima']:.2f}x, "
+        f"median paired ratio {map_cost['paired_ratio_median']:.2f}x)"
     )
     print(
         "latency = assemblies.complete_at -> outbox.sent_at of the PACS SR (Orthanc's C-STORE success); "
@@ -366,18 +436,27 @@ def main(argv: list[str] | None = None) -> int:
     sets = make_studies(work, args.studies)
     print(f"  synthetic studies written in {time.perf_counter() - t0:.0f} s", flush=True)
     root = work / "var"
-    version, vols = random_model_set(work, root, sets["sequential"] / "study_0000")
+    samples = sorted(p for d in sets.values() for p in d.glob("study_*"))[:4]
+    with_region, global_only, volumes = random_model_set(work, root, samples)
+    version = with_region.version
     ports = {k: free_port() for k in ("dicom", "metrics", "pacs", "hl7", "http")}
     results, inference_daemon = measure(work, sets, ports)
+    vols = [v.data for v in volumes]
     inference_direct = direct_inference(work, vols)
+    map_cost = scoring_with_and_without_map(with_region, global_only, volumes)
+    key_images = len(list((root / "results").glob("*/key-*.dcm")))
 
     rows = summarize(results)
-    print_results(rows, inference_daemon, inference_direct)
+    print_results(rows, inference_daemon, inference_direct, map_cost)
+    print(f"key images written by the daemon for its flagged studies: {key_images}")
 
     result = {
         "benchmark": "e2e",
         "preset": PRESET,
         "model_set": version,
+        "region_calibration": True,
+        "flag_policy": "either (shipped default)",
+        "key_images_written": key_images,
         "weights": "random (ActNorm initialised); speed does not depend on training",
         "studies_per_pattern": args.studies,
         "config": {
@@ -393,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             p: [{k: round(float(v), 4) for k, v in r.items()} for r in lat] for p, lat in results.items()
         },
         "inference_s": {"daemon": inference_daemon, "direct_median": inference_direct},
+        "scoring_map_vs_global": map_cost,
         "host": {
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
