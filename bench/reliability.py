@@ -17,8 +17,11 @@ Cases (full size / ``--small``, which is what tests/integration/test_reliability
 * statedb: state.db corrupt and lost: the daemon refuses to start naming the file and the command,
   ``triage store rebuild`` restores the index, 0 acknowledged lost.
 
-Not here (yet): PACS/RIS outage with results pending (tests/integration/test_e2e.py covers a PACS outage and
-a restart end to end with a trained model set; a timed 10-minute outage needs the same model fixture).
+* outage: PACS (Orthanc) and RIS (MLLP) down for 600 / 15 s while 50 / 2 studies arrive (a tiny model set
+  trained first): every study ends ``sent`` with exactly one SR and one ORU^R01 after they return.
+
+Not here (yet): ``kill -9`` during scoring and sending; TLS handshakes cut short (the gate's ARTIM covers
+them; the fuzz daemon listens in plain TCP).
 
 Prints a table and writes JSON (default bench/results/reliability[-small].json).
 """
@@ -40,16 +43,30 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from reliability_cases import disk, fuzz, ingest, sockets, statedb  # noqa: E402
+from reliability_cases import disk, fuzz, ingest, outage, sockets, statedb  # noqa: E402
 
 from training.harness.config import write_config  # noqa: E402
 from training.harness.daemon import SERVE, TriageProcess  # noqa: E402
 from training.harness.ports import free_port  # noqa: E402
 from training.harness.series import write_ct_series  # noqa: E402
 
-FULL = {"idle": 200, "kill_cycles": 50, "fuzz_pdu": 50_000, "fuzz_dataset": 50_000, "load": (20, 500)}
-SMALL = {"idle": 200, "kill_cycles": 3, "fuzz_pdu": 200, "fuzz_dataset": 200, "load": (4, 25)}
-CASES = ("idle", "kill", "fuzz", "load", "disk", "statedb")
+FULL = {
+    "idle": 200,
+    "kill_cycles": 50,
+    "fuzz_pdu": 50_000,
+    "fuzz_dataset": 50_000,
+    "load": (20, 500),
+    "outage": (50, 600.0),
+}
+SMALL = {
+    "idle": 200,
+    "kill_cycles": 3,
+    "fuzz_pdu": 200,
+    "fuzz_dataset": 200,
+    "load": (4, 25),
+    "outage": (2, 15.0),
+}
+CASES = ("idle", "kill", "fuzz", "load", "disk", "statedb", "outage")
 
 
 class Daemon:
@@ -225,6 +242,23 @@ def run_statedb(work: Path, size: dict[str, Any]) -> dict[str, Any]:
     return {"ok": ok, "figures": figures, **results}
 
 
+def run_outage(work: Path, size: dict[str, Any]) -> dict[str, Any]:
+    studies, down_s = size["outage"]
+    got = outage.outage_case(work, studies=studies, down_s=down_s)
+    ok = (
+        got["storescu_rc"] == 0
+        and got["results_lost"] == 0
+        and got["results_doubled"] == 0
+        and got["sr_per_study"] == [1]
+        and got["oru_per_study"] == [1]
+    )
+    figures = (
+        f"{studies} studies during {down_s:.0f} s down: {got['results_lost']} lost, "
+        f"{got['results_doubled']} doubled, all delivered {got['delivered_after_return_s']} s after return"
+    )
+    return {"ok": ok, "figures": figures, **got}
+
+
 RUNNERS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
     "idle": run_idle,
     "kill": run_kill,
@@ -232,6 +266,7 @@ RUNNERS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
     "load": run_load,
     "disk": run_disk,
     "statedb": run_statedb,
+    "outage": run_outage,
 }
 
 

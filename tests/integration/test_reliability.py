@@ -161,3 +161,15 @@ def test_daytime_alert_follows_the_site_time_zone_with_daylight_saving() -> None
     done = subprocess.run([tool, "test", "rules", "alerts_tz_test.yml"], cwd=REPO / "deploy" / "prometheus",
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@integration
+def test_pacs_and_ris_down_while_studies_arrive_then_every_result_delivered_once(tmp_path: Path) -> None:
+    from reliability_cases.outage import outage_case
+
+    got = outage_case(tmp_path / "outage", studies=2, down_s=10.0)
+    assert got["storescu_rc"] == 0, got
+    assert got["retries_while_down"] > 0, got  # the outbox really tried while they were down
+    assert got["results_lost"] == 0 and got["results_doubled"] == 0, got
+    assert got["sr_per_study"] == [1] and got["oru_per_study"] == [1], got
+    assert got["delivered_after_return_s"] < 120, got

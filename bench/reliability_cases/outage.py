@@ -1,0 +1,138 @@
+"""PACS and RIS down while studies arrive, then back: every result is delivered after they return,
+exactly once (one SR per study in Orthanc, one ORU^R01 per study at the RIS), within the back-off bound.
+
+The daemon runs as deployed (``triage serve``) with a tiny model set trained here (test-tiny preset on
+synthetic studies, as the end-to-end test does): this case checks the outbox, not the model.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from training.harness.config import write_config
+from training.harness.daemon import TriageProcess
+from training.harness.mllp import MLLPListener
+from training.harness.orthanc import Orthanc
+from training.harness.ports import free_port
+from training.harness.process import stop_all, wait_for
+from training.harness.storescu import storescu
+
+
+def tiny_model_set(work: Path, root: Path) -> str:
+    """Train M0/M1 (test-tiny, 30 steps) on 5 synthetic studies and promote them under ``root``."""
+    from training.synth import SynthOptions, write_dataset
+    from training.train.loop import VolumeSet, train
+    from triage.assemble.volume import assemble_study, group_studies, read_headers
+    from triage.config import AssemblySettings
+    from triage.model.registry import Registry
+
+    train_dir = work / "train"
+    write_dataset(train_dir, normal=3, abnormal=2, seed=11, options=SynthOptions(distractors=False))
+    headers, _ = read_headers(p for p in train_dir.rglob("*.dcm"))
+    vols = {}
+    for uid, series in group_studies(headers).items():
+        _sel, vol = assemble_study(series, AssemblySettings())
+        if vol is not None:
+            vols[uid] = vol.data
+    labels = dict(ln.split(",")[:2] for ln in (train_dir / "labels.csv").read_text().splitlines()[1:])
+    normals = [v for uid, v in vols.items() if labels.get(uid) == "normal"]
+    m0, m1 = work / "m0.pt", work / "m1.pt"
+    train(
+        VolumeSet(normals, [f"n{i}" for i in range(len(normals))]),
+        "test-tiny",
+        m0,
+        role="normal",
+        steps=30,
+        progress=False,
+    )
+    mixture = list(vols.values())
+    train(
+        VolumeSet(mixture, [f"m{i}" for i in range(len(mixture))]),
+        "test-tiny",
+        m1,
+        role="mixture",
+        steps=30,
+        progress=False,
+    )
+    reg = Registry(root / "models")
+    s = reg.create(
+        m0,
+        m1,
+        preset="test-tiny",
+        preprocessing_version="assemble-1",
+        threshold=0.0,
+        method="reliability bench: plumbing only",
+        normal_scores=[-1.0, 1.0],
+        provenance={},
+        software_version="bench",
+    )
+    reg.promote(s.version)
+    return str(s.version)
+
+
+def outage_case(
+    work: Path, *, studies: int, down_s: float, deliver_within_s: float = 120.0
+) -> dict[str, Any]:
+    """Studies arrive while the PACS (Orthanc) and the RIS (MLLP) are down for ``down_s``; then both
+    come back and every study must end ``sent`` with exactly one SR and one ORU."""
+    from training.synth import write_dataset
+
+    work.mkdir(parents=True, exist_ok=True)
+    root = work / "var"
+    version = tiny_model_set(work, root)
+    test_dir = work / "studies"
+    truths = write_dataset(test_dir, normal=studies - studies // 2, abnormal=studies // 2, seed=23)
+    study_uids = {t.study_uid for t in truths}
+    dicom_port, hl7_port = free_port(), free_port()
+    orthanc = Orthanc(work / "orthanc", name="reliability")
+    cfg = write_config(
+        work / "config.toml",
+        {
+            "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": dicom_port},
+            "storage": {"root": str(root), "min_free_mb": 1},
+            "assembly": {"quiet_seconds": 3.0, "force_seconds": 120.0},
+            "scoring": {"device": "cpu"},
+            "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+            "hl7": {"enabled": True, "host": "127.0.0.1", "port": hl7_port},
+            "outbox": {"max_attempts": 1000, "backoff_initial_s": 1.0, "backoff_max_s": 10.0, "poll_s": 0.5},
+            "metrics": {"enabled": False},
+            "logging": {"level": "info", "format": "json"},
+        },
+    )
+    daemon = TriageProcess(cfg, work / "daemon.log", start_timeout=120, stop_grace=30)
+    mllp: MLLPListener | None = None
+    out: dict[str, Any] = {"studies": studies, "down_s": down_s, "model_set": version}
+    try:
+        daemon.start()  # PACS and RIS are down from the start
+        t_down = time.monotonic()
+        done = storescu(dicom_port, sorted(test_dir.rglob("*.dcm")), timeout=1800)
+        out["storescu_rc"] = done.returncode
+        time.sleep(max(0.0, down_s - (time.monotonic() - t_down)))
+        retries = daemon.log_text().count('"event": "outbox_retry"')
+        out["retries_while_down"] = retries
+        orthanc.start(timeout=60)
+        mllp = MLLPListener(port=hl7_port)
+        t_up = time.monotonic()
+
+        def all_sent() -> bool:
+            st = daemon.status(timeout=60)
+            states = {s["study_uid"]: s["state"] for s in st["studies"]}
+            return study_uids <= set(states) and all(states[u] == "sent" for u in study_uids)
+
+        wait_for(all_sent, deliver_within_s + 60, "every study sent")
+        out["delivered_after_return_s"] = round(time.monotonic() - t_up, 1)
+        oru: dict[str, int] = {}
+        for text in mllp.messages:
+            for uid in study_uids:
+                if uid in text:
+                    oru[uid] = oru.get(uid, 0) + 1
+        srs = {uid: orthanc.sr_count(uid) for uid in study_uids}
+        out["sr_per_study"] = sorted(set(srs.values()))
+        out["oru_per_study"] = sorted({oru.get(u, 0) for u in study_uids})
+        out["results_lost"] = sum(1 for u in study_uids if srs[u] == 0 or oru.get(u, 0) == 0)
+        out["results_doubled"] = sum(1 for u in study_uids if srs[u] > 1 or oru.get(u, 0) > 1)
+    finally:
+        stop_all(mllp, orthanc, daemon)
+    return out
