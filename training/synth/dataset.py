@@ -96,7 +96,7 @@ def _fraction(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``training synth``: write a synthetic labelled head-CT dataset."""
+    """``training synth``: write a synthetic labelled head-CT (or, ``--kind cxr``, chest) dataset."""
     p = argparse.ArgumentParser(prog="training synth",
                                 description="Synthetic head-CT studies written as real DICOM.")  # fmt: skip
     frac = "fraction of studies (0-1) whose primary series gets this hard case"
@@ -128,9 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matrix", choices=["256", "512", "mixed"], default="256")
     p.add_argument("--no-distractors", action="store_true", help="write only the primary series")
     p.add_argument("--slab-samples", type=int, default=3, help="samples across thickness (1: fast)")
+    p.add_argument("--kind", choices=["ct", "cxr"], default="ct",
+                   help="ct: head-CT studies (the options above); cxr: chest radiographs (CR/DX)")
+    p.add_argument("--lateral-fraction", type=_fraction, default=0.4,
+                   help="cxr: fraction of studies with a lateral view beside the frontal one")
+    p.add_argument("--synth-scale", type=float, default=1.0,
+                   help="cxr: divide the devices' matrices by this (3: ~700 px images, fast)")
     a = p.parse_args(argv)
     if a.normal < 0 or a.abnormal < 0 or a.stray_instances < 0:
         p.error("--normal/--abnormal/--stray-instances must be >= 0")
+    if a.kind == "cxr":
+        from training.synth.cxr_dicom import write_cxr_dataset
+
+        cx = write_cxr_dataset(a.out, a.normal, a.abnormal, a.seed, lateral_fraction=a.lateral_fraction,
+                               synth_scale=a.synth_scale)  # fmt: skip
+        print(f"wrote {len(cx)} chest radiograph studies ({sum(t.label == 'normal' for t in cx)} normal, "
+              f"{sum(t.label == 'abnormal' for t in cx)} abnormal) to {a.out}")  # fmt: skip
+        return 0
     opts = SynthOptions(
         matrix=a.matrix if a.matrix == "mixed" else int(a.matrix),
         tilt_fraction=a.tilt_fraction,
