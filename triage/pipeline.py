@@ -21,7 +21,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from triage.assemble.volume import VolumeError, assemble_study, load_volume, read_header, save_volume
+from triage.assemble.radiograph import assemble_by_kind, load_assembled
+from triage.assemble.volume import VolumeError, read_header, save_volume
 from triage.config import Config
 from triage.model.registry import UID_PREFIX
 from triage.model.results import ModelSetInfo, ScoreResult
@@ -89,7 +90,7 @@ def _assemble_study(store: Store, cfg: Config, study_uid: str, all_series: list)
                 log.warning("header_unreadable", study_uid=study_uid, series_uid=s.series_uid,
                             sop_instance_uid=inst.sop_uid, reason=str(exc))
         headers[s.series_uid] = hs
-    sel, vol = assemble_study(headers, rules)
+    sel, vol = assemble_by_kind(headers, rules)  # head CT or chest radiograph, by the study's images
     for uid, why in sel.skipped.items():
         METRICS.series_skipped(sel.categories.get(uid, "other"))
         store.set_series_state(uid, "skipped", reason=why, expected_generation=generations[uid])
@@ -121,7 +122,7 @@ def score_assembled(store: Store, scorer: Scorer, limit: int = 16) -> int:
             store.set_study_state(study.study_uid, "failed", reason="assembled without a recorded volume")
             continue
         try:
-            vol = load_volume(asm.volume_path)
+            vol = load_assembled(asm.volume_path)
         except VolumeError as exc:
             store.set_study_state(study.study_uid, "failed", reason=str(exc))
             continue

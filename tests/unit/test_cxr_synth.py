@@ -64,6 +64,10 @@ def test_vendors_cover_the_header_habits(tmp_path: Path) -> None:
 
 
 def test_dataset_labels_are_read_by_the_one_reader(tmp_path: Path) -> None:
+    from training.synth.cxr_dicom import CXR_LABEL_COLUMNS
+    from training.synth.dataset import LABEL_COLUMNS
+
+    assert CXR_LABEL_COLUMNS == LABEL_COLUMNS
     rows = write_cxr_dataset(tmp_path / "a", 2, 5, seed=3, synth_scale=8)
     labels = read_labels(tmp_path / "a" / "labels.csv")
     assert len(labels) == 7 and sum(lb.abnormal for lb in labels.values()) == 5

@@ -68,6 +68,9 @@ CXR_VENDORS = (
               (2500, 2500), "none", True, True, True),
 )
 
+# the head-CT columns (training.synth.dataset.LABEL_COLUMNS; a test holds them equal: that module imports
+# this one for --kind cxr, so importing it back would be a cycle)
+CXR_LABEL_COLUMNS = ("study_uid", "label", "lesion", "lesion_x", "lesion_y", "lesion_z", "kind", "patterns")
 SYNTH_SPACING_MM = 1.0  # anatomy is drawn at 1 mm and upsampled to the device matrix
 DETECTOR_MM = 430.0
 
@@ -246,8 +249,6 @@ def write_cxr_dataset(out: Path, normal: int, abnormal: int, seed: int, *, later
                       synth_scale: float = 1.0) -> list[CxrTruth]:  # fmt: skip
     """``normal + abnormal`` studies (abnormal kinds in turn over :data:`CXR_LESIONS`, order shuffled),
     ``labels.csv`` (head-CT columns) and ``truth.jsonl``. Study ``i`` has its own generator (seed, i)."""
-    from training.synth.dataset import LABEL_COLUMNS
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lesions: list[str | None] = [None] * normal + [CXR_LESIONS[j % len(CXR_LESIONS)] for j in range(abnormal)]
@@ -259,7 +260,7 @@ def write_cxr_dataset(out: Path, normal: int, abnormal: int, seed: int, *, later
                                     lateral_fraction=lateral_fraction, synth_scale=synth_scale))  # fmt: skip
     with (out / "labels.csv").open("w", newline="") as fh:
         wr = csv.writer(fh)
-        wr.writerow(LABEL_COLUMNS)
+        wr.writerow(CXR_LABEL_COLUMNS)
         for t in rows:
             xy = [f"{t.lesion_px[0]:.1f}", f"{t.lesion_px[1]:.1f}"] if t.lesion_px else ["", ""]
             wr.writerow([t.study_uid, t.label, t.lesion, *xy, "", t.kind, ""])

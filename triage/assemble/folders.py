@@ -2,7 +2,8 @@
 
 The daemon gets its volumes from the store; these commands get them from folders of DICOM files
 (searched recursively) or of volumes already built (.npz from ``save_volume``). Both go through
-``triage.assemble.volume`` so an offline score equals the daemon's score for the same study.
+``triage.assemble.volume`` (head CT) or ``triage.assemble.radiograph`` (chest radiographs: the study's
+images decide) so an offline score equals the daemon's score for the same study.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from triage.assemble.radiograph import assemble_by_kind, load_assembled
 from triage.assemble.volume import (
     AssembledVolume,
     VolumeError,
-    assemble_study,
     group_studies,
-    load_volume,
     read_headers,
 )
 from triage.config import AssemblySettings
@@ -54,7 +54,7 @@ def folder_studies(paths: Sequence[str | Path], rules: AssemblySettings) -> Iter
     dicom = [f for f in files if f.suffix != ".npz" and f.name not in ("labels.csv", "truth.jsonl")]
     for f in npz:
         try:
-            vol = load_volume(f)
+            vol = load_assembled(f)
         except VolumeError as exc:
             yield FolderStudy(study_uid=f.stem, series_uid=None, volume=None, reason=str(exc))
             continue
@@ -63,7 +63,7 @@ def folder_studies(paths: Sequence[str | Path], rules: AssemblySettings) -> Iter
     for path, reason in errors.items():
         log.info("file_skipped", file=str(path), reason=reason)
     for study_uid, series in sorted(group_studies(headers).items()):
-        sel, vol = assemble_study(series, rules)
+        sel, vol = assemble_by_kind(series, rules)  # head CT or chest radiograph, by the images
         if vol is None or sel.chosen is None:
             yield FolderStudy(study_uid, None, None, sel.reason or "no usable series")
         else:
