@@ -194,6 +194,10 @@ def resolve_data(
         raise TrainingError(f"{p}: no such file or folder")
     if only and not labels_csv:
         raise TrainingError(f"--only {only} needs --labels CSV (study_uid,label,lesion)")
+    from training.data.images import is_radiograph_source, radiographs_from_folder
+
+    if is_radiograph_source(p):  # PNG/JPEG files or CR/DX studies: the 2-D presets' data
+        return as_volume_set(radiographs_from_folder(p, labels_csv, only), source=str(p))
     if contains_dicom(p):
         cache = Path(cache_dir) if cache_dir else default_cache_dir()
         got = volumes_from_dicom(p, cache, labels=Path(labels_csv) if labels_csv else None, only=only)

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from triage.assemble.radiograph import assemble_by_kind, load_assembled
+from triage.assemble.radiograph import IMAGE_SUFFIXES, assemble_by_kind, image_file_volume, load_assembled
 from triage.assemble.volume import (
     AssembledVolume,
     VolumeError,
@@ -48,10 +48,26 @@ def list_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def folder_studies(paths: Sequence[str | Path], rules: AssemblySettings) -> Iterator[FolderStudy]:
-    """Every study under ``paths``: DICOM files are assembled, .npz volumes are read as they are."""
+    """Every study under ``paths``: DICOM files are assembled, .npz volumes are read as they are, PNG
+    and JPEG files are chest radiographs known by their file name."""
     files = list_files(paths)
     npz = [f for f in files if f.suffix == ".npz"]
-    dicom = [f for f in files if f.suffix != ".npz" and f.name not in ("labels.csv", "truth.jsonl")]
+    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    dicom = [f for f in files if f.suffix != ".npz" and f.suffix.lower() not in IMAGE_SUFFIXES
+             and f.name not in ("labels.csv", "truth.jsonl")]
+    seen: set[str] = set()
+    for f in images:  # plain radiograph files (PNG, JPEG): one study each, known by the file name
+        if f.name in seen:
+            yield FolderStudy(study_uid=f.name, series_uid=None, volume=None,
+                              reason=f"{f}: a second image file of this name (files are known by name)")
+            continue
+        seen.add(f.name)
+        try:
+            img = image_file_volume(f)
+        except VolumeError as exc:
+            yield FolderStudy(study_uid=f.name, series_uid=None, volume=None, reason=str(exc))
+            continue
+        yield FolderStudy(f.name, f.name, img, selection="plain image file")
     for f in npz:
         try:
             vol = load_assembled(f)

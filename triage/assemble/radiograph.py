@@ -63,6 +63,8 @@ __all__ = [
     "assemble_radiograph",
     "canonical_image",
     "frontal_score",
+    "image_file_volume",
+    "image_values",
     "load_assembled",
     "normalize_7bit",
     "study_kind",
@@ -329,6 +331,44 @@ def load_assembled(path: str | os.PathLike[str]) -> AssembledVolume:
         study_uid=meta.get("study_uid", ""), series_uid=meta.get("series_uid", ""),
         sop_instance_uids=list(meta.get("sop_instance_uids", [])),
         preprocessing_version=meta.get("preprocessing_version", ""),
+    )
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def image_values(path: str | os.PathLike[str]) -> np.ndarray:
+    """A PNG or JPEG (8 or 16 bit grey; colour is converted to grey) as display values (float64).
+
+    Public chest datasets are published so (ChestX-ray14 as PNG, CheXpert as JPEG): already windowed
+    and MONOCHROME2-like, i.e. what :func:`displayed_values` makes of a DICOM image.
+    """
+    p = Path(path)
+    try:
+        with Image.open(p) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F", "L"):
+                arr = np.asarray(im)
+            else:
+                arr = np.asarray(im.convert("L"))
+    except (OSError, ValueError) as exc:
+        raise VolumeError(f"{p}: not a readable image ({exc})", "decode") from None
+    if arr.ndim != 2:
+        raise VolumeError(f"{p}: image of shape {arr.shape}, expected one grey plane", "invalid")
+    return arr.astype(np.float64)
+
+
+def image_file_volume(path: str | os.PathLike[str]) -> AssembledVolume:
+    """A plain image file as a scored-ready radiograph; its study is the file name (labels.csv's key)."""
+    p = Path(path)
+    data, info = canonical_image(image_values(p))
+    score = frontal_score(data, info["content_box"])
+    return AssembledVolume(
+        data=data, hu_stats={}, coverage_mm=0.0, warnings=[], zero_fraction=float((data == 0).mean()),
+        source_geometry={"kind": "cxr", "view": "image file", "frontal_score": round(score, 4), **info},
+        grid={"kind": "cxr", "shape": list(RADIOGRAPH_SHAPE), "spacing": [info["mm_per_pixel"]] * 2},
+        study_uid=p.name, series_uid=p.name, sop_instance_uids=[],
+        preprocessing_version=RADIOGRAPH_PREPROCESSING_VERSION,
     )
 
 
