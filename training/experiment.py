@@ -92,7 +92,7 @@ _NOT_TRAINING = ("steps", "branch_steps", "workers", "bootstrap", "montage_k", "
 class Plan:
     """Sizes, steps and seeds of one run; every field is recorded in experiment.json."""
 
-    preset: str = "cpu-full"
+    preset: str = "cpu-small"
     normal_train: int = 320  # normal studies; a calibration_fraction of their patients is held out
     mixture_train: int = 320  # half normal, half abnormal (rounded down), labels sealed away
     test: int = 100  # half normal, half abnormal (the paper's 33 + 33 gives CIs of +-0.13)

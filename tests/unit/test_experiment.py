@@ -184,4 +184,4 @@ def test_a_preset_can_size_its_own_experiment() -> None:
                                                       "--workers", "3"]))
     assert (plan.steps, plan.workers) == (7, 3)
     cpu = ex.plan_from_args(ex._parser().parse_args(["--out", "x"]))
-    assert (cpu.preset, cpu.steps, cpu.workers) == ("cpu-full", ex.Plan().steps, ex.Plan().workers)
+    assert (cpu.preset, cpu.steps, cpu.workers) == ("cpu-small", ex.Plan().steps, ex.Plan().workers)
