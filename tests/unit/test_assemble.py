@@ -258,7 +258,9 @@ def test_head_centroid_is_centred_and_vertex_anchors_the_grid(
     _, vol = reference
     # the table plate (300 HU, whole scan length) must not pull the centroid or the vertex
     assert vol.grid["head_centroid_mm"] == pytest.approx(HEAD_C[:2], abs=1.0)
-    assert vol.grid["vertex_z_mm"] == pytest.approx(HEAD_C[2] + HEAD_AXES[2], abs=2.5)
+    # a bare skull (no scalp): the dome fit puts the vertex 2-3 mm above the bone (on the synthetic head
+    # with a scalp, test_synth_geometry_matches_the_phantom, within half a millimetre of the skin)
+    assert vol.grid["vertex_z_mm"] == pytest.approx(HEAD_C[2] + HEAD_AXES[2], abs=3.0)
     z, y, x = vol.patient_to_index(HEAD_C)
     assert (y, x) == pytest.approx((63.5, 63.5), abs=0.6)
     # slice 0 is the most superior: its centre is the vertex + margin - half a slice
