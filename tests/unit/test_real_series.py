@@ -83,7 +83,7 @@ def test_thin_series_is_averaged_into_slabs_like_a_thick_one(same_head: dict[str
     assert thin.source_geometry["slab_average_slices"] == pytest.approx(4.5 / 0.625, rel=0.02)
     assert thick.source_geometry["slab_average_slices"] == 0.0  # a thick series keeps its own profile
     assert any(w.startswith("interpolated across a 1.25 mm gap") for w in thin.warnings), thin.warnings
-    assert abs(thin.grid["vertex_z_mm"] - thick.grid["vertex_z_mm"]) < 0.5
+    assert abs(thin.grid["vertex_z_mm"] - thick.grid["vertex_z_mm"]) < 0.3
     mad = _head_mad(thick, thin)
     print(f"MAD 0.625 mm vs 5 mm inside the head: {mad:.2f} grey levels")
     assert mad < 2.0
@@ -94,14 +94,21 @@ def test_two_stack_series_is_resampled_and_matches_inside_the_brain(
 ) -> None:
     thick, two = same_head["5mm"], same_head["two-stack"]
     assert any("variable slice spacing (1.14-7.38 mm" in w for w in two.warnings), two.warnings
-    # inside the skull the 7 mm upper stack holds the same tissue; at the vertex its 7 mm slabs are
-    # blurrier than 5 mm ones (information the acquisition does not have), measured and bounded here
+    # the vertex is measured on one common z profile, so the 7 mm slices at the top of the head do not
+    # lift it (they did by 1 mm, which alone cost 2.4 grey levels over the head)
+    assert abs(two.grid["vertex_z_mm"] - thick.grid["vertex_z_mm"]) < 0.3
+    # inside the skull the 7 mm upper stack holds the same tissue. What differs lies within 6 mm of the
+    # skull, mostly under the dome where the upper stack samples a near-horizontal skull every 7.4 mm:
+    # with linear interpolation its z profile has a variance of 13.6 mm^2 (5 mm slices: 6.25, the
+    # canonical slab 5.06), and the brain window (skull 1000 HU, window top 113 HU) shows the skull's
+    # tail several millimetres into the brain. Measured 3.3 over the head (issue 11 asks 2; a pure
+    # 7.4 mm box profile would be 0.3 from the canonical one: the loss is the 7.4 mm sampling).
     brain = ndimage.binary_erosion((thick.data > 20) & (thick.data < 120), iterations=2)
     brain_mad = float(np.abs(thick.data[brain].astype(float) - two.data[brain]).mean())
     head_mad = _head_mad(thick, two)
     print(f"MAD two-stack vs 5 mm: brain {brain_mad:.2f}, whole head {head_mad:.2f} grey levels")
-    assert brain_mad < 2.0
-    assert head_mad < 7.0
+    assert brain_mad < 0.5
+    assert head_mad < 4.0
 
 
 def test_hole_is_refused_naming_both_positions(tmp_path: Path) -> None:
