@@ -52,12 +52,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     _configure_logs(cfg, stream_json=True)
     from triage.assemble.folders import folder_studies
     from triage.model.registry import Registry
-    from triage.model.score import Scorer, ScoringError, VolumeInput
+    from triage.model.score import Scorers, ScoringError, VolumeInput
 
     models = Path(args.models) if args.models else cfg.models_dir
-    try:
-        scorer = Scorer.from_registry(Registry(models), device=args.device or cfg.settings.scoring.device,
-                                      flag_policy=cfg.settings.scoring.flag_policy)
+    try:  # the current set of every kind: head-CT studies and chest radiographs each go to their own
+        scorer = Scorers.from_registry(Registry(models), device=args.device or cfg.settings.scoring.device,
+                                       flag_policy=cfg.settings.scoring.flag_policy)
     except ScoringError as exc:
         print(f"triage score: {exc}", file=sys.stderr)
         return 1
@@ -70,6 +70,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     for st in studies:
         if st.volume is None or st.series_uid is None:
             row: dict[str, Any] = {"study_uid": st.study_uid, "rejected": True, "reason": st.reason}
+        elif not scorer.accepts(st.volume.data):
+            kind = "chest radiograph" if st.volume.data.ndim == 2 else "head CT"
+            row = {"study_uid": st.study_uid, "rejected": True,
+                   "reason": f"no current model set for a {kind} (current: {', '.join(scorer.by_kind)})"}
         else:
             res = scorer.score([VolumeInput(st.study_uid, st.series_uid, st.volume.data,
                                             st.volume.metadata())])[0]
@@ -144,14 +148,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     reg = Registry(Path(args.models) if args.models else cfg.models_dir)
     try:
         if args.action == "list":
-            cur = reg.current()
+            current = {cs.version for cs in reg.currents().values()}  # one current set per kind
             for s in reg.list():
-                mark = "*" if cur and cur.version == s.version else " "
+                mark = "*" if s.version in current else " "
                 op = s.manifest["operating_point"]
-                print(f"{mark} {s.version}  preset={s.manifest['preset']}  threshold={op['threshold']:.3f} "
-                      f"({op['method']})  device_uid={s.manifest['device_uid']}")
+                print(f"{mark} {s.version}  kind={s.kind}  preset={s.manifest['preset']}  "
+                      f"threshold={op['threshold']:.3f} ({op['method']})  "
+                      f"device_uid={s.manifest['device_uid']}")
         elif args.action == "show":
-            s = reg.get(args.version) if args.version else reg.current()
+            s = reg.get(args.version) if args.version else reg.current(args.kind)
             if s is None:
                 print("no current model set", file=sys.stderr)
                 return 1
@@ -162,7 +167,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             s = reg.promote(args.version, reason=args.reason or "manual promote")
             print(f"promoted {s.version}")
         elif args.action == "rollback":
-            s = reg.rollback(reason=args.reason or "manual rollback")
+            s = reg.rollback(reason=args.reason or "manual rollback", kind=args.kind)
             print(f"rolled back to {s.version}")
         elif args.action == "create":
             from triage.model.modelset import create_model_set
@@ -252,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--specificity", type=float, help="create without labels: specificity to keep")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--promote", action="store_true", help="create: make it current")
+    p.add_argument("--kind", choices=["ct", "cxr"], default="ct",
+                   help="show/rollback: which kind's current set (head CT or chest radiograph)")
     p.set_defaults(func=cmd_models)
 
     p = add("store", "rebuild: a new state.db from the spool files (stop the daemon first)")

@@ -19,7 +19,7 @@ import pydicom.config
 
 from triage.config import Config
 from triage.model.registry import Registry, RegistryError
-from triage.model.score import Scorer, ScoringError
+from triage.model.score import Scorer, Scorers, ScoringError
 from triage.ops import systemd
 from triage.ops.logs import get_logger
 from triage.ops.metrics import METRICS, start_http
@@ -45,7 +45,7 @@ class Daemon:
         self.registry = Registry(cfg.models_dir)
         self.stop_event = threading.Event()
         self.receiver: Receiver | None = None
-        self.scorer: Scorer | None = None
+        self.scorer: Scorers | None = None
         self.scorer_error: str | None = None
         self.threads: list[threading.Thread] = []
         self.scheduler = None
@@ -64,28 +64,41 @@ class Daemon:
     def _assemble_step(self) -> int:
         return assemble_due(self.store, self.cfg)
 
-    def _current_scorer(self) -> Scorer | None:
+    def _current_scorer(self) -> Scorers | None:
+        """The current set of every kind (head CT, chest radiograph), reloaded when one changes."""
         try:
-            current = self.registry.current()
+            currents = self.registry.currents()
         except RegistryError as exc:
-            current, reason = None, str(exc)
+            currents, reason = {}, str(exc)
         else:
-            reason = f"no current model set under {self.registry.root}" if current is None else None
-        if current is None:
+            reason = f"no current model set under {self.registry.root}" if not currents else None
+        if not currents:
             self._scoring_unavailable(reason or "no model set")
             return None
-        if self.scorer is None or self.scorer.model_set.version != current.version:
-            try:
-                s = self.cfg.settings.scoring
-                self.scorer = Scorer(current, device=s.device, threads=s.threads, flag_policy=s.flag_policy)
-            except ScoringError as exc:
+        wanted = {k: cs.version for k, cs in currents.items()}
+        if self.scorer is None or self.scorer.versions != wanted:
+            s = self.cfg.settings.scoring
+            loaded: dict[str, Scorer] = {}
+            for kind, cs in currents.items():
+                old = self.scorer.by_kind.get(kind) if self.scorer is not None else None
+                if old is not None and old.info.version == cs.version:
+                    loaded[kind] = old
+                    continue
+                try:
+                    loaded[kind] = Scorer(cs, device=s.device, threads=s.threads, flag_policy=s.flag_policy)
+                except ScoringError as exc:
+                    self._scoring_unavailable(str(exc))
+                    continue
+                info = loaded[kind].info
+                METRICS.model_set_loaded(info.version, info.device_uid, info.preset)
+                log.info("model_set_loaded", version=info.version, device_uid=info.device_uid,
+                         preset=info.preset, kind=kind, device=loaded[kind].device.type)
+            if not loaded:
                 self.scorer = None
-                self._scoring_unavailable(str(exc))
                 return None
-            info = self.scorer.info
-            METRICS.model_set_loaded(info.version, info.device_uid, info.preset)
-            log.info("model_set_loaded", version=info.version, device_uid=info.device_uid,
-                     preset=info.preset, device=self.scorer.device.type)
+            self.scorer = Scorers(loaded, self.registry)
+            if self.scorer.versions != wanted:  # one kind failed to load: try it again next round
+                return self.scorer
             self.scorer_error = None
         return self.scorer
 

@@ -26,7 +26,7 @@ from triage.assemble.volume import VolumeError, read_header, save_volume
 from triage.config import Config
 from triage.model.registry import UID_PREFIX
 from triage.model.results import ModelSetInfo, ScoreResult
-from triage.model.score import Scorer, VolumeInput
+from triage.model.score import Scorer, Scorers, VolumeInput
 from triage.ops.logs import get_logger
 from triage.ops.metrics import METRICS
 from triage.report.hl7 import build_oru
@@ -113,10 +113,14 @@ def _assemble_study(store: Store, cfg: Config, study_uid: str, all_series: list)
 # ------------------------------------------------------------------------------------------ score
 
 
-def score_assembled(store: Store, scorer: Scorer, limit: int = 16) -> int:
+def score_assembled(store: Store, scorer: Scorer | Scorers, limit: int = 16) -> int:
     """Score every assembled study (all waiting ones in one call, models kept resident)."""
     items = []
-    for study in store.studies_in_state("assembled", limit=limit):
+    # a study whose kind (head CT, chest radiograph) has no current set waits in 'assembled': look
+    # further than ``limit`` so that such studies cannot hold back the ones that can be scored
+    for study in store.studies_in_state("assembled", limit=limit * 8):
+        if len(items) >= limit:
+            break
         asm = store.assembly(study.study_uid)
         if asm is None:
             store.set_study_state(study.study_uid, "failed", reason="assembled without a recorded volume")
@@ -125,6 +129,8 @@ def score_assembled(store: Store, scorer: Scorer, limit: int = 16) -> int:
             vol = load_assembled(asm.volume_path)
         except VolumeError as exc:
             store.set_study_state(study.study_uid, "failed", reason=str(exc))
+            continue
+        if not scorer.accepts(vol.data):
             continue
         items.append((asm, VolumeInput(study.study_uid, asm.series_uid, vol.data, vol.metadata())))
     if not items:
@@ -235,7 +241,7 @@ class _Report:
         return build[payload]()
 
 
-def report_scored(store: Store, scorer: Scorer, cfg: Config, limit: int = 16) -> int:
+def report_scored(store: Store, scorer: Scorer | Scorers, cfg: Config, limit: int = 16) -> int:
     """Build SR and HL7 payloads for scored studies and put them in the outbox, then -> reported.
 
     Each planned route becomes one outbox row (kind, destination name, payload files, target); the
@@ -253,7 +259,7 @@ def report_scored(store: Store, scorer: Scorer, cfg: Config, limit: int = 16) ->
         result = ScoreResult(**{k: score[k] for k in ScoreResult.__dataclass_fields__ if k in score})
         paths = [i.path for i in store.series_instances(asm.series_uid)]
         report = _Report(
-            store, cfg, result, scorer.info, paths,
+            store, cfg, result, scorer.info_for(result.model_version), paths,
             [dcmread(p, stop_before_pixels=True) for p in paths], asm.generation,
             (study.study_uid, asm.series_uid, str(asm.generation), result.model_version),
             score["scored_at"],

@@ -31,12 +31,13 @@ import numpy as np
 
 from triage import __version__
 from triage.assemble.folders import folder_studies
+from triage.assemble.radiograph import RADIOGRAPH_PREPROCESSING_VERSION
 from triage.assemble.volume import PREPROCESSING_VERSION
 from triage.config import Config
 from triage.model import labels as labels_csv
 from triage.model.calibrate import threshold_at_specificity, youden
 from triage.model.glow import Glow
-from triage.model.registry import ModelSet, Registry, RegistryError
+from triage.model.registry import ModelSet, Registry, RegistryError, volume_kind
 from triage.model.score import ModelPair, pick_device
 from triage.model.voxelmap import fit_region_calibration, model_spacing_mm, save_region_calibration
 from triage.ops.logs import get_logger
@@ -167,6 +168,7 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
     if g1.cfg.extra.get("preset", preset) != preset:
         raise RegistryError(f"M0 is preset {preset!r} but M1 is {g1.cfg.extra.get('preset')!r}")
     pair = ModelPair(g0, g1, dev)
+    kind = "cxr" if g0.cfg.ndim == 2 else "ct"  # the set's kind follows its models
     posteriors: dict[str, float] = {}
     rejected: dict[str, str] = {}
     lab = read_labels(labels) if labels else None
@@ -176,6 +178,12 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
     for st in folder_studies([data], cfg.settings.assembly):
         if st.volume is None:
             rejected[st.study_uid] = st.reason or "no volume"
+            continue
+        if volume_kind(st.volume.data) != kind:
+            rejected[st.study_uid] = f"not a {'chest radiograph' if kind == 'cxr' else 'head CT'}"
+            continue
+        if kind == "cxr":  # no region score for radiographs (yet): the global score only
+            posteriors[st.study_uid] = float(np.subtract(*pair.log_likelihoods(st.volume.data)))
             continue
         is_normal = lab is None or lab.get(st.study_uid, ("",))[0] == "normal"  # the ones calibrate() keeps
         if is_normal:  # their voxel maps calibrate the region score; the global score is the maps' total
@@ -190,14 +198,16 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
     threshold, method, normals, details = calibrate(posteriors, lab, spec)
     log.info("calibrated", studies=len(posteriors), rejected=len(rejected), method=method,
              threshold=threshold)
-    region = region_calibration(pair, normal_volumes, threshold, normals, reg.root, maps=normal_maps)
+    region = (region_calibration(pair, normal_volumes, threshold, normals, reg.root, maps=normal_maps)
+              if kind == "ct" else None)
     provenance = {
         "m0": getattr(g0, "extra_info", {}),
         "m1": getattr(g1, "extra_info", {}),
         "calibration": {"data": str(data), "labels": str(labels) if labels else None,
                         "studies": len(posteriors), "rejected": len(rejected), **details},
     }
-    return reg.create(m0, m1, preset=preset, preprocessing_version=PREPROCESSING_VERSION,
+    version = PREPROCESSING_VERSION if kind == "ct" else RADIOGRAPH_PREPROCESSING_VERSION
+    return reg.create(m0, m1, preset=preset, preprocessing_version=version, kind=kind,
                       threshold=threshold, method=method, normal_scores=normals, provenance=provenance,
                       software_version=__version__,
                       calibration_extra={"reference_volumes": list(references.values()),

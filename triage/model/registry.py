@@ -34,7 +34,10 @@ from pydicom.uid import generate_uid
 from triage.model.results import ModelSetInfo
 
 MANIFEST = "manifest.json"
-CURRENT = "current"
+CURRENT = "current"  # the head-CT set's pointer (the name it always had); other kinds: current-<kind>
+KINDS = ("ct", "cxr")  # head CT, chest radiograph: one current set each
+CXR_MODEL_NAME = "glowtriage chest-radiograph normality (Glow M0/M1)"
+DEFAULT_KIND = "ct"  # a manifest without "kind" (made before kinds existed) is a head-CT set
 PROMOTIONS = "promotions.jsonl"
 FORMAT = "glowtriage.modelset/1"
 # Root under which glowtriage generates UIDs (pydicom's default prefix, as no OID arc is registered yet;
@@ -71,6 +74,11 @@ class ModelSet:
         return str(self.manifest["version"])
 
     @property
+    def kind(self) -> str:
+        """``ct`` (head CT) or ``cxr`` (chest radiograph); a set made before kinds existed is ``ct``."""
+        return str(self.manifest.get("kind") or DEFAULT_KIND)
+
+    @property
     def m0_path(self) -> Path:
         return self.path / "m0.pt"
 
@@ -98,6 +106,8 @@ class ModelSet:
             threshold=float(m["operating_point"]["threshold"]),
             threshold_method=str(m["operating_point"]["method"]),
             software_version=m.get("software_version", "0"),
+            kind=self.kind,
+            **({"model_name": CXR_MODEL_NAME} if self.kind == "cxr" else {}),
         )
 
     def verify(self) -> None:
@@ -135,11 +145,21 @@ class Registry:
             raise RegistryError(f"no model set {version!r} under {self.root}")
         return self._open(d)
 
-    def current(self) -> ModelSet | None:
-        link = self.root / CURRENT
+    def current(self, kind: str = DEFAULT_KIND) -> ModelSet | None:
+        """The current set of one kind (head CT unless asked), None when none was promoted."""
+        link = self.root / current_name(kind)
         if not link.exists():
             return None
         return self._open(link.resolve())
+
+    def currents(self) -> dict[str, ModelSet]:
+        """Every kind's current set: a head-CT set and a chest set can be current at once."""
+        out = {}
+        for kind in KINDS:
+            cur = self.current(kind)
+            if cur is not None:
+                out[kind] = cur
+        return out
 
     def history(self) -> list[dict[str, Any]]:
         p = self.root / PROMOTIONS
@@ -171,9 +191,14 @@ class Registry:
         software_version: str,
         calibration_extra: dict[str, Any] | None = None,
         trunk: Path | None = None,
+        kind: str | None = None,
     ) -> ModelSet:
         """Copy two models (and the trunk they branched from, if given) into a new, immutable version
-        folder with its manifest. The Device UID depends on M0 and M1 only."""
+        folder with its manifest. The Device UID depends on M0 and M1 only. ``kind`` follows the models
+        (2-D: ``cxr``, 3-D: ``ct``) unless given."""
+        kind = kind or kind_of_model(m0)
+        if kind not in KINDS:
+            raise RegistryError(f"model set kind {kind!r} is not one of {', '.join(KINDS)}")
         self.root.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         version = f"{stamp}-{secrets.token_hex(3)}"
@@ -190,6 +215,7 @@ class Registry:
                 "version": version,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "preset": preset,
+                "kind": kind,
                 "preprocessing_version": preprocessing_version,
                 "m0_sha256": m0_sha,
                 "m1_sha256": m1_sha,
@@ -212,23 +238,24 @@ class Registry:
         return self.get(version)
 
     def promote(self, version: str, reason: str = "manual") -> ModelSet:
-        """Make ``version`` current, atomically; the previous one stays for rollback."""
+        """Make ``version`` the current set of its kind, atomically; the previous one stays for rollback."""
         target = self.get(version)
         target.verify()
-        previous = self.current()
-        link = self.root / CURRENT
-        tmp = self.root / f".{CURRENT}.{secrets.token_hex(4)}"
+        previous = self.current(target.kind)
+        name = current_name(target.kind)
+        link = self.root / name
+        tmp = self.root / f".{name}.{secrets.token_hex(4)}"
         os.symlink(version, tmp)
         os.replace(tmp, link)
         _fsync_dir(self.root)
-        self._log("promote", version, previous.version if previous else None, reason)
+        self._log("promote", version, previous.version if previous else None, reason, target.kind)
         return target
 
-    def rollback(self, reason: str = "manual rollback") -> ModelSet:
-        """Go back to the set that was current before the current one."""
-        cur = self.current()
+    def rollback(self, reason: str = "manual rollback", kind: str = DEFAULT_KIND) -> ModelSet:
+        """Go back to the set of ``kind`` that was current before the current one."""
+        cur = self.current(kind)
         if cur is None:
-            raise RegistryError("nothing to roll back: no current model set")
+            raise RegistryError(f"nothing to roll back: no current {kind} model set")
         # walk the promotion history backwards to the set that preceded the current one
         for entry in reversed(self.history()):
             if entry["version"] == cur.version and entry.get("previous"):
@@ -238,7 +265,7 @@ class Registry:
             raise RegistryError(f"no earlier model set recorded before {cur.version}")
         return self.promote(prev, reason=reason)
 
-    def _log(self, action: str, version: str, previous: str | None, reason: str) -> None:
+    def _log(self, action: str, version: str, previous: str | None, reason: str, kind: str) -> None:
         line = json.dumps(
             {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -246,12 +273,36 @@ class Registry:
                 "version": version,
                 "previous": previous,
                 "reason": reason,
+                "kind": kind,
             }
         )
         with (self.root / PROMOTIONS).open("a") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def current_name(kind: str) -> str:
+    """The pointer of a kind's current set: ``current`` for head CT (as always), ``current-cxr``..."""
+    if kind not in KINDS:
+        raise RegistryError(f"model set kind {kind!r} is not one of {', '.join(KINDS)}")
+    return CURRENT if kind == DEFAULT_KIND else f"{CURRENT}-{kind}"
+
+
+def kind_of_model(path: Path) -> str:
+    """A checkpoint's kind from its architecture: a 2-D Glow scores chest radiographs, a 3-D one head CT."""
+    from triage.model.glow import Glow
+
+    try:
+        ndim = Glow.load(path, map_location="cpu").cfg.ndim
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise RegistryError(f"{path}: cannot read the model to tell its kind: {exc}") from None
+    return "cxr" if ndim == 2 else DEFAULT_KIND
+
+
+def volume_kind(data: Any) -> str:
+    """The kind of a canonical image: 2-D radiograph (``cxr``) or 3-D head-CT volume (``ct``)."""
+    return "cxr" if getattr(data, "ndim", 3) == 2 else DEFAULT_KIND
 
 
 def _fsync_file(path: Path) -> None:

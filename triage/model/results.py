@@ -22,6 +22,7 @@ class ModelSetInfo:
     manufacturer: str = "glowtriage"
     model_name: str = "glowtriage head-CT normality (Glow M0/M1)"
     software_version: str = "0.1.0"
+    kind: str = "ct"  # what the set scores: "ct" (head CT) or "cxr" (chest radiograph); the SR follows
 
 
 @dataclass(frozen=True)

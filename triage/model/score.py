@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from triage.model.glow import Glow, fit_to_shape
-from triage.model.registry import ModelSet, Registry, RegistryError
+from triage.model.registry import ModelSet, Registry, RegistryError, volume_kind
 from triage.model.results import ModelSetInfo, ScoreResult
 from triage.model.voxelmap import (
     Region,
@@ -47,6 +47,7 @@ __all__ = [
     "ModelSetInfo",
     "ScoreResult",
     "Scorer",
+    "Scorers",
     "ScoringError",
     "VolumeInput",
     "percentile_of",
@@ -165,6 +166,18 @@ class Scorer:
     def log_likelihoods(self, volume: np.ndarray) -> tuple[float, float]:
         return self.pair.log_likelihoods(volume)
 
+    @property
+    def kind(self) -> str:
+        return self.model_set.kind
+
+    def accepts(self, volume: np.ndarray) -> bool:
+        """Whether this set scores such an image: a 2-D radiograph needs a chest set, a volume a CT set."""
+        return volume_kind(volume) == self.kind
+
+    def info_for(self, version: str) -> ModelSetInfo:
+        """The set that scored a result (for its report): this one (a single-set scorer knows no other)."""
+        return self.info
+
     def score(self, items: Sequence[VolumeInput]) -> list[ScoreResult]:
         """Score every waiting volume. Non-finite likelihoods raise: they mean a broken model set."""
         out = []
@@ -230,3 +243,73 @@ class Scorer:
                              "index_zyx": list(region.index_zyx), "canonical_index_zyx": list(canon),
                              "window_mm": region.window_mm}
         return out
+
+
+class Scorers:
+    """The current set of every kind (head CT, chest radiograph), each study scored by its own kind's.
+
+    Duck-types :class:`Scorer` for the pipeline and ``triage score``: ``accepts`` says whether a study's
+    image has a current set of its kind (it waits otherwise), ``score`` sends each image to its kind's
+    set, ``info_for`` names the set that scored a result (looked up in the registry when it is no longer
+    current), ``last_inference_s``/``device`` describe the last call.
+    """
+
+    def __init__(self, by_kind: dict[str, Scorer], registry: Registry | None = None):
+        if not by_kind:
+            raise ScoringError("no current model set of any kind")
+        self.by_kind = dict(by_kind)
+        self.registry = registry
+        first = next(iter(self.by_kind.values()))
+        self.device = first.device
+        self.last_inference_s = 0.0
+
+    @classmethod
+    def from_registry(cls, registry: Registry, device: str = "auto", threads: int = 0,
+                      flag_policy: str = "either") -> Scorers:
+        try:
+            currents = registry.currents()
+        except RegistryError as exc:
+            raise ScoringError(str(exc)) from exc
+        if not currents:
+            raise ScoringError(f"no current model set under {registry.root}: create and promote one")
+        return cls({k: Scorer(s, device=device, threads=threads, flag_policy=flag_policy)
+                    for k, s in currents.items()}, registry)  # fmt: skip
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return {k: s.info.version for k, s in self.by_kind.items()}
+
+    @property
+    def info(self) -> ModelSetInfo:
+        """The head-CT set's info when there is one (what single-kind callers expect), else the first."""
+        return (self.by_kind.get("ct") or next(iter(self.by_kind.values()))).info
+
+    def accepts(self, volume: np.ndarray) -> bool:
+        return volume_kind(volume) in self.by_kind
+
+    def scorer_for(self, volume: np.ndarray) -> Scorer:
+        kind = volume_kind(volume)
+        if kind not in self.by_kind:
+            raise ScoringError(f"no current {kind} model set (current: {', '.join(self.by_kind)})")
+        return self.by_kind[kind]
+
+    def score(self, items: Sequence[VolumeInput]) -> list[ScoreResult]:
+        out: list[ScoreResult] = []
+        t0 = time.perf_counter()
+        for it in items:
+            sc = self.scorer_for(it.volume)
+            out.extend(sc.score([it]))
+            self.device = sc.device
+        self.last_inference_s = (time.perf_counter() - t0) / max(1, len(items))
+        return out
+
+    def info_for(self, version: str) -> ModelSetInfo:
+        for s in self.by_kind.values():
+            if s.info.version == version:
+                return s.info
+        if self.registry is not None:
+            try:
+                return self.registry.get(version).info()
+            except RegistryError:
+                pass
+        return self.info

@@ -17,6 +17,8 @@ from triage.model.results import ScoreResult
 
 __all__ = [
     "ABNORMAL",
+    "CHEST",
+    "CHEST_RADIOGRAPH",
     "CT_OF_HEAD",
     "HEAD",
     "LOG_POSTERIOR",
@@ -27,6 +29,7 @@ __all__ = [
     "NORMALITY",
     "PERCENT",
     "PERCENTILE",
+    "PROCEDURE_BY_KIND",
     "SCHEME",
     "THRESHOLD",
     "TRIAGE_RESULT",
@@ -61,6 +64,10 @@ ABNORMAL = CodedConcept("263654008", "SCT", "Abnormal")
 NORMAL = CodedConcept("17621005", "SCT", "Normal")
 CT_OF_HEAD = CodedConcept("303653007", "SCT", "Computed tomography of head")
 HEAD = CodedConcept("69536005", "SCT", "Head")
+CHEST_RADIOGRAPH = CodedConcept("399208008", "SCT", "Plain chest X-ray")
+CHEST = CodedConcept("51185008", "SCT", "Chest")
+# what a model set of each kind (ModelSetInfo.kind) reports: the procedure and the finding site
+PROCEDURE_BY_KIND = {"ct": (CT_OF_HEAD, HEAD), "cxr": (CHEST_RADIOGRAPH, CHEST)}
 # Units. UCUM has no "nat"; an annotation in braces ({nat}) is a valid UCUM unit equal to 1 (a pure
 # number), which is what a log probability is, and it still tells a human reader the log base (e).
 # "1" alone would lose that, and "[nat]"-style units do not exist. HL7 OBX-6 uses the same code.

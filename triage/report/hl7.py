@@ -81,10 +81,13 @@ def _segment(*fields: str) -> str:
     return "|".join(fields).rstrip("|")
 
 
-def _procedure(source: Dataset) -> str:
-    """OBR-4 (CE): the source's procedure code when it has one, else LOINC 24725-4 "CT Head";
-    the Study Description goes in CE.5 (alternate text) for people reading the worklist."""
+def _procedure(source: Dataset, kind: str = "ct") -> str:
+    """OBR-4 (CE): the source's procedure code when it has one, else LOINC 24725-4 "CT Head" (a chest
+    set: SNOMED CT 399208008 "Plain chest X-ray"); the Study Description goes in CE.5 (alternate text)
+    for people reading the worklist."""
     code, meaning, scheme = "24725-4", "CT Head", "LN"
+    if kind == "cxr":
+        code, meaning, scheme = "399208008", "Plain chest X-ray", "SCT"
     seq = source.get("ProcedureCodeSequence")
     if seq:
         item = seq[0]
@@ -155,8 +158,9 @@ def build_oru(
                  "ORU^R01^ORU_R01", control_id, "P", "2.5", "", "", "", "", "", "UNICODE UTF-8"),
         _segment("PID", "1", "", pid3, "", _xpn(source.get("PatientName")), "", birth, sex),
         _segment("ORC", "RE", accession, accession, "", "CM"),
-        _segment("OBR", "1", accession, accession, _procedure(source), priority, "", observed,
-                 "", "", "", "", "", "", "", "", "", "", "", "", "", "", now, "", "CT", "F"),
+        _segment("OBR", "1", accession, accession, _procedure(source, model.kind), priority, "", observed,
+                 "", "", "", "", "", "", "", "", "", "", "", "", "", "", now, "",
+                 "RX" if model.kind == "cxr" else "CT", "F"),  # OBR-24, HL7 table 0074
         _segment("TQ1", "1", "", "", "", "", "", "", "", priority_cwe),
         obx(1, "NM", f"LOGPOST^{e(LOG_POSTERIOR.meaning)}^{SCHEME}", f"{post:.4f}", nat, f">{thr:.4f}",
             "A" if result.flagged else "N"),

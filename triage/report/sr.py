@@ -55,8 +55,6 @@ from triage.model.registry import UID_PREFIX
 from triage.model.results import ModelSetInfo, ScoreResult
 from triage.report.codes import (
     ABNORMAL,
-    CT_OF_HEAD,
-    HEAD,
     LOG_P_MIXTURE_MODEL,
     LOG_P_NORMAL_MODEL,
     LOG_POSTERIOR,
@@ -65,6 +63,7 @@ from triage.report.codes import (
     NORMALITY,
     PERCENT,
     PERCENTILE,
+    PROCEDURE_BY_KIND,
     SCHEME,
     THRESHOLD,
     ReportError,
@@ -229,11 +228,16 @@ def _region_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetIn
             source_images=[SourceImageForSegmentation.from_source_image(nearest)],
         ),
         algorithm_id=_algorithm(model),
-        finding_sites=[FindingSite(HEAD)],
+        finding_sites=[FindingSite(_site(model))],
         measurements=items,
         qualitative_evaluations=[
             QualitativeEvaluation(NORMALITY, ABNORMAL if result.region_flagged else NORMAL)],
     )
+
+
+def _site(model: ModelSetInfo) -> CodedConcept:
+    """The finding site of the set's kind: the head for head CT, the chest for chest radiographs."""
+    return PROCEDURE_BY_KIND[model.kind][1]
 
 
 def _algorithm(model: ModelSetInfo) -> AlgorithmIdentification:
@@ -292,7 +296,7 @@ def build_sr(
     region = _region_group(result, ordered, model, sop_instance_uid, key_images)
     report = MeasurementReport(
         observation_context=_observation_context(model),
-        procedure_reported=CT_OF_HEAD,
+        procedure_reported=PROCEDURE_BY_KIND[model.kind][0],
         imaging_measurements=[group, *([region] if region is not None else [])],
     )
     equipment = _equipment(result, model, when)
@@ -366,7 +370,7 @@ def _triage_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetIn
             identifier=TRACKING_IDENTIFIER,
         ),
         algorithm_id=_algorithm(model),
-        finding_sites=[FindingSite(HEAD)],
+        finding_sites=[FindingSite(_site(model))],
         measurements=_measurements(result),
         qualitative_evaluations=[QualitativeEvaluation(NORMALITY, finding)],
         source_images=sources,
