@@ -462,3 +462,23 @@ def test_rebuild_indexes_every_spool_file_and_closes_old_studies(tmp_path: Path)
         assert s.study(old_study).state == "rejected" and s.study(old_study).reason == CLOSED_REASON
         others = [d.name for d in study_dirs[1:]]
         assert {s.study(u).state for u in others} == {"receiving"}
+
+
+def test_recover_releases_assembly_claims_of_a_dead_process(tmp_path: Path, clock: FakeClock) -> None:
+    """kill -9 between the assembler's claim (receiving -> stable) and the end of the assembly left the
+    study 'stable' for ever (found by bench/reliability.py's kill-during-results case)."""
+    root = tmp_path / "var"
+    study, series = generate_uid(), generate_uid()
+    with Store(root, clock=clock) as s:
+        for i in range(3):
+            sop = generate_uid()
+            put(s, part10(sop, study, series, pixel=i), sop, study, series)
+        assert s.set_series_state(series, "stable", expected_state="receiving")
+        s.set_study_state(study, "stable")
+    clock.t += 100.0
+    with Store(root, clock=clock) as s:  # the restarted process
+        report = s.recover()
+        assert report.released_claims == 1
+        assert s.series(series).state == "receiving" and s.study(study).state == "receiving"
+        assert [r.series_uid for r in s.series_due(clock(), 10.0, 300.0)] == [series]
+        assert s.recover().released_claims == 0  # nothing left to release

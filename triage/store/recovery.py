@@ -84,10 +84,41 @@ class RecoveryMixin:
                                 sop_uid=r["sop_uid"], reason=f"file {r['path']} not found at recovery")
                 self._db.execute("COMMIT")
                 missing = len(gone)
-        report = RecoveryReport(tmp_removed, reindexed, quarantined, missing)
+        reclaimed = self._release_claims()
+        report = RecoveryReport(tmp_removed, reindexed, quarantined, missing, reclaimed)
         log.info("recovered", tmp_removed=tmp_removed, reindexed=reindexed, quarantined=quarantined,
-                 missing_files=missing)
+                 missing_files=missing, released_claims=reclaimed)
         return report
+
+    def _release_claims(self) -> int:
+        """Series the assembler had claimed (``stable``) when the process died go back to ``receiving``.
+
+        Found by the reliability bench (issue 14): a ``kill -9`` between the claim and the assembly's
+        end left the study ``stable`` for ever, so its result was never produced. At start-up no worker
+        runs yet, so every claim is a dead process's; assembling again is safe (volumes are per
+        generation, and a finished series is ``assembled``, not ``stable``).
+        """
+        now = self.clock()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT series_uid, study_uid FROM series WHERE state = 'stable'"
+            ).fetchall()
+            studies = {r[0] for r in self._db.execute("SELECT study_uid FROM studies WHERE state = 'stable'")}
+            if not rows and not studies:
+                return 0
+            self._db.execute("BEGIN IMMEDIATE")
+            for r in rows:
+                self._db.execute("UPDATE series SET state = 'receiving', updated_at = ? WHERE series_uid = ?",
+                                 (now, r["series_uid"]))
+                self._event(now, r["study_uid"], r["series_uid"], "state", from_state="stable",
+                            to_state="receiving", reason="claim of a process that died released at recovery")
+            for study in studies:
+                self._db.execute("UPDATE studies SET state = 'receiving', updated_at = ? WHERE study_uid = ?",
+                                 (now, study))
+                self._event(now, study, None, "state", from_state="stable", to_state="receiving",
+                            reason="claim of a process that died released at recovery")
+            self._db.execute("COMMIT")
+        return len(rows)
 
     def _reindex(self, path: Path) -> None:
         from pydicom import dcmread  # local: only recovery needs to parse headers here

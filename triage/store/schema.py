@@ -234,6 +234,7 @@ class RecoveryReport:
     reindexed: int
     quarantined: int
     missing_files: int
+    released_claims: int = 0  # series a dead process had claimed for assembly, back to receiving
 
 
 # ----------------------------------------------------------------------------- sqlite3.Row -> rows
