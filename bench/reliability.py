@@ -20,7 +20,10 @@ Cases (full size / ``--small``, which is what tests/integration/test_reliability
 * outage: PACS (Orthanc) and RIS (MLLP) down for 600 / 15 s while 50 / 2 studies arrive (a tiny model set
   trained first): every study ends ``sent`` with exactly one SR and one ORU^R01 after they return.
 
-Not here (yet): ``kill -9`` during scoring and sending; TLS handshakes cut short (the gate's ARTIM covers
+* killresults: ``kill -9`` at random moments while 10 / 4 studies are assembled, scored, reported and sent
+  (50 / 4 kills): every study ends ``sent`` with exactly one SR and one ORU^R01.
+
+Not here (yet): TLS handshakes cut short (the gate's ARTIM covers
 them; the fuzz daemon listens in plain TCP).
 
 Prints a table and writes JSON (default bench/results/reliability[-small].json).
@@ -57,6 +60,7 @@ FULL = {
     "fuzz_dataset": 50_000,
     "load": (20, 500),
     "outage": (50, 600.0),
+    "kill_results": (10, 50),
 }
 SMALL = {
     "idle": 200,
@@ -65,8 +69,9 @@ SMALL = {
     "fuzz_dataset": 200,
     "load": (4, 25),
     "outage": (2, 15.0),
+    "kill_results": (4, 4),
 }
-CASES = ("idle", "kill", "fuzz", "load", "disk", "statedb", "outage")
+CASES = ("idle", "kill", "fuzz", "load", "disk", "statedb", "outage", "killresults")
 
 
 class Daemon:
@@ -259,6 +264,17 @@ def run_outage(work: Path, size: dict[str, Any]) -> dict[str, Any]:
     return {"ok": ok, "figures": figures, **got}
 
 
+def run_kill_results(work: Path, size: dict[str, Any]) -> dict[str, Any]:
+    studies, kills = size["kill_results"]
+    got = outage.kill_during_results_case(work, studies=studies, kills=kills)
+    ok = got["storescu_rc"] == 0 and got["results_lost"] == 0 and got["results_doubled"] == 0
+    figures = (
+        f"{kills} kills during assembly/scoring/sending of {studies} studies: {got['results_lost']} lost, "
+        f"{got['results_doubled']} doubled (SR per study {got['sr_per_study']}, ORU {got['oru_per_study']})"
+    )
+    return {"ok": ok, "figures": figures, **got}
+
+
 RUNNERS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
     "idle": run_idle,
     "kill": run_kill,
@@ -267,6 +283,7 @@ RUNNERS: dict[str, Callable[[Path, dict[str, Any]], dict[str, Any]]] = {
     "disk": run_disk,
     "statedb": run_statedb,
     "outage": run_outage,
+    "killresults": run_kill_results,
 }
 
 

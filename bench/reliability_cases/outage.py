@@ -20,13 +20,11 @@ from training.harness.process import stop_all, wait_for
 from training.harness.storescu import storescu
 
 
-def tiny_model_set(work: Path, root: Path) -> str:
-    """Train M0/M1 (test-tiny, 30 steps) on 5 synthetic studies and promote them under ``root``."""
+def _train_tiny(work: Path, m0: Path, m1: Path) -> None:
     from training.synth import SynthOptions, write_dataset
     from training.train.loop import VolumeSet, train
     from triage.assemble.volume import assemble_study, group_studies, read_headers
     from triage.config import AssemblySettings
-    from triage.model.registry import Registry
 
     train_dir = work / "train"
     write_dataset(train_dir, normal=3, abnormal=2, seed=11, options=SynthOptions(distractors=False))
@@ -38,7 +36,6 @@ def tiny_model_set(work: Path, root: Path) -> str:
             vols[uid] = vol.data
     labels = dict(ln.split(",")[:2] for ln in (train_dir / "labels.csv").read_text().splitlines()[1:])
     normals = [v for uid, v in vols.items() if labels.get(uid) == "normal"]
-    m0, m1 = work / "m0.pt", work / "m1.pt"
     train(
         VolumeSet(normals, [f"n{i}" for i in range(len(normals))]),
         "test-tiny",
@@ -56,6 +53,17 @@ def tiny_model_set(work: Path, root: Path) -> str:
         steps=30,
         progress=False,
     )
+
+
+def tiny_model_set(work: Path, root: Path) -> str:
+    """Train M0/M1 (test-tiny, 30 steps) on 5 synthetic studies and promote them under ``root``.
+    ``work/m0.pt`` and ``work/m1.pt``, when both exist already, are used as they are (a rerun on a
+    loaded machine need not train again: only the plumbing is under test)."""
+    from triage.model.registry import Registry
+
+    m0, m1 = work / "m0.pt", work / "m1.pt"
+    if not (m0.exists() and m1.exists()):
+        _train_tiny(work, m0, m1)
     reg = Registry(root / "models")
     s = reg.create(
         m0,
@@ -72,35 +80,65 @@ def tiny_model_set(work: Path, root: Path) -> str:
     return str(s.version)
 
 
-def outage_case(
-    work: Path, *, studies: int, down_s: float, deliver_within_s: float = 120.0
-) -> dict[str, Any]:
-    """Studies arrive while the PACS (Orthanc) and the RIS (MLLP) are down for ``down_s``; then both
-    come back and every study must end ``sent`` with exactly one SR and one ORU."""
-    from training.synth import write_dataset
-
-    work.mkdir(parents=True, exist_ok=True)
-    root = work / "var"
-    version = tiny_model_set(work, root)
-    test_dir = work / "studies"
-    truths = write_dataset(test_dir, normal=studies - studies // 2, abnormal=studies // 2, seed=23)
-    study_uids = {t.study_uid for t in truths}
-    dicom_port, hl7_port = free_port(), free_port()
-    orthanc = Orthanc(work / "orthanc", name="reliability")
-    cfg = write_config(
+def _daemon_config(work: Path, root: Path, dicom_port: int, pacs_port: int, hl7_port: int) -> Path:
+    return write_config(
         work / "config.toml",
         {
             "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": dicom_port},
             "storage": {"root": str(root), "min_free_mb": 1},
             "assembly": {"quiet_seconds": 3.0, "force_seconds": 120.0},
             "scoring": {"device": "cpu"},
-            "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+            "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
             "hl7": {"enabled": True, "host": "127.0.0.1", "port": hl7_port},
             "outbox": {"max_attempts": 1000, "backoff_initial_s": 1.0, "backoff_max_s": 10.0, "poll_s": 0.5},
             "metrics": {"enabled": False},
             "logging": {"level": "info", "format": "json"},
         },
     )
+
+
+def _results(study_uids: set[str], orthanc: Orthanc, mllp: MLLPListener) -> dict[str, Any]:
+    """SRs per study in the PACS, ORU^R01 messages per study at the RIS; lost and doubled counts."""
+    oru: dict[str, int] = {}
+    for text in mllp.messages:
+        for uid in study_uids:
+            if uid in text:
+                oru[uid] = oru.get(uid, 0) + 1
+    srs = {uid: orthanc.sr_count(uid) for uid in study_uids}
+    return {
+        "sr_per_study": sorted(set(srs.values())),
+        "oru_per_study": sorted({oru.get(u, 0) for u in study_uids}),
+        "results_lost": sum(1 for u in study_uids if srs[u] == 0 or oru.get(u, 0) == 0),
+        "results_doubled": sum(1 for u in study_uids if srs[u] > 1 or oru.get(u, 0) > 1),
+    }
+
+
+def _all_sent(daemon: TriageProcess, study_uids: set[str]) -> bool:
+    st = daemon.status(timeout=60)
+    states = {s["study_uid"]: s["state"] for s in st["studies"]}
+    return study_uids <= set(states) and all(states[u] == "sent" for u in study_uids)
+
+
+def _studies(work: Path, root: Path, studies: int, seed: int) -> tuple[str, Path, set[str]]:
+    from training.synth import write_dataset
+
+    work.mkdir(parents=True, exist_ok=True)
+    version = tiny_model_set(work, root)
+    test_dir = work / "studies"
+    truths = write_dataset(test_dir, normal=studies - studies // 2, abnormal=studies // 2, seed=seed)
+    return version, test_dir, {t.study_uid for t in truths}
+
+
+def outage_case(
+    work: Path, *, studies: int, down_s: float, deliver_within_s: float = 120.0
+) -> dict[str, Any]:
+    """Studies arrive while the PACS (Orthanc) and the RIS (MLLP) are down for ``down_s``; then both
+    come back and every study must end ``sent`` with exactly one SR and one ORU."""
+    root = work / "var"
+    version, test_dir, study_uids = _studies(work, root, studies, seed=23)
+    dicom_port, hl7_port = free_port(), free_port()
+    orthanc = Orthanc(work / "orthanc", name="reliability")
+    cfg = _daemon_config(work, root, dicom_port, orthanc.dicom_port, hl7_port)
     daemon = TriageProcess(cfg, work / "daemon.log", start_timeout=120, stop_grace=30)
     mllp: MLLPListener | None = None
     out: dict[str, Any] = {"studies": studies, "down_s": down_s, "model_set": version}
@@ -110,29 +148,44 @@ def outage_case(
         done = storescu(dicom_port, sorted(test_dir.rglob("*.dcm")), timeout=1800)
         out["storescu_rc"] = done.returncode
         time.sleep(max(0.0, down_s - (time.monotonic() - t_down)))
-        retries = daemon.log_text().count('"event": "outbox_retry"')
-        out["retries_while_down"] = retries
+        out["retries_while_down"] = daemon.log_text().count('"event": "outbox_retry"')
         orthanc.start(timeout=60)
         mllp = MLLPListener(port=hl7_port)
         t_up = time.monotonic()
-
-        def all_sent() -> bool:
-            st = daemon.status(timeout=60)
-            states = {s["study_uid"]: s["state"] for s in st["studies"]}
-            return study_uids <= set(states) and all(states[u] == "sent" for u in study_uids)
-
-        wait_for(all_sent, deliver_within_s + 60, "every study sent")
+        wait_for(lambda: _all_sent(daemon, study_uids), deliver_within_s + 60, "every study sent")
         out["delivered_after_return_s"] = round(time.monotonic() - t_up, 1)
-        oru: dict[str, int] = {}
-        for text in mllp.messages:
-            for uid in study_uids:
-                if uid in text:
-                    oru[uid] = oru.get(uid, 0) + 1
-        srs = {uid: orthanc.sr_count(uid) for uid in study_uids}
-        out["sr_per_study"] = sorted(set(srs.values()))
-        out["oru_per_study"] = sorted({oru.get(u, 0) for u in study_uids})
-        out["results_lost"] = sum(1 for u in study_uids if srs[u] == 0 or oru.get(u, 0) == 0)
-        out["results_doubled"] = sum(1 for u in study_uids if srs[u] > 1 or oru.get(u, 0) > 1)
+        out.update(_results(study_uids, orthanc, mllp))
+    finally:
+        stop_all(mllp, orthanc, daemon)
+    return out
+
+
+def kill_during_results_case(work: Path, *, studies: int, kills: int, seed: int = 0) -> dict[str, Any]:
+    """PACS and RIS up; studies arrive; ``kill -9`` of the daemon at random moments while it assembles,
+    scores, reports and sends, restarted each time; at the end every study must be ``sent`` with exactly
+    one SR in the PACS and one ORU^R01 at the RIS (no loss, no duplicate after a restart)."""
+    import random
+
+    rng = random.Random(seed)
+    root = work / "var"
+    version, test_dir, study_uids = _studies(work, root, studies, seed=29)
+    dicom_port, hl7_port = free_port(), free_port()
+    orthanc = Orthanc(work / "orthanc", name="reliability-kill")
+    cfg = _daemon_config(work, root, dicom_port, orthanc.dicom_port, hl7_port)
+    daemon = TriageProcess(cfg, work / "daemon.log", start_timeout=120, stop_grace=30)
+    mllp = MLLPListener(port=hl7_port)
+    out: dict[str, Any] = {"studies": studies, "kills": kills, "model_set": version}
+    try:
+        orthanc.start(timeout=60)
+        daemon.start()
+        done = storescu(dicom_port, sorted(test_dir.rglob("*.dcm")), timeout=1800)
+        out["storescu_rc"] = done.returncode
+        for _ in range(kills):  # quiet_seconds is 3: the kills land in assembly, scoring, reports, sends
+            time.sleep(rng.uniform(0.5, 6.0))
+            daemon.kill()
+            daemon.start()
+        wait_for(lambda: _all_sent(daemon, study_uids), 300, "every study sent")
+        out.update(_results(study_uids, orthanc, mllp))
     finally:
         stop_all(mllp, orthanc, daemon)
     return out

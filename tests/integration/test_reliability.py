@@ -173,3 +173,15 @@ def test_pacs_and_ris_down_while_studies_arrive_then_every_result_delivered_once
     assert got["results_lost"] == 0 and got["results_doubled"] == 0, got
     assert got["sr_per_study"] == [1] and got["oru_per_study"] == [1], got
     assert got["delivered_after_return_s"] < 120, got
+
+
+@integration
+def test_kill_9_during_assembly_scoring_and_sending_gives_each_study_exactly_one_result(
+    tmp_path: Path,
+) -> None:
+    from reliability_cases.outage import kill_during_results_case
+
+    got = kill_during_results_case(tmp_path / "kill", studies=2, kills=3)
+    assert got["storescu_rc"] == 0, got
+    assert got["results_lost"] == 0 and got["results_doubled"] == 0, got
+    assert got["sr_per_study"] == [1] and got["oru_per_study"] == [1], got
