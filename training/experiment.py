@@ -611,6 +611,11 @@ def plan_from_args(a: argparse.Namespace) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if ("--kind" in args and args[args.index("--kind") + 1 :][:1] == ["cxr"]) or "--kind=cxr" in args:
+        from training.experiment_cxr import main as cxr_main  # the chest-radiograph protocol
+
+        return cxr_main(args)
     args_list = list(sys.argv[1:] if argv is None else argv)
     a = _parser().parse_args(args_list)
     plan = plan_from_args(a)
