@@ -10,11 +10,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "synth": ("training.synth.dataset", "write synthetic head-CT studies as DICOM plus labels.csv"),
+    "synth": ("training.synth.dataset", "synthetic head-CT (--kind cxr: chest) studies, DICOM + labels.csv"),
     "train": ("training.train.loop", "train M0 (--role normal) or M1 (--role mixture) on DICOM folders"),
     "evaluate": ("training.evaluate.report", "ROC/AUC, histograms and montages from scores.jsonl"),
     "sample": ("training.sample", "write fictional volumes sampled from a model"),
-    "experiment": ("training.experiment", "the synthetic M0/M1 experiment end to end"),
+    "experiment": ("training.experiment", "the synthetic M0/M1 experiment end to end (--kind cxr: chest)"),
 }
 
 
