@@ -70,7 +70,7 @@ def _scored_study(store: Store, ct: list[Path], clock: Callable[[], float]) -> s
 
 def _report(store: Store, cfg: Config, study: str) -> Path:
     """Run the report stage; the SR's outbox row goes to the rule by STOW-RS; its SR file."""
-    assert report_scored(store, SimpleNamespace(info=MODEL), cfg) == 1  # type: ignore[arg-type]
+    assert report_scored(store, SimpleNamespace(info=MODEL, info_for=lambda _v: MODEL), cfg) == 1  # type: ignore[arg-type]
     row, *_ = store.outbox(study)
     assert (row.kind, row.destination, row.state) == ("dicomweb", "archive", "pending")
     assert row.target == cfg.settings.routing.rules[0].url  # the URL only: no credential in the outbox

@@ -67,7 +67,7 @@ def test_flagged_study_sends_key_images_with_the_sr_to_the_pacs(
     _save_region_map(store, result, 0, {"grid": grid})
     assert store.record_score(study, 0, result.to_json())
 
-    assert report_scored(store, SimpleNamespace(info=MODEL), cfg) == 1  # type: ignore[arg-type]
+    assert report_scored(store, SimpleNamespace(info=MODEL, info_for=lambda _v: MODEL), cfg) == 1  # type: ignore[arg-type]
     (row,) = store.outbox(study)
     sr_path, *key_paths = row.files
     assert 1 <= len(key_paths) <= 5  # slices within 10 mm of the centre: 15, 20, 25 mm
