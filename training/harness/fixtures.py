@@ -16,11 +16,12 @@ from training.presets import glow_from_preset
 from triage.store.db import Store
 
 
-def tiny_model(path: Path, seed: int) -> Path:
-    """A ``test-tiny`` Glow with ActNorm initialised on random data, saved to ``path``: any two seeds give
-    two models that score differently, which is all plumbing tests need (they check no accuracy)."""
+def tiny_model(path: Path, seed: int, preset: str = "test-tiny") -> Path:
+    """A tiny Glow (``test-tiny``, or ``test-tiny-2d`` for radiographs) with ActNorm initialised on random
+    data, saved to ``path``: any two seeds give two models that score differently, which is all plumbing
+    tests need (they check no accuracy)."""
     torch.manual_seed(seed)
-    m = glow_from_preset("test-tiny")
+    m = glow_from_preset(preset)
     m.train()
     m.bits_per_dim(torch.randint(0, 128, (4, 1, *m.cfg.image_shape)), noise=True)
     m.save(path)
