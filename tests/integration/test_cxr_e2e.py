@@ -13,7 +13,6 @@ import hl7
 import numpy as np
 import pydicom
 import pytest
-import torch
 
 from training.harness.config import write_config
 from training.harness.daemon import TriageProcess
@@ -22,20 +21,13 @@ from training.harness.mllp import MLLPListener
 from training.harness.orthanc import Orthanc
 from training.harness.ports import free_port
 from training.harness.process import stop_all, wait_for
-from training.presets import glow_from_preset
 from training.synth.cxr_dicom import CXR_VENDORS, write_cxr_study
 from triage.model.registry import Registry
 
+TINY_2D = "test-tiny-2d"  # the radiograph tests' tiny preset
+
 pytestmark = pytest.mark.integration
 
-
-def _tiny_2d(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    m = glow_from_preset("test-tiny-2d")
-    m.train()
-    m.bits_per_dim(torch.randint(0, 128, (4, 1, *m.cfg.image_shape)), noise=True)
-    m.save(path)
-    return path
 
 
 def test_dx_study_is_scored_by_the_chest_set_and_reported_once(tmp_path: Path) -> None:
@@ -49,7 +41,8 @@ def test_dx_study_is_scored_by_the_chest_set_and_reported_once(tmp_path: Path) -
     ct = reg.create(tiny_model(tmp_path / "c0.pt", 1), tiny_model(tmp_path / "c1.pt", 2), preset="test-tiny",
                     preprocessing_version="assemble-2", threshold=0.0, method="test", normal_scores=[0.0],
                     provenance={}, software_version="test")
-    cxr = reg.create(_tiny_2d(tmp_path / "x0.pt", 3), _tiny_2d(tmp_path / "x1.pt", 4), preset="test-tiny-2d",
+    cxr = reg.create(tiny_model(tmp_path / "x0.pt", 3, TINY_2D), tiny_model(tmp_path / "x1.pt", 4, TINY_2D),
+                     preset="test-tiny-2d",
                      preprocessing_version="radiograph-1", threshold=1e9, method="test: flag everything",
                      normal_scores=[0.0], provenance={}, software_version="test")
     reg.promote(ct.version)

@@ -17,10 +17,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from training.data.sources import prepare_volumes, resolve_data
-from training.presets import config_from_preset, glow_from_preset
+from training.harness.fixtures import tiny_model
+from training.presets import config_from_preset
 from training.synth.cxr_dicom import DX_PRESENTATION_STORAGE, write_cxr_dataset
 from triage.assemble.radiograph import RADIOGRAPH_SHAPE, displayed_values, image_file_volume, read_radiograph
 from triage.model.registry import Registry
+
+TINY_2D = "test-tiny-2d"  # the radiograph tests' tiny preset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -86,19 +89,12 @@ def test_training_reads_image_folders_with_labels(folders: dict[str, Path]) -> N
     assert np.abs(got.volumes[0].astype(int) - got.volumes[1].astype(int)).mean() < 2.0
 
 
-def _model(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    m = glow_from_preset("test-tiny-2d")
-    m.train()
-    m.bits_per_dim(torch.randint(0, 128, (4, 1, *m.cfg.image_shape)), noise=True)
-    m.save(path)
-    return path
-
 
 def test_triage_score_gives_the_same_scores_for_png_and_dicom(folders: dict[str, Path], tmp_path: Path
                                                               ) -> None:
     reg = Registry(tmp_path / "models")
-    s = reg.create(_model(tmp_path / "m0.pt", 1), _model(tmp_path / "m1.pt", 2), preset="test-tiny-2d",
+    s = reg.create(tiny_model(tmp_path / "m0.pt", 1, TINY_2D), tiny_model(tmp_path / "m1.pt", 2, TINY_2D),
+                   preset="test-tiny-2d",
                    preprocessing_version="radiograph-1", threshold=0.0, method="test", normal_scores=[0.0],
                    provenance={}, software_version="test")
     reg.promote(s.version)

@@ -10,25 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from training.harness.fixtures import tiny_model
-from training.presets import glow_from_preset
 from training.synth import SynthOptions, write_dataset
 from training.synth.cxr_dicom import write_cxr_dataset
 from triage.model.registry import CURRENT, Registry, RegistryError
 from triage.model.score import Scorer, Scorers, VolumeInput
 
+TINY_2D = "test-tiny-2d"  # the radiograph tests' tiny preset
+
 REPO = Path(__file__).resolve().parents[2]
 
-
-def tiny_2d(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    m = glow_from_preset("test-tiny-2d")
-    m.train()
-    m.bits_per_dim(torch.randint(0, 128, (4, 1, *m.cfg.image_shape)), noise=True)
-    m.save(path)
-    return path
 
 
 def _create(reg: Registry, m0: Path, m1: Path, preset: str, version: str) -> str:
@@ -47,7 +39,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
     base = tmp_path_factory.mktemp("kinds")
     reg = Registry(base / "models")
     ct = _create(reg, tiny_model(base / "c0.pt", 1), tiny_model(base / "c1.pt", 2), "test-tiny", "assemble-2")
-    cxr = _create(reg, tiny_2d(base / "x0.pt", 3), tiny_2d(base / "x1.pt", 4), "test-tiny-2d", "radiograph-1")
+    cxr = _create(reg, tiny_model(base / "x0.pt", 3, TINY_2D), tiny_model(base / "x1.pt", 4, TINY_2D),
+                  "test-tiny-2d", "radiograph-1")
     reg.promote(ct)
     reg.promote(cxr)
     return {"base": base, "ct": ct, "cxr": cxr}
