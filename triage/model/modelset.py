@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from triage.config import Config
 from triage.model import labels as labels_csv
 from triage.model.calibrate import threshold_at_specificity, youden
 from triage.model.glow import Glow
-from triage.model.registry import ModelSet, Registry, RegistryError, volume_kind
+from triage.model.registry import ModelSet, Registry, RegistryError, volume_kind, write_once
 from triage.model.score import ModelPair, pick_device
 from triage.model.voxelmap import fit_region_calibration, model_spacing_mm, save_region_calibration
 from triage.ops.logs import get_logger
@@ -56,19 +54,7 @@ def save_reference_volume(models_root: Path, data: np.ndarray, score: float) -> 
     vol = np.ascontiguousarray(data, dtype=np.uint8)
     sha = hashlib.sha256(vol.tobytes() + repr(vol.shape).encode()).hexdigest()
     rel = f"{REFERENCE_DIR}/{sha}.npz"
-    path = Path(models_root) / rel
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{sha}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(fh, data=vol)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    write_once(Path(models_root) / rel, lambda fh: np.savez_compressed(fh, data=vol))
     return {"file": rel, "sha256": sha, "score": float(score)}
 
 

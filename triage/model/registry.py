@@ -24,10 +24,12 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.uid import generate_uid
 
@@ -55,6 +57,25 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_once(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a content-addressed file of a model set (its name is its hash) unless it exists: to a
+    temporary file beside it, fsync'd, then renamed, so a crash never leaves a partial file under the
+    name that a manifest's hash check would accept or reject later."""
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def device_uid_for(m0_sha: str, m1_sha: str) -> str:

@@ -37,8 +37,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +49,7 @@ from torch import Tensor
 
 from triage.assemble.common import PIXEL_MM, SLICE_MM, TARGET_SHAPE
 from triage.model.calibrate import threshold_at_specificity
+from triage.model.registry import write_once
 
 WINDOWS_MM: tuple[float, ...] = (10.0, 20.0, 40.0)
 SD_FLOOR = 0.25  # of the median s.d. over positions
@@ -288,19 +287,7 @@ def save_region_calibration(models_root: Path, cal: RegionCalibration) -> dict[s
     raw = cal.to_bytes()
     sha = hashlib.sha256(raw).hexdigest()
     rel = f"{REGION_DIR}/{sha}.npz"
-    path = Path(models_root) / rel
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{sha}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(raw)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    write_once(Path(models_root) / rel, lambda fh: fh.write(raw))
     return {**cal.summary(), "file": rel, "sha256": sha}
 
 
