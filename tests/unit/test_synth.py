@@ -541,7 +541,7 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     import subprocess
 
     if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
+        pytest.fail("dciodvfy (dicom3tools) is not installed: scripts/bootstrap.sh installs it")
     out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, check=False)
     return [x for x in (out.stdout + out.stderr).splitlines() if x.startswith("Error")]
 
