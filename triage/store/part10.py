@@ -34,6 +34,8 @@ def dataset_offset(buf: bytes | bytearray | memoryview | mmap.mmap) -> int:
             break
         vr = bytes(buf[pos + 4 : pos + 6])
         if vr in LONG_VRS:
+            if pos + 12 > len(buf):  # a long-VR header cut short at the end of the buffer
+                break
             length = struct.unpack_from("<I", buf, pos + 8)[0]
             pos += 12 + length
         else:
