@@ -111,10 +111,16 @@ def _header_from_dataset(ds: Dataset, path: Path) -> InstanceHeader:
             return None
 
     fm = getattr(ds, "file_meta", None)
-    sop_class = _text(ds.get("SOPClassUID") or (fm.get("MediaStorageSOPClassUID") if fm else None))
-    sop_instance = _text(ds.get("SOPInstanceUID") or (fm.get("MediaStorageSOPInstanceUID") if fm else None))
-    study = _text(ds.get("StudyInstanceUID"))
-    series = _text(ds.get("SeriesInstanceUID"))
+    try:  # pydicom converts raw elements when read: a corrupt one raises here (any type)
+        sop_class = _text(ds.get("SOPClassUID") or (fm.get("MediaStorageSOPClassUID") if fm else None))
+        sop_instance = _text(
+            ds.get("SOPInstanceUID") or (fm.get("MediaStorageSOPInstanceUID") if fm else None)
+        )
+        study = _text(ds.get("StudyInstanceUID"))
+        series = _text(ds.get("SeriesInstanceUID"))
+        syntax = _text(fm.get("TransferSyntaxUID")) if fm else ""
+    except Exception as exc:
+        raise VolumeError(f"{path}: corrupt DICOM file ({type(exc).__name__}: {exc})") from None
     missing = [
         k
         for k, v in (
@@ -156,7 +162,7 @@ def _header_from_dataset(ds: Dataset, path: Path) -> InstanceHeader:
         columns=get("Columns", int),
         instance_number=get("InstanceNumber", int),
         number_of_frames=frames if frames and frames > 0 else 1,
-        transfer_syntax_uid=_text(fm.get("TransferSyntaxUID")) if fm else "",
+        transfer_syntax_uid=syntax,
         frame_of_reference_uid=get("FrameOfReferenceUID", _text) or "",
         gantry_tilt=get("GantryDetectorTilt", float),
         problems=tuple(problems),
