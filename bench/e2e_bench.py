@@ -295,14 +295,12 @@ def scrape_inference(port: int) -> dict[str, Any] | None:
     except OSError:
         return None
     name = "glowtriage_inference_seconds"
-    s = re.search(rf'^{name}_sum\{{device="cpu"\}} ([0-9.e+-]+)$', text, re.M)
-    c = re.search(rf'^{name}_count\{{device="cpu"\}} ([0-9.e+-]+)$', text, re.M)
+    s = re.search(rf'^{name}_sum\{{device="cpu",kind="ct"\}} ([0-9.e+-]+)$', text, re.M)
+    c = re.search(rf'^{name}_count\{{device="cpu",kind="ct"\}} ([0-9.e+-]+)$', text, re.M)
     if not s or not c or float(c.group(1)) == 0:
         return None
-    buckets = {
-        le: int(float(n))
-        for le, n in re.findall(rf'^{name}_bucket\{{device="cpu",le="([^"]+)"\}} ([0-9.e+-]+)$', text, re.M)
-    }
+    bucket = rf'^{name}_bucket\{{device="cpu",kind="ct",le="([^"]+)"\}} ([0-9.e+-]+)$'
+    buckets = {le: int(float(n)) for le, n in re.findall(bucket, text, re.M)}
     return {
         "mean": float(s.group(1)) / float(c.group(1)),
         "count": int(float(c.group(1))),

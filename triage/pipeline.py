@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 from triage.assemble.radiograph import assemble_by_kind, load_assembled
 from triage.assemble.volume import VolumeError, read_header, save_volume
 from triage.config import Config
-from triage.model.registry import UID_PREFIX
+from triage.model.registry import UID_PREFIX, volume_kind
 from triage.model.results import ModelSetInfo, ScoreResult
 from triage.model.score import Scorer, Scorers, VolumeInput
 from triage.ops.logs import get_logger
@@ -140,7 +140,8 @@ def score_assembled(store: Store, scorer: Scorer | Scorers, limit: int = 16) -> 
         if res.region_map is not None and res.flagged:  # for the key images of the report stage
             _save_region_map(store, res, asm.generation, item.metadata)
         store.record_score(res.study_uid, asm.generation, {**res.to_json(), "warnings": list(asm.warnings)})
-        METRICS.study_scored(res.log_posterior, res.flagged, scorer.last_inference_s, scorer.device.type)
+        METRICS.study_scored(res.log_posterior, res.flagged, scorer.last_inference_s, scorer.device.type,
+                             kind=volume_kind(item.volume))
         log.info("study_scored", study_uid=res.study_uid, series_uid=res.series_uid,
                  log_posterior=round(res.log_posterior, 3), flagged=res.flagged, percentile=res.percentile,
                  model_version=res.model_version)

@@ -202,8 +202,8 @@ def test_orthanc_to_triage_to_pacs_and_ris_with_outage_and_restart(
     # Metrics moved by the right amounts: the first run received every file Orthanc sent, scored both
     # studies, flagged one, and retried the PACS; the second run (counters restart) delivered.
     assert _metric(metrics_first, "glowtriage_instances_received_total") == len(files)
-    assert _metric(metrics_first, "glowtriage_studies_scored_total") == 2
-    assert _metric(metrics_first, "glowtriage_studies_flagged_total") == 1
+    assert _metric(metrics_first, "glowtriage_studies_scored_total", '{kind="ct"}') == 2
+    assert _metric(metrics_first, "glowtriage_studies_flagged_total", '{kind="ct"}') == 1
     assert _metric(metrics_first, "glowtriage_outbox_retries_total", '{destination="PACS"}') >= 1
     assert _metric(metrics_first, "glowtriage_series_assembled_total") == 2
     assert _metric(metrics, "glowtriage_outbox_dead_letters_total", '{destination="PACS"}') == 0

@@ -43,6 +43,8 @@ def test_counters_move_by_exact_amounts(m: Metrics) -> None:
     m.series_skipped("not a head CT: body part CHEST")
     for flagged in (True, False, False):
         m.study_scored(-3.0 if flagged else -0.1, flagged, 0.2, "cuda:0")
+    m.study_scored(-4.0, True, 0.05, "cuda:0", kind="cxr")  # a chest radiograph
+    m.study_scored(-4.0, True, 0.05, "cuda:0", kind="1.2.840.113619.2.1")  # never a value from outside
     m.outbox_retry("pacs")
     m.outbox_retry("pacs")
     m.outbox_dead_letter("hl7")
@@ -56,12 +58,18 @@ def test_counters_move_by_exact_amounts(m: Metrics) -> None:
     assert value(m, "glowtriage_instances_rejected_total", reason="decode") == 0
     assert value(m, "glowtriage_series_assembled_total") == 1
     assert value(m, "glowtriage_series_skipped_total", reason="not_head") == 1
-    assert value(m, "glowtriage_studies_scored_total") == 3
-    assert value(m, "glowtriage_studies_flagged_total") == 1
-    assert value(m, "glowtriage_inference_seconds_count", device="cuda") == 3
-    assert value(m, "glowtriage_score_log_posterior_count") == 3
-    assert value(m, "glowtriage_score_log_posterior_bucket", le="-2.0") == 1
-    assert value(m, "glowtriage_score_log_posterior_bucket", le="-0.1") == 3
+    assert value(m, "glowtriage_studies_scored_total", kind="ct") == 3
+    assert value(m, "glowtriage_studies_flagged_total", kind="ct") == 1
+    assert value(m, "glowtriage_inference_seconds_count", device="cuda", kind="ct") == 3
+    assert value(m, "glowtriage_score_log_posterior_count", kind="ct") == 3
+    assert value(m, "glowtriage_score_log_posterior_bucket", le="-2.0", kind="ct") == 1
+    assert value(m, "glowtriage_score_log_posterior_bucket", le="-0.1", kind="ct") == 3
+    # studies and scores by kind (head CT, chest radiograph); anything else is "other"
+    assert value(m, "glowtriage_studies_scored_total", kind="cxr") == 1
+    assert value(m, "glowtriage_studies_flagged_total", kind="cxr") == 1
+    assert value(m, "glowtriage_score_log_posterior_bucket", le="-2.0", kind="cxr") == 1
+    assert value(m, "glowtriage_inference_seconds_count", device="cuda", kind="cxr") == 1
+    assert value(m, "glowtriage_studies_scored_total", kind="other") == 1
     assert value(m, "glowtriage_outbox_retries_total", destination="pacs") == 2
     assert value(m, "glowtriage_outbox_dead_letters_total", destination="hl7") == 1
     assert value(m, "glowtriage_outbox_dead_letters_total", destination="pacs") == 0
@@ -88,8 +96,8 @@ def test_latency_histogram_buckets_span_1_to_600_seconds(m: Metrics) -> None:
 
 def test_nan_score_is_counted_but_not_observed(m: Metrics) -> None:
     m.study_scored(float("nan"), False, 0.1, "cpu")
-    assert value(m, "glowtriage_studies_scored_total") == 1
-    assert value(m, "glowtriage_score_log_posterior_count") == 0
+    assert value(m, "glowtriage_studies_scored_total", kind="ct") == 1
+    assert value(m, "glowtriage_score_log_posterior_count", kind="ct") == 0
 
 
 @pytest.mark.parametrize(
@@ -193,23 +201,30 @@ def test_configure_applies_buckets_reserve_retrain_and_destinations(m: Metrics, 
     )
     m.configure(cfg)
     m.study_scored(-5.0, True, 0.1, "cpu")
-    assert value(m, "glowtriage_score_log_posterior_bucket", le="-4.0") == 1
-    assert value(m, "glowtriage_score_log_posterior_bucket", le="-2.0") is None  # old buckets gone
+    assert value(m, "glowtriage_score_log_posterior_bucket", le="-4.0", kind="ct") == 1
+    assert value(m, "glowtriage_score_log_posterior_bucket", le="-4.0", kind="cxr") == 0
+    assert value(m, "glowtriage_score_log_posterior_bucket", le="-2.0", kind="ct") is None  # old buckets gone
     assert value(m, "glowtriage_spool_reserve_bytes") == 10 * 1024 * 1024
     assert value(m, "glowtriage_retrain_enabled") == 1
     assert value(m, "glowtriage_outbox_dead_letters_total", destination="stat") == 0
 
 
 def test_model_set_retrain_and_build_info(m: Metrics) -> None:
-    assert value(m, "glowtriage_model_set_info", version="none", device_uid="", preset="") == 1
+    assert value(m, "glowtriage_model_set_info", kind="ct", version="none", device_uid="", preset="") == 1
     m.model_set_loaded("2024-06-01.1", "1.2.826.0.1.3680043.10.1", "paper-bct")
+    m.model_set_loaded("2024-06-02.1", "1.2.826.0.1.3680043.10.2", "cpu-cxr", kind="cxr")
     labels = {"version": "2024-06-01.1", "device_uid": "1.2.826.0.1.3680043.10.1", "preset": "paper-bct"}
-    assert value(m, "glowtriage_model_set_info", **labels) == 1
+    assert value(m, "glowtriage_model_set_info", kind="ct", **labels) == 1  # one set per kind, both shown
+    assert value(m, "glowtriage_model_set_info", kind="cxr", version="2024-06-02.1",
+                 device_uid="1.2.826.0.1.3680043.10.2", preset="cpu-cxr") == 1
     m.retrain_finished(success=True, duration_s=1800.0, gate_passed=True, finished_at=1_700_000_000.0)
     m.retrain_finished(success=False, duration_s=60.0, gate_passed=False, finished_at=1_700_086_400.0)
-    assert value(m, "glowtriage_retrain_last_success_timestamp_seconds") == 1_700_000_000.0
-    assert value(m, "glowtriage_retrain_duration_seconds") == 60.0
-    assert value(m, "glowtriage_retrain_gate_passed") == 0
+    m.retrain_finished(success=False, duration_s=30.0, gate_passed=False, kind="cxr")
+    assert value(m, "glowtriage_retrain_last_success_timestamp_seconds", kind="ct") == 1_700_000_000.0
+    assert value(m, "glowtriage_retrain_duration_seconds", kind="ct") == 60.0
+    assert value(m, "glowtriage_retrain_gate_passed", kind="ct") == 0
+    assert value(m, "glowtriage_retrain_last_success_timestamp_seconds", kind="cxr") == 0  # never: 0
+    assert value(m, "glowtriage_retrain_duration_seconds", kind="cxr") == 30.0
     text = generate_latest(m.registry).decode()
     assert "glowtriage_build_info{" in text and "process_start_time_seconds" in text
 

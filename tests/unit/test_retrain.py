@@ -31,20 +31,23 @@ from pydicom.uid import ExplicitVRLittleEndian
 from training.data.sources import VolumeSet
 from training.data.volumes import split_by_patient, volumes_from_dicom
 from training.train.loop import train
-from training.train.retrain import gather, holdout_unit, patient_of, run
+from training.train.retrain import file_kind, gather, holdout_unit, patient_of, run
+from triage.assemble.radiograph import RADIOGRAPH_PREPROCESSING_VERSION
 from triage.assemble.volume import AssembledVolume, save_volume
 from triage.config import Config, load
 from triage.model.modelset import create_model_set
 from triage.model.registry import ModelSet, Registry, RegistryError, sha256_file
-from triage.model.score import Scorer
+from triage.model.score import Scorer, Scorers, VolumeInput
 from triage.ops.history import HISTORY, read_history
 from triage.ops.metrics import Metrics
-from triage.ops.schedule import JOB_ID, RetrainJob, start_scheduler
+from triage.ops.schedule import JOB_ID, RetrainJob, current_kinds, start_scheduler
 from triage.store.db import Store
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = (8, 16, 16)  # test-tiny's image_shape; volumes are these blocks repeated up to 32x128x128
 CT = "1.2.840.10008.5.1.4.1.1.2"
+DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+SMALL_2D = (16, 16)  # test-tiny-2d's image_shape; radiographs are these blocks repeated up to 512x512
 DAY = 86400.0
 PATIENT_IDS = ["PAT-A", "PAT-A", *[f"PAT-{i:02d}" for i in range(2, 12)], None, "PAT-OLD"]  # 14 studies
 
@@ -84,19 +87,21 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]
         torch.set_num_threads(threads)
 
 
-def put_instance(store: Store, study: str, series: str, patient_id: str, issuer: str | None = None) -> None:
+def put_instance(store: Store, study: str, series: str, patient_id: str, issuer: str | None = None,
+                 sop_class: str = CT) -> None:
+    modality = "CT" if sop_class == CT else "DX"
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CT
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPInstanceUID = f"{series}.1"
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = CT, f"{series}.1"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, f"{series}.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, modality
     ds.PatientID = patient_id
     if issuer is not None:
         ds.IssuerOfPatientID = issuer
-    store.put_instance(f"{series}.1", study, series, CT, ExplicitVRLittleEndian,
-                       lambda f: ds.save_as(f, enforce_file_format=True), "TEST", "CT")
+    store.put_instance(f"{series}.1", study, series, sop_class, ExplicitVRLittleEndian,
+                       lambda f: ds.save_as(f, enforce_file_format=True), "TEST", modality)
 
 
 def make_site(tmp: Path, models: dict[str, Path], *, trunk: Path | None = None,
@@ -129,8 +134,8 @@ def make_site(tmp: Path, models: dict[str, Path], *, trunk: Path | None = None,
     return cfg, reg, current
 
 
-def gauge(m: Metrics, name: str) -> float | None:
-    return m.registry.get_sample_value(f"glowtriage_retrain_{name}")
+def gauge(m: Metrics, name: str, kind: str = "ct") -> float | None:
+    return m.registry.get_sample_value(f"glowtriage_retrain_{name}", {"kind": kind})
 
 
 def no_leftovers(reg: Registry) -> None:
@@ -205,13 +210,16 @@ def test_scheduled_job_retrains_gates_and_promotes(tmp_path: Path, models: dict[
         assert (job.next_run_time.hour, job.next_run_time.minute) == (3, 17)
         assert timedelta(0) < job.next_run_time - datetime.now(tz) <= timedelta(days=1)
         assert job.max_instances == 1 and job.coalesce and job.misfire_grace_time == 3600
-        assert gauge(m, "last_success_timestamp_seconds") == 0  # no history yet
+        assert gauge(m, "last_success_timestamp_seconds") is None  # no history yet
         t0 = time.monotonic()
-        record = job.func()  # what the scheduler runs at 03:17, here synchronously
+        records = job.func()  # what the scheduler runs at 03:17, here synchronously
         took = time.monotonic() - t0
     finally:
         sched.shutdown(wait=False)
+    assert list(records) == ["ct"]  # the only kind with a current set
+    record = records["ct"]
     d = record["data"]
+    assert record["kind"] == "ct"
     print(f"\nretrain job, 20 steps test-tiny, {d['train']} train / {d['holdout']} held out: {took:.1f} s "
           f"wall, {record['duration_s']:.1f} s inside the child (the rest: process start, imports)")
     assert record["outcome"] == "promoted", record
@@ -257,7 +265,7 @@ def test_retrain_branches_the_new_m1_from_the_sets_trunk_and_keeps_it(tmp_path: 
     cfg, reg, before = make_site(tmp_path, models, trunk=models["trunk"], gate_nll_margin_bpd=1.0)
     assert before.trunk_path is not None
     assert before.manifest["trunk_sha256"] == sha256_file(models["trunk"])
-    record = RetrainJob(cfg, Metrics(CollectorRegistry()))()
+    record = RetrainJob(cfg, Metrics(CollectorRegistry()))()["ct"]
     assert record["outcome"] == "promoted", record
     assert record["training"]["init_from"] == "trunk"
     new = reg.current()
@@ -274,7 +282,7 @@ def test_gate_failure_keeps_the_current_set_and_says_why(tmp_path: Path, models:
     # one step from scratch against a trained M1, with no margin: the held-out NLL must fail
     cfg, reg, before = make_site(tmp_path, models, init_from="scratch", steps=1, gate_nll_margin_bpd=0.0)
     m = Metrics(CollectorRegistry())
-    record = RetrainJob(cfg, m)()
+    record = RetrainJob(cfg, m)()["ct"]
     assert record["outcome"] == "rejected"
     assert "held-out NLL" in record["reason"] and "gate_nll_margin_bpd = 0" in record["reason"]
     assert record["gate"]["nll_new_bpd"] > record["gate"]["nll_current_bpd"]
@@ -301,7 +309,7 @@ def test_killed_retrain_leaves_the_current_set_serving(tmp_path: Path, models: d
     m = Metrics(CollectorRegistry())
     job = RetrainJob(cfg, m)
     out: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: out.update(job()))
+    t = threading.Thread(target=lambda: out.update(job()["ct"]))
     t.start()
     try:
         deadline = time.monotonic() + 60
@@ -370,3 +378,126 @@ def test_daemon_side_never_imports_training() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'training'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------ chest radiograph sets
+
+
+def blob2d(rng: np.random.Generator) -> np.ndarray:
+    """The 2-D blob: what a tiny 2-D flow learns in a few steps, as a 512x512 canonical radiograph."""
+    yy, xx = np.meshgrid(*[np.arange(s) for s in SMALL_2D], indexing="ij")
+    cy, cx = (rng.uniform(s * 0.25, s * 0.75) for s in SMALL_2D)
+    d = ((yy - cy) ** 2 + (xx - cx) ** 2) / rng.uniform(2.0, 4.0) ** 2
+    small = np.clip(np.round(20 + 90 * np.exp(-d) + rng.normal(0, 2, SMALL_2D)), 0, 127).astype(np.uint8)
+    return np.repeat(np.repeat(small, 32, 0), 32, 1)
+
+
+def radiograph(data: np.ndarray, study: str, series: str) -> AssembledVolume:
+    """What the radiograph assembly saves (its grid names the kind)."""
+    return AssembledVolume(data=data, hu_stats={}, source_geometry={"kind": "cxr"},
+                           grid={"kind": "cxr", "shape": [512, 512], "spacing": [0.7, 0.7]}, coverage_mm=0.0,
+                           warnings=[], zero_fraction=0.0, study_uid=study, series_uid=series,
+                           preprocessing_version=RADIOGRAPH_PREPROCESSING_VERSION)
+
+
+@pytest.fixture(scope="module")
+def models2d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """test-tiny-2d M0 on normal blobs and M1 on a mixture, trained once (60 steps each)."""
+    d = tmp_path_factory.mktemp("models2d")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, role, seed in (("normal", "normal", 21), ("mixture", "mixture", 22)):
+            rng = np.random.default_rng(seed)
+            vs = VolumeSet([blob2d(rng) for _ in range(16)], [f"1.2.3.{seed}.{i}" for i in range(16)])
+            train(vs, "test-tiny-2d", d / f"{name}.pt", role=role, steps=60, progress=False, log_every=0)
+        yield {"m0": d / "normal.pt", "m1": d / "mixture.pt"}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def add_chest_site(tmp: Path, cfg: Config, reg: Registry, models2d: dict[str, Path], n: int = 14) -> ModelSet:
+    """``n`` chest radiographs of ``n`` patients in the store's archive beside the head CTs, and a
+    promoted current chest set (6 reference normals) beside the head-CT set."""
+    rng = np.random.default_rng(7)
+    with Store(cfg.storage_root) as store:
+        for k in range(n):
+            study, series = f"1.2.826.0.1.6.{k}", f"1.2.826.0.1.6.{k}.1"
+            save_volume(radiograph(blob2d(rng), study, series), store.volume_path(study, series, 1))
+            put_instance(store, study, series, f"PAT-X{k:02d}", sop_class=DX)
+    calib = tmp / "calib-cxr"
+    for k in range(6):
+        uid = f"1.2.826.0.1.5.{k}"
+        save_volume(radiograph(blob2d(rng), uid, f"{uid}.1"), calib / f"n{k}.npz")
+    chest = create_model_set(cfg, reg, models2d["m0"], models2d["m1"], calib, specificity=0.8, device="cpu")
+    assert chest.kind == "cxr" and len(chest.manifest["calibration"]["reference_volumes"]) == 6
+    reg.promote(chest.version, reason="initial")
+    return chest
+
+
+def test_each_kind_retrains_on_its_own_archive_and_the_head_set_is_untouched(
+        tmp_path: Path, models: dict[str, Path], models2d: dict[str, Path]) -> None:
+    # 12 head-CT patients, 14 chest patients, min_volumes 13: tonight only the chest set can retrain
+    cfg, reg, head = make_site(tmp_path, models, min_volumes=13)
+    chest = add_chest_site(tmp_path, cfg, reg, models2d)
+    assert current_kinds(reg.root) == list(reg.currents()) == ["ct", "cxr"]  # schedule reads the pointers
+    # each kind's archive holds only its own studies
+    g_cxr, g_ct = gather(cfg, kind="cxr"), gather(cfg, kind="ct")
+    assert g_cxr.counts["patients"] == 14 and g_cxr.counts["unreadable"] == 0
+    assert all(v.shape == (512, 512) for v in g_cxr.train + g_cxr.holdout)
+    assert all(i.startswith("1.2.826.0.1.6.") for i in g_cxr.train_ids + g_cxr.holdout_ids)
+    assert g_ct.counts["patients"] == 12 and all(v.ndim == 3 for v in g_ct.train + g_ct.holdout)
+    some = next((tmp_path / "var" / "volumes").glob("1.2.826.0.1.6.0/*.npz"))
+    assert file_kind(some) == "cxr" and file_kind(next(tmp_path.glob("calib/*.npz"))) == "ct"
+
+    m = Metrics(CollectorRegistry())
+    records = RetrainJob(cfg, m)()
+    assert list(records) == ["ct", "cxr"]
+    ct, cxr = records["ct"], records["cxr"]
+    assert ct["kind"] == "ct" and ct["outcome"] == "skipped"
+    assert ct["reason"].startswith("12 volumes (one per patient)")
+    assert cxr["kind"] == "cxr" and cxr["outcome"] == "promoted", cxr
+    assert cxr["data"]["patients"] == 14 and cxr["gate"]["passed"]
+    # the chest set moved; the head-CT set did not
+    new = reg.current("cxr")
+    assert new.version == cxr["version"] != chest.version and new.kind == "cxr"
+    assert new.manifest["m0_sha256"] == chest.manifest["m0_sha256"]
+    assert new.manifest["m1_sha256"] != chest.manifest["m1_sha256"]
+    assert new.manifest["preprocessing_version"] == RADIOGRAPH_PREPROCESSING_VERSION
+    assert new.manifest["provenance"]["retrain"]["previous"] == chest.version
+    assert len(new.manifest["calibration"]["reference_volumes"]) == 6  # kept for the next night's gate
+    assert reg.current("ct").version == head.version
+    assert [s.version for s in reg.list() if s.kind == "ct"] == [head.version]
+    promoted = [h for h in reg.history() if h.get("reason") == "nightly retrain"]
+    assert [(h["kind"], h["previous"]) for h in promoted] == [("cxr", chest.version)]
+    # one history line per kind; metrics per kind
+    hist = read_history(reg.root)
+    assert [(h["kind"], h["outcome"]) for h in hist] == [("ct", "skipped"), ("cxr", "promoted")]
+    assert gauge(m, "gate_passed", "cxr") == 1 and gauge(m, "gate_passed", "ct") == 0
+    assert gauge(m, "last_success_timestamp_seconds", "cxr") == pytest.approx(hist[1]["finished_at"])
+    assert gauge(m, "last_success_timestamp_seconds", "ct") == 0
+    # the daemon's scorers load both; a chest image is scored by the new chest set
+    sc = Scorers.from_registry(reg, device="cpu")
+    res = sc.score([VolumeInput("s", "r", blob2d(np.random.default_rng(99)))])[0]
+    assert res.model_version == new.version
+    # rollback of the chest set goes back to the set before the retrain, the head set stays
+    assert reg.rollback(kind="cxr").version == chest.version
+    assert reg.current().version == head.version
+    # a restarted daemon restores each kind's last success
+    fresh = Metrics(CollectorRegistry())
+    start_scheduler(cfg, fresh, paused=True).shutdown(wait=False)
+    assert gauge(fresh, "last_success_timestamp_seconds", "cxr") == pytest.approx(hist[1]["finished_at"])
+    assert gauge(fresh, "last_success_timestamp_seconds", "ct") is None
+    no_leftovers(reg)
+
+
+def test_chest_gate_failure_keeps_the_chest_set(tmp_path: Path, models: dict[str, Path],
+                                                models2d: dict[str, Path]) -> None:
+    cfg, reg, head = make_site(tmp_path, models, init_from="scratch", steps=1, gate_nll_margin_bpd=0.0)
+    chest = add_chest_site(tmp_path, cfg, reg, models2d)
+    record = run(cfg, reg.root / ".retrain-chest", kind="cxr")
+    assert record["kind"] == "cxr" and record["outcome"] == "rejected", record
+    assert "held-out NLL" in record["reason"] and record["version"] is None
+    assert reg.current("cxr").version == chest.version and reg.current().version == head.version
+    assert sorted(s.version for s in reg.list()) == sorted([head.version, chest.version])
+    assert read_history(reg.root)[-1]["kind"] == "cxr"

@@ -1,5 +1,12 @@
 """The nightly M1 retrain job: archive -> new M1 -> gate -> recalibrate -> register -> promote.
 
+One run retrains one *kind* of model set (``--kind ct``: head CT, ``--kind cxr``: chest radiograph;
+:mod:`triage.model.registry` keeps one current set per kind). Each kind is its own loop: its archive is
+the studies of that kind the daemon assembled (a head CT never trains a chest M1), its gate runs on its
+own set's reference normals, and promotion or rollback moves only that kind's pointer. Without
+``--kind`` the entry point retrains every kind with a current set, one after the other; the scheduler
+starts one process per kind, so a crash or timeout of one kind costs that kind's night only.
+
 ``python -m training.train.retrain --config FILE`` is the job's entry point;
 :mod:`triage.ops.schedule` starts it as
 a child process at a lower CPU priority (``[retrain] nice``), so a training run never takes the
@@ -10,11 +17,13 @@ training code. The history it writes is :mod:`triage.ops.history`, which the sch
 What one run does, and why:
 
 1. **Gather.** The assembled volumes of the store (``<root>/volumes/<study>/<series>-g<gen>.npz``)
-   whose file is younger than ``window_days``. One volume per *patient* (the newest study): follow-up
-   scans of one patient would otherwise weigh that patient several times and, split across the
-   training and held-out sets, leak. The patient is read from the PatientID (+ issuer) of one spooled
-   instance of the series and reduced to :func:`triage.assemble.patient.patient_key` in memory (the key
-   training's ``split_by_patient`` uses too); it is never logged or written.
+   of the run's kind (a radiograph's file says ``grid.kind = "cxr"``, see
+   :func:`triage.assemble.radiograph.load_assembled`) whose file is younger than ``window_days``.
+   One volume per *patient* (the newest study): follow-up scans of one patient would otherwise weigh
+   that patient several times and, split across the training and held-out sets, leak. The patient is
+   read from the PatientID (+ issuer) of one spooled instance of the series and reduced to
+   :func:`triage.assemble.patient.patient_key` in memory (the key training's ``split_by_patient``
+   uses too); it is never logged or written.
    A volume whose instances are gone counts as its own patient.
 2. **Hold out** ``holdout_fraction`` of the patients, chosen by their hash: the same patients every
    night, so no retrain ever trains on a patient that another night's gate judged with.
@@ -65,12 +74,13 @@ import torch
 
 from triage import __version__
 from triage.assemble.patient import patient_key, patient_key_of_file
-from triage.assemble.volume import PREPROCESSING_VERSION, VolumeError, load_volume
+from triage.assemble.radiograph import RADIOGRAPH_PREPROCESSING_VERSION, load_assembled
+from triage.assemble.volume import PREPROCESSING_VERSION, VolumeError
 from triage.config import Config, ConfigError, load
 from triage.model.calibrate import threshold_at_specificity
 from triage.model.glow import Glow, fit_to_shape
 from triage.model.modelset import load_reference_volumes, region_calibration
-from triage.model.registry import ModelSet, Registry, RegistryError
+from triage.model.registry import DEFAULT_KIND, KINDS, ModelSet, Registry, RegistryError, volume_kind
 from triage.model.score import ModelPair, pick_device
 from triage.ops.history import RESULT, WORKDIR_PREFIX, append_history, new_workdir
 from triage.ops.logs import get_logger
@@ -79,6 +89,9 @@ from triage.store.db import Store
 LOCK = ".retrain.lock"
 STATE = "state.json"
 PROMOTE_REASON = "nightly retrain"
+# what the daemon's assembly writes today for each kind; older files are not comparable (other pixels)
+PREPROCESSING = {"ct": PREPROCESSING_VERSION, "cxr": RADIOGRAPH_PREPROCESSING_VERSION}
+KIND_NAMES = {"ct": "head CT", "cxr": "chest radiograph"}
 
 log = get_logger("retrain")
 
@@ -113,9 +126,19 @@ class _Candidate:
     mtime: float
 
 
-def _candidates(cfg: Config, store: Store, now: float) -> tuple[list[_Candidate], int]:
-    """One volume file per study inside the window (the assembled one, else the newest), and how many
-    studies had only older ones."""
+def file_kind(path: Path) -> str:
+    """The kind of an assembled volume file from its metadata alone (not its pixels): ``cxr`` when the
+    radiograph assembly wrote it, else ``ct`` (an unreadable file is left to the loader to report)."""
+    with contextlib.suppress(Exception), np.load(path, allow_pickle=False) as npz:
+        if json.loads(str(npz["meta"])).get("grid", {}).get("kind") == "cxr":
+            return "cxr"
+    return DEFAULT_KIND
+
+
+def _candidates(cfg: Config, store: Store, now: float, kind: str = DEFAULT_KIND
+                ) -> tuple[list[_Candidate], int]:
+    """One volume file per study of ``kind`` inside the window (the assembled one, else the newest),
+    and how many studies of that kind had only older ones."""
     root = cfg.storage_root / "volumes"
     cutoff = now - cfg.settings.retrain.window_days * 86400.0
     out: list[_Candidate] = []
@@ -133,6 +156,8 @@ def _candidates(cfg: Config, store: Store, now: float) -> tuple[list[_Candidate]
                 chosen = Path(row.volume_path)
         if chosen is None:
             chosen = max(files, key=lambda f: (f.stat().st_mtime, f.name))
+        if file_kind(chosen) != kind:
+            continue  # another kind's archive
         mtime = chosen.stat().st_mtime
         if mtime < cutoff:
             outside += 1
@@ -160,13 +185,16 @@ def holdout_unit(patient_key: str) -> float:
     return int.from_bytes(h[:8], "big") / 2.0**64
 
 
-def gather(cfg: Config, now: float | None = None) -> Gathered:
-    """The window's volumes, one per patient, split into training and held-out sets."""
+def gather(cfg: Config, now: float | None = None, kind: str = DEFAULT_KIND) -> Gathered:
+    """The window's volumes of ``kind``, one per patient, split into training and held-out sets.
+
+    A patient with a head CT and a chest radiograph counts once in each kind's archive; the hold-out
+    is by patient, so such a patient is held out (or not) in both."""
     rs = cfg.settings.retrain
     now = time.time() if now is None else now
     store = Store(cfg.storage_root)
     try:
-        cands, outside = _candidates(cfg, store, now)
+        cands, outside = _candidates(cfg, store, now, kind)
         newest: dict[str, tuple[_Candidate, float]] = {}
         no_patient = 0
         for c in cands:
@@ -183,12 +211,12 @@ def gather(cfg: Config, now: float | None = None) -> Gathered:
     loaded: list[tuple[_Candidate, float, np.ndarray]] = []
     for c, u in kept:
         try:
-            vol = load_volume(c.path)
+            vol = load_assembled(c.path)
         except VolumeError as exc:
             unreadable += 1
             log.warning("retrain_volume_skipped", study_uid=c.study_uid, path=str(c.path), reason=str(exc))
             continue
-        if vol.preprocessing_version != PREPROCESSING_VERSION:
+        if vol.preprocessing_version != PREPROCESSING[kind] or volume_kind(vol.data) != kind:
             stale += 1
             continue
         loaded.append((c, u, vol.data))
@@ -375,8 +403,9 @@ def _register(reg: Registry, current: ModelSet, new_m1: Path, gate: dict[str, An
     )
 
 
-def run(cfg: Config, workdir: Path, *, now: float | None = None) -> dict[str, Any]:
-    """One retrain, start to end; returns the history record (already appended to the history).
+def run(cfg: Config, workdir: Path, *, now: float | None = None, kind: str = DEFAULT_KIND) -> dict[str, Any]:
+    """One retrain of ``kind``'s current set, start to end; returns the history record (already
+    appended to the history, with its ``kind``). Every other kind's set is left as it is.
 
     Call with ``workdir`` under ``cfg.models_dir`` named ``.retrain-<run>``: it holds the new M1 while
     it is trained and gated, then ``result.json`` (the record) for the scheduler, which removes the
@@ -386,8 +415,9 @@ def run(cfg: Config, workdir: Path, *, now: float | None = None) -> dict[str, An
     rs = cfg.settings.retrain
     reg = Registry(cfg.models_dir)
     record: dict[str, Any] = {
-        "run": workdir.name.removeprefix(WORKDIR_PREFIX), "started": _iso(t0), "outcome": "failed",
-        "reason": None, "previous": None, "version": None, "data": {}, "gate": {"passed": False},
+        "run": workdir.name.removeprefix(WORKDIR_PREFIX), "kind": kind, "started": _iso(t0),
+        "outcome": "failed", "reason": None, "previous": None, "version": None, "data": {},
+        "gate": {"passed": False},
         "window_days": rs.window_days, "steps": rs.steps, "init_from": rs.init_from,
     }
     lock_fd = None
@@ -404,18 +434,21 @@ def run(cfg: Config, workdir: Path, *, now: float | None = None) -> dict[str, An
             if stale.is_dir() and stale.resolve() != workdir.resolve():
                 shutil.rmtree(stale, ignore_errors=True)
         workdir.mkdir(parents=True, exist_ok=True)
-        _write_json(workdir / STATE, {"pid": os.getpid(), "phase": "gathering"})
-        current = reg.current()
+        _write_json(workdir / STATE, {"pid": os.getpid(), "phase": "gathering", "kind": kind})
+        if kind not in KINDS:
+            raise RegistryError(f"model set kind {kind!r} is not one of {', '.join(KINDS)}")
+        current = reg.current(kind)
         if current is None:
-            raise RetrainSkipped(f"no current model set under {reg.root} to retrain")
+            raise RetrainSkipped(f"no current {KIND_NAMES[kind]} model set under {reg.root} to retrain")
         record["previous"] = current.version
         current.verify()
-        g = gather(cfg, now=t0 if now is None else now)
+        g = gather(cfg, now=t0 if now is None else now, kind=kind)
         record["data"] = g.counts
         log.info("retrain_gathered", **g.counts)
         if g.total < rs.min_volumes:
+            what = "volumes" if kind == DEFAULT_KIND else f"{KIND_NAMES[kind]}s"
             raise RetrainSkipped(
-                f"{g.total} volumes (one per patient) in the last {rs.window_days} days, fewer than "
+                f"{g.total} {what} (one per patient) in the last {rs.window_days} days, fewer than "
                 f"retrain.min_volumes = {rs.min_volumes}"
             )
         if not g.holdout or not g.train:
@@ -453,8 +486,9 @@ def run(cfg: Config, workdir: Path, *, now: float | None = None) -> dict[str, An
             os.close(lock_fd)  # releases the lock
     level = log.info if record["outcome"] in ("promoted", "skipped") else log.warning
     gate_log = {k: record["gate"].get(k) for k in ("nll_new_bpd", "nll_current_bpd", "median_shift")}
-    level("retrain_finished", run=record["run"], outcome=record["outcome"], reason=record["reason"],
-          version=record["version"], previous=record["previous"], duration_s=record["duration_s"], **gate_log)
+    level("retrain_finished", run=record["run"], kind=kind, outcome=record["outcome"],
+          reason=record["reason"], version=record["version"], previous=record["previous"],
+          duration_s=record["duration_s"], **gate_log)
     return record
 
 
@@ -480,10 +514,13 @@ def _die_with_parent(parent_pid: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.train.retrain",
-                                description="One nightly M1 retrain.")
+                                description="The nightly M1 retrain of one kind of model set, or of each.")
     p.add_argument("--config", help="config.toml (default: $GLOWTRIAGE_CONFIG, else built-in defaults)")
     p.add_argument("--workdir", type=Path, help="work folder (default: <models>/.retrain-<UTC time>)")
     p.add_argument("--parent-pid", type=int, help="exit if this process is no longer the parent")
+    p.add_argument("--kind", choices=KINDS,
+                   help="the kind of set to retrain (ct: head CT, cxr: chest radiograph; default: each kind "
+                        "with a current set, one after the other)")
     args = p.parse_args(argv)
     try:
         cfg = load(args.config)
@@ -498,8 +535,18 @@ def main(argv: list[str] | None = None) -> int:
     _lower_priority(cfg.settings.retrain.nice)
     if cfg.settings.retrain.threads > 0:
         torch.set_num_threads(cfg.settings.retrain.threads)
-    record = run(cfg, args.workdir or new_workdir(cfg.models_dir))
-    return 1 if record["outcome"] == "failed" else 0
+    if args.kind is not None:
+        kinds = [args.kind]
+    else:
+        try:
+            kinds = list(Registry(cfg.models_dir).currents()) or [DEFAULT_KIND]
+        except RegistryError:
+            kinds = [DEFAULT_KIND]  # run() records what is wrong with the registry
+    if args.workdir is not None and len(kinds) > 1:
+        print("--workdir names one run's folder: give --kind too", file=sys.stderr)
+        return 2
+    outcomes = [run(cfg, args.workdir or new_workdir(cfg.models_dir), kind=k)["outcome"] for k in kinds]
+    return 1 if "failed" in outcomes else 0
 
 
 if __name__ == "__main__":

@@ -170,6 +170,9 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
             continue
         if kind == "cxr":  # no region score for radiographs (yet): the global score only
             posteriors[st.study_uid] = float(np.subtract(*pair.log_likelihoods(st.volume.data)))
+            if lab is None or lab.get(st.study_uid, ("",))[0] == "normal":  # the nightly retrain's gate
+                references[st.study_uid] = save_reference_volume(reg.root, st.volume.data,
+                                                                 posteriors[st.study_uid])
             continue
         is_normal = lab is None or lab.get(st.study_uid, ("",))[0] == "normal"  # the ones calibrate() keeps
         if is_normal:  # their voxel maps calibrate the region score; the global score is the maps' total

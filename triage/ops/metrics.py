@@ -20,11 +20,11 @@ What the pipeline calls (all cheap, thread-safe, never raise on odd input):
     METRICS.instance_received(nbytes)                # every stored C-STORE instance
     METRICS.instance_rejected("disk full")           # C-STORE refused (reason: free text)
     METRICS.series_assembled() / METRICS.series_skipped("not a head CT")
-    METRICS.study_scored(log_posterior, flagged, inference_s, device)
+    METRICS.study_scored(log_posterior, flagged, inference_s, device, kind="ct")   # kind: ct | cxr
     METRICS.result_acknowledged(seconds_since_series_complete)
     METRICS.outbox_retry("pacs") / METRICS.outbox_dead_letter("pacs")
-    METRICS.model_set_loaded(version, device_uid, preset)
-    METRICS.retrain_finished(success, duration_s, gate_passed)
+    METRICS.model_set_loaded(version, device_uid, preset, kind="ct")
+    METRICS.retrain_finished(success, duration_s, gate_passed, kind="ct")
     METRICS.bind_queue(store_counts_by_state, store_oldest_age_by_state)   # read at every scrape
 """
 
@@ -83,6 +83,10 @@ OUTCOMES = (
     "rejected_other",
 )
 DEVICES = ("cpu", "cuda", "mps")
+# Kinds of study and of model set (triage.model.registry.KINDS; ops cannot import model): head CT and
+# chest radiograph have their own sets, score distributions, flag rates and retrains, so what counts
+# studies or scores them is labelled ``kind`` (a closed set: never a value from a study).
+KINDS = ("ct", "cxr")
 MAX_LABEL_VALUES = 32
 OTHER = "other"
 
@@ -129,6 +133,10 @@ def reason_category(reason: str) -> str:
 def _closed_set(value: str, allowed: Sequence[str]) -> str:
     text = str(value).strip().lower()
     return text if text in allowed else OTHER
+
+
+def _kind_label(kind: str) -> str:
+    return _closed_set(kind, KINDS)
 
 
 def _device_label(device: str) -> str:
@@ -267,9 +275,12 @@ class Metrics:
         self.series_skipped_total = Counter(
             f"{p}_series_skipped", "Series not scored, by reason category.", ["reason"], registry=r
         )
-        self.studies_scored_total = Counter(f"{p}_studies_scored", "Studies scored.", registry=r)
+        self.studies_scored_total = Counter(
+            f"{p}_studies_scored", "Studies scored, by kind (ct: head CT, cxr: chest radiograph).", ["kind"],
+            registry=r,
+        )
         self.studies_flagged_total = Counter(
-            f"{p}_studies_flagged", "Studies flagged as abnormal.", registry=r
+            f"{p}_studies_flagged", "Studies flagged as abnormal, by kind.", ["kind"], registry=r
         )
         self.e2e_latency = Histogram(
             f"{p}_e2e_latency_seconds",
@@ -279,8 +290,8 @@ class Metrics:
         )
         self.inference = Histogram(
             f"{p}_inference_seconds",
-            "Seconds of one scoring (both flows) by device kind.",
-            ["device"],
+            "Seconds of one scoring (both flows) by device and study kind.",
+            ["device", "kind"],
             buckets=INFERENCE_BUCKETS,
             registry=r,
         )
@@ -301,21 +312,24 @@ class Metrics:
             "storage.min_free_mb in bytes: below it C-STORE is refused.",
             registry=r,
         )
-        self.model_set = Info(f"{p}_model_set", "The model set in use.", registry=r)
-        self.model_set.info({"version": "none", "device_uid": "", "preset": ""})
+        self.model_set = Info(f"{p}_model_set", "The model set in use for each kind.", ["kind"], registry=r)
+        self.model_set.labels("ct").info({"version": "none", "device_uid": "", "preset": ""})
         self._score_buckets = tuple(float(b) for b in score_buckets)
         self.score_log_posterior = self._make_score_histogram()
         self.retrain_enabled = Gauge(f"{p}_retrain_enabled", "1 when the nightly retrain is on.", registry=r)
         self.retrain_last_success = Gauge(
             f"{p}_retrain_last_success_timestamp_seconds",
-            "Unix time of the last successful retrain (0: none known).",
+            "Unix time of the last successful retrain of each kind's set (0: none known).",
+            ["kind"],
             registry=r,
         )
         self.retrain_duration = Gauge(
-            f"{p}_retrain_duration_seconds", "Seconds the last retrain ran.", registry=r
+            f"{p}_retrain_duration_seconds", "Seconds the last retrain of each kind ran.", ["kind"],
+            registry=r,
         )
         self.retrain_gate_passed = Gauge(
-            f"{p}_retrain_gate_passed", "1 when the last retrain's model passed the gate, else 0.", registry=r
+            f"{p}_retrain_gate_passed", "1 when the last retrain's model passed the gate, else 0.", ["kind"],
+            registry=r,
         )
         self.build_info = Info(
             f"{p}_build", "Version of glowtriage and of the Python running it.", registry=r
@@ -329,8 +343,12 @@ class Metrics:
         for reason in REASON_CATEGORIES:
             self.instances_rejected_total.labels(reason)
             self.series_skipped_total.labels(reason)
-        for device in DEVICES:
-            self.inference.labels(device)
+        for kind in KINDS:
+            self.studies_scored_total.labels(kind)
+            self.studies_flagged_total.labels(kind)
+            self.score_log_posterior.labels(kind)
+            for device in DEVICES:
+                self.inference.labels(device, kind)
         self._expect_destinations(["pacs", "hl7"])
 
     # --- configuration -------------------------------------------------------------------------------
@@ -338,7 +356,8 @@ class Metrics:
     def _make_score_histogram(self) -> Histogram:
         return Histogram(
             f"{PREFIX}_score_log_posterior",
-            "Score log p(normal|x) of scored studies, in nats.",
+            "Score log p(normal|x) of scored studies by kind, in nats.",
+            ["kind"],
             buckets=self._score_buckets,
             registry=self.registry,
         )
@@ -360,6 +379,8 @@ class Metrics:
             self.registry.unregister(self.score_log_posterior)
             self._score_buckets = buckets
             self.score_log_posterior = self._make_score_histogram()
+            for kind in KINDS:
+                self.score_log_posterior.labels(kind)
         self.bind_spool(cfg.storage_root, s.storage.min_free_mb * 1024 * 1024)
         self.retrain_enabled.set(1 if s.retrain.enabled else 0)
         self._calling_ae.expect(s.dicom.allowed_calling_aets)
@@ -444,15 +465,18 @@ class Metrics:
         """A series was not scored (not a head CT, too thin, ...); ``reason`` is free text."""
         self.series_skipped_total.labels(reason_category(reason)).inc()
 
-    def study_scored(self, log_posterior: float, flagged: bool, inference_s: float, device: str) -> None:
-        """A study was scored: its score, the decision, and how long the flows took on which device."""
-        self.studies_scored_total.inc()
+    def study_scored(self, log_posterior: float, flagged: bool, inference_s: float, device: str,
+                     kind: str = "ct") -> None:
+        """A study of ``kind`` (ct, cxr) was scored: its score, the decision, and how long the flows took
+        on which device."""
+        k = _kind_label(kind)
+        self.studies_scored_total.labels(k).inc()
         if flagged:
-            self.studies_flagged_total.inc()
+            self.studies_flagged_total.labels(k).inc()
         if log_posterior == log_posterior:  # NaN would land in +Inf; the score logger reports it
-            self.score_log_posterior.observe(log_posterior)
+            self.score_log_posterior.labels(k).observe(log_posterior)
         if inference_s >= 0:
-            self.inference.labels(_device_label(device)).observe(inference_s)
+            self.inference.labels(_device_label(device), k).observe(inference_s)
 
     def result_acknowledged(self, latency_s: float) -> None:
         """The study's result was acknowledged by its destination, ``latency_s`` after series complete."""
@@ -467,22 +491,30 @@ class Metrics:
         """A message to ``destination`` was given up after outbox.max_attempts."""
         self.outbox_dead_letters_total.labels(self._destination(destination)).inc()
 
-    def model_set_loaded(self, version: str, device_uid: str, preset: str) -> None:
-        """The model set in use changed (start-up, promote, rollback)."""
-        self.model_set.info({"version": str(version), "device_uid": str(device_uid), "preset": str(preset)})
+    def model_set_loaded(self, version: str, device_uid: str, preset: str, kind: str = "ct") -> None:
+        """The model set in use for ``kind`` changed (start-up, promote, rollback)."""
+        self.model_set.labels(_kind_label(kind)).info(
+            {"version": str(version), "device_uid": str(device_uid), "preset": str(preset)})
 
     def retrain_finished(
-        self, success: bool, duration_s: float, gate_passed: bool, finished_at: float | None = None
+        self, success: bool, duration_s: float, gate_passed: bool, finished_at: float | None = None,
+        kind: str = "ct",
     ) -> None:
-        """A retrain run ended. ``success``: it trained and its model passed the gate and was promoted."""
-        self.retrain_duration.set(duration_s)
-        self.retrain_gate_passed.set(1 if gate_passed else 0)
-        if success:
-            self.retrain_last_success.set(time.time() if finished_at is None else finished_at)
+        """A retrain of ``kind``'s set ended. ``success``: it trained, passed the gate and was promoted.
 
-    def retrain_restore(self, last_success: float) -> None:
+        A kind's last-success gauge exists (0) from its first run on, so an alert on the stalest kind
+        (``min without (kind)``) sees a kind that never succeeded.
+        """
+        k = _kind_label(kind)
+        self.retrain_duration.labels(k).set(duration_s)
+        self.retrain_gate_passed.labels(k).set(1 if gate_passed else 0)
+        last = self.retrain_last_success.labels(k)
+        if success:
+            last.set(time.time() if finished_at is None else finished_at)
+
+    def retrain_restore(self, last_success: float, kind: str = "ct") -> None:
         """At start-up: the last success known to the model registry, so a restart does not forget it."""
-        self.retrain_last_success.set(last_success)
+        self.retrain_last_success.labels(_kind_label(kind)).set(last_success)
 
 
 METRICS = Metrics()
