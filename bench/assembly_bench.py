@@ -76,7 +76,7 @@ def measure(files: list[Path], runs: int) -> tuple[list[float], dict[str, Any]]:
         assert vol is not None, sel.reason
         info = {
             "n_slices_source": vol.source_geometry["n_files"],
-            "slices_resampled": vol.source_geometry["n_slices"],
+            "slices_resampled": vol.source_geometry.get("z_profile_slices", vol.source_geometry["n_slices"]),
             "warnings": vol.warnings,
             "transfer_syntaxes": vol.source_geometry["transfer_syntaxes"],
         }

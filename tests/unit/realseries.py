@@ -11,6 +11,7 @@ written twice holds the same pixels.
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 HEAD_C = np.array([8.0, -12.0, 40.0])
 HEAD_AXES = np.array([70.0, 90.0, 72.0])
 SKULL_TOP = HEAD_C[2] + HEAD_AXES[2]  # 112 mm
+SUB_PLANE_MM = 0.5  # a slice is rendered as the mean of planes at most this far apart across its thickness
 
 HuFn = Callable[[np.ndarray], np.ndarray]
 
@@ -82,7 +84,8 @@ def write_series(
     rows: int = 128,
     ps: float = 1.75,
     tilt_deg: float = 0.0,
-    sub: int = 1,
+    sub: int = 0,
+    noise_seed: int = 0,
     hu_fn: HuFn = head_hu,
     noise: str = "",
     kernel: str = "STANDARD",
@@ -97,6 +100,11 @@ def write_series(
 ) -> list[Path]:
     """One series with slices centred at (0, 0, z) for z in ``zs`` (steps along the table, z), each
     slice the mean of ``sub`` planes across its ``thickness``; gantry tilted about x by ``tilt_deg``.
+
+    A slice is the integral of the head over its thickness, as a reconstruction is: the planes are at
+    most ``SUB_PLANE_MM`` apart whatever ``sub`` asks (fewer would point-sample a thick slice, and a
+    5 mm "reference" sharper than a real 5 mm slice would make thick-vs-thin comparisons unfair).
+    ``noise_seed`` gives another noise realisation (a repeated scan); the noise never depends on a UID.
 
     ``enhanced`` writes one Enhanced CT multi-frame instance instead of one file a slice;
     ``jpeg_lossless`` re-encodes each file with dcmtk's dcmcjpeg (JPEG Lossless SV1).
@@ -113,12 +121,13 @@ def write_series(
     thicknesses = list(thickness) if isinstance(thickness, Sequence) else [float(thickness)] * len(zs)
     frames: list[tuple[np.ndarray, np.ndarray]] = []
     for z, th in zip(zs, thicknesses, strict=True):
-        offsets = (np.arange(sub) + 0.5) / sub * th - th / 2 if sub > 1 else np.zeros(1)
+        n_sub = max(sub, math.ceil(th / SUB_PLANE_MM - 1e-9), 1)
+        offsets = (np.arange(n_sub) + 0.5) / n_sub * th - th / 2
         ipp = np.array([0.0, 0.0, z]) - half * row_dir - half * col_dir
         pts = ipp + kk[..., None] * ps * row_dir + jj[..., None] * ps * col_dir
         hu = np.mean([hu_fn(pts + o * normal) for o in offsets], axis=0)
         if noise:
-            hu = hu + _kernel_noise(hu.shape, noise, seed=round(z * 1000) % (2**31))
+            hu = hu + _kernel_noise(hu.shape, noise, seed=(round(z * 1000) + 7919 * noise_seed) % (2**31))
         frames.append((ipp, hu))
     common = {
         "study_uid": study_uid,
@@ -236,10 +245,14 @@ def thin_zs(step: float = 0.625, top: float = SKULL_TOP + 8.0, length: float = 1
     return [top - i * step for i in range(n)][::-1]
 
 
-def two_stack(top: float = SKULL_TOP + 6.0, tilt_deg: float = 18.5) -> tuple[list[float], list[float]]:
+def two_stack(
+    top: float = SKULL_TOP + 6.0, tilt_deg: float = 18.5, lower: int = 13
+) -> tuple[list[float], list[float]]:
     """GE's classic two-stack head protocol along the table: 7.38 mm steps above, one 1.14 mm step,
-    4.22 mm steps over the posterior fossa (the steps of the refused study in issue 11); slices as
-    thick as their stack's spacing along the tilted normal. Returns (z centres, thicknesses)."""
+    4.22 mm steps over the posterior fossa (the steps of the refused study in issue 11: 13 of each);
+    slices as thick as their stack's spacing along the tilted normal. ``lower`` more 4.22 mm steps reach
+    further down: at 18.5 degrees the tilted planes leave part of the canonical grid's lowest 20 mm
+    outside 13 of them (air there), which is coverage, not resampling. Returns (z centres, thicknesses)."""
     cos = float(np.cos(np.radians(tilt_deg)))
     zs, th = [top], [7.38 * cos]
     for _ in range(13):
@@ -247,7 +260,30 @@ def two_stack(top: float = SKULL_TOP + 6.0, tilt_deg: float = 18.5) -> tuple[lis
         th.append(7.38 * cos)
     zs.append(zs[-1] - 1.14)
     th.append(4.22 * cos)
-    for _ in range(13):
+    for _ in range(lower):
         zs.append(zs[-1] - 4.22)
         th.append(4.22 * cos)
     return zs[::-1], th[::-1]
+
+
+def thick_zs(step: float = 5.0, n: int = 30, top: float = SKULL_TOP + 4.0) -> list[float]:
+    """Slice centres of a thick axial series from ``top`` down, ``n`` slices ``step`` apart."""
+    return [top - i * step for i in range(n)][::-1]
+
+
+def same_head_series(
+    base: Path, study_uid: str, *, noise: str = "", noise_seed: int = 0, phase_mm: float = 0.0
+) -> dict[str, list[Path]]:
+    """Issue 11's equivalence: one head written as a 5 mm series (``phase_mm`` higher), a 0.625 mm
+    series (8.5 degree tilt, one slice missing) and GE's two-stack series (18.5 degree tilt), each long
+    enough to cover the canonical grid under its tilt (so what differs is resampling, not coverage).
+    Returns {"5mm" | "0.625mm" | "two-stack": files}."""
+    thin = thin_zs(length=165.0)
+    del thin[100]
+    zz, tt = two_stack(lower=18)
+    kw = {"study_uid": study_uid, "noise": noise, "noise_seed": noise_seed}
+    return {
+        "5mm": write_series(base / "thick", thick_zs(top=SKULL_TOP + 4.0 + phase_mm), thickness=5.0, **kw),
+        "0.625mm": write_series(base / "thin", thin, thickness=0.625, tilt_deg=8.5, **kw),
+        "two-stack": write_series(base / "two", zz, thickness=tt, tilt_deg=18.5, **kw),
+    }

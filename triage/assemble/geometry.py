@@ -19,7 +19,6 @@ import SimpleITK as sitk
 from triage.assemble.common import (
     DUPLICATE_MM,
     ORIENTATION_TOLERANCE,
-    SLICE_MM,
     SPACING_TOLERANCE,
     VolumeError,
     _fmt,
@@ -161,59 +160,6 @@ def _check_gaps(slices: list[_Slice], rules: AssemblySettings, uid: str) -> None
             f"{limit:g}",
             "missing_slices",
         )
-
-
-def _regularise(
-    stack: np.ndarray, positions: np.ndarray, n: np.ndarray, uid: str, warnings: list[str]
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """A stack with uniform steps: returned as it is; otherwise (variable spacing, a missing thin
-    slice) linearly interpolated along the line of the slice positions onto steps of the median
-    step (at most the canonical slab), the gaps recorded as warnings. Returns the stack, the
-    positions and the spacing along the normal."""
-    p0 = positions[0]
-    span = positions[-1] - p0
-    length = float(np.linalg.norm(span))
-    direction = span / length
-    t = (positions - p0) @ direction
-    off = np.linalg.norm(positions - (p0 + np.outer(t, direction)), axis=1)
-    steps = np.diff(t)
-    median = float(np.median(steps))
-    if float(off.max()) > SPACING_TOLERANCE * median + 0.05:
-        worst = int(np.argmax(off))
-        raise VolumeError(
-            f"series {uid}: slice positions do not lie on a line (slice at {_fmt(positions[worst])} is "
-            f"{off[worst]:.2f} mm off)",
-            "geometry",
-        )
-    normal_steps = np.diff(positions @ n)
-    if np.all(np.abs(steps - median) <= SPACING_TOLERANCE * median):
-        return stack, positions, float(np.median(normal_steps))
-    u = min(median, SLICE_MM)
-    n_new = round(length / u) + 1
-    grid = np.linspace(0.0, length, n_new)
-    idx = np.clip(np.searchsorted(t, grid, side="right") - 1, 0, len(t) - 2)
-    w = ((grid - t[idx]) / (t[idx + 1] - t[idx])).astype(np.float32)
-    out = np.empty((n_new, *stack.shape[1:]), dtype=np.float32)
-    for k in range(n_new):
-        out[k] = (1 - w[k]) * stack[idx[k]] + w[k] * stack[idx[k] + 1]
-    # a hole: a step half again as long as the longer of its neighbours (a missing slice), not a stack
-    # of a coarser spacing (the upper stack of a two-stack protocol)
-    padded = np.concatenate([[-np.inf], steps, [-np.inf]])
-    neighbours = np.maximum(padded[:-2], padded[2:])
-    neighbours = np.where(np.isfinite(neighbours), neighbours, median)  # the ends: the median
-    holes = [i for i, st in enumerate(steps) if st > 1.5 * neighbours[i]]
-    for i in holes:
-        warnings.append(
-            f"interpolated across a {steps[i]:.2f} mm gap between z={positions[i][2]:.2f} and "
-            f"z={positions[i + 1][2]:.2f} mm (slice spacing {median:.2f} mm)"
-        )
-    if len(holes) < int(np.sum(np.abs(steps - median) > SPACING_TOLERANCE * median)):
-        warnings.append(
-            f"variable slice spacing ({steps.min():.2f}-{steps.max():.2f} mm between positions) "
-            f"resampled to {length / (n_new - 1):.2f} mm steps"
-        )
-    spacing = float(length / (n_new - 1) * abs(direction @ n))
-    return out, p0 + np.outer(grid, direction), spacing
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,82 +26,20 @@ from triage.assemble.common import (
 from triage.assemble.geometry import _Geometry
 
 
-def slab_weights(width: float) -> np.ndarray:
-    """Weights of the samples -K..K of the canonical slice profile, ``width`` samples = one slab.
-
-    A box ``width`` samples wide (each sample stands for the unit interval around it and weighs
-    the part of it inside the box: the slab integrated, not point-sampled), convolved with a
-    triangle of half-width ``width``: the blur that linear interpolation onto the 4.5 mm grid gives
-    a 4.5 mm series on average over slice phases (variance h^2/6). So a thin series averaged here
-    has the profile of the thick series the models were trained on, not a sharper one.
-    """
-    half = width / 2.0
-    k_max = math.ceil(half - 0.5 - 1e-9)
-    ks = np.arange(-k_max, k_max + 1, dtype=float)
-    box = np.clip(np.minimum(ks + 0.5, half) - np.maximum(ks - 0.5, -half), 0.0, 1.0)
-    t_max = math.ceil(width - 1e-9)
-    tri = np.maximum(0.0, 1.0 - np.abs(np.arange(-t_max, t_max + 1, dtype=float)) / width)
-    w = np.convolve(box, tri)
-    return w / w.sum()
-
-
-SLAB_MIN_FACTOR = 1.5  # slices per canonical slab from which thin slices are averaged into slabs
-SLAB_SAMPLE_MM = 1.25  # the averaged stack is kept every this many mm at most (it is smooth in z)
-
-
-def _slab_average(stack: np.ndarray, width: float, every: int = 1) -> np.ndarray:
-    """Average thin slices into slabs ``width`` slices thick (the canonical 4.5 mm slab), centred on
-    every ``every``-th slice (0, every, 2*every, ...); the ends repeat the first and last slice.
-    Integrating over the slab gives the slice profile of a thick reconstruction, where
-    point-sampling a thin stack would not. Computed as a weighted sum of strided views (no copies
-    of the stack per output slice), in float32."""
-    w = slab_weights(width).astype(np.float32)
-    k_max = (len(w) - 1) // 2
-    n = stack.shape[0]
-    m = (n - 1) // every + 1
-    padded = np.concatenate(
-        [np.repeat(stack[:1], k_max, axis=0), stack, np.repeat(stack[-1:], k_max, axis=0)]
-    )
-    out = np.zeros((m, *stack.shape[1:]), dtype=np.float32)
-    for k, wk in enumerate(w):
-        # output j sits on source slice j*every; its tap k reads padded[j*every + k]
-        out += wk * padded[k : k + (m - 1) * every + 1 : every]
-    return out
-
-
-def slab_profile(stack: np.ndarray, geom: _Geometry) -> tuple[np.ndarray, _Geometry, float]:
-    """A series with at least 1.5 slices per 4.5 mm slab averaged over the slab profile
-    (:func:`_slab_average`) and kept every ``SLAB_SAMPLE_MM`` at most (the profile is several mm
-    wide, so nothing is lost, and everything after runs on fewer slices); thicker series as they are
-    (their own profile is already a slab). Returns the stack, its geometry and the slab width in
-    source slices (0 when not averaged). Done before the head is looked for, so the vertex of a
-    thin series is found on the same profile as a thick one's."""
-    step = max(abs(float(geom.step[2])), 1e-6)
-    slab = SLICE_MM / step
-    if slab < SLAB_MIN_FACTOR:
-        return stack, geom, 0.0
-    every = max(1, int(SLAB_SAMPLE_MM / step + 1e-6))
-    out = _slab_average(stack, slab, every)
-    if every == 1:
-        return out, geom, slab
-    m = geom.m.copy()
-    m[:, 2] *= every
-    coarser = replace(geom, m=m, n_slices=out.shape[0], slice_spacing=geom.slice_spacing * every)
-    return out, coarser, slab
-
-
-def _antialiased(stack: np.ndarray, geom: _Geometry) -> tuple[sitk.Image, list[float]]:
-    """The stack as a SimpleITK image in index space, Gaussian-smoothed in plane along the axes that
-    will be downsampled: sigma = (factor - 1) / 2 source pixels (factor = output / source spacing).
-    Along the slices see :func:`slab_profile`."""
-    dr, dc = geom.pixel_spacing
+def inplane_antialias(stack: np.ndarray, pixel_spacing: Sequence[float]) -> tuple[np.ndarray, list[float]]:
+    """The stack Gaussian-smoothed in plane along the axes that will be downsampled: sigma =
+    (factor - 1) / 2 source pixels (factor = output / source spacing); each slice on its own (along z
+    see :mod:`triage.assemble.zprofile`). ``pixel_spacing`` is (between rows, between columns)."""
+    dr, dc = (float(v) for v in pixel_spacing)
     factors = (PIXEL_MM / dc, PIXEL_MM / dr)
     # below a quarter pixel the sampled kernel is the identity anyway: record 0, skip the filter
     sigmas = [s if s >= 0.25 else 0.0 for s in ((f - 1.0) / 2.0 for f in factors)]
-    img = sitk.GetImageFromArray(stack)
-    if any(sigmas):
-        img = sitk.DiscreteGaussian(img, [sg * sg for sg in (*sigmas, 0.0)], 32, 0.01, False)
-    return img, sigmas
+    if not any(sigmas):
+        return stack, sigmas
+    img = sitk.DiscreteGaussian(
+        sitk.GetImageFromArray(stack), [sg * sg for sg in (*sigmas, 0.0)], 32, 0.01, False
+    )
+    return sitk.GetArrayFromImage(img), sigmas
 
 
 def _resample_coarse(src: sitk.Image, geom: _Geometry) -> sitk.Image:
@@ -139,44 +76,6 @@ def _head_mask(coarse: sitk.Image, uid: str) -> np.ndarray:
 
 VERTEX_Z_VAR_MM2 = 20.0  # the common z profile (variance, mm^2) on which the vertex is measured: sigma 4.5 mm
 CANONICAL_Z_VAR_MM2 = SLICE_MM**2 / 4.0  # box(4.5) * triangle(4.5), the canonical slab: 5.06 mm^2
-
-
-def z_profile_variance(
-    original: np.ndarray, thicknesses: Sequence[float | None], normal: np.ndarray, regular: np.ndarray
-) -> np.ndarray:
-    """Per slice of the stack that is resampled (positions ``regular``; the ``original`` ones when the
-    stack was uniform): the variance (mm^2) of the z profile that a vertical line sees there, from
-    the source slices' own box (their thickness along the vertical, ``T / |n_z|``: T^2/12; the step
-    when the header has no thickness), the triangle of the linear interpolation between the regular
-    slices ``u`` apart (u^2/6), and, where a regular slice does not sit on a source slice (the upper
-    stack of a two-stack series, a gap), the first interpolation between source slices ``h`` apart
-    (h^2/6 on average over phases). A slab-averaged thin series adds its slab (:func:`slab_variance`)."""
-    nz = max(abs(float(normal[2])), 1e-6)
-    a = original @ normal / nz  # where each plane crosses a vertical line (up to a constant)
-    b = regular @ normal / nz
-    order = np.argsort(a)
-    a = a[order]
-    steps = np.diff(a) if len(a) > 1 else np.ones(1)
-    own = [
-        float(th) if th and th > 0 else float(steps[min(k, len(steps) - 1)] * nz)
-        for k, th in enumerate([thicknesses[j] for j in order])
-    ]
-    t = np.asarray(own) / nz
-    box = np.interp(b, a, t**2 / 12.0)
-    i = np.clip(np.searchsorted(a, b) - 1, 0, max(len(a) - 2, 0))
-    h = steps[np.minimum(i, len(steps) - 1)]
-    gap = np.minimum(np.abs(b - a[i]), np.abs(b - a[np.minimum(i + 1, len(a) - 1)]))
-    first = np.where(gap > 0.01 * h, h**2 / 6.0, 0.0)
-    u_steps = np.abs(np.diff(b)) if len(b) > 1 else np.zeros(1)
-    u = np.maximum(np.concatenate([u_steps[:1], u_steps]), np.concatenate([u_steps, u_steps[-1:]]))
-    return box + first + u**2 / 6.0
-
-
-def slab_variance(width: float) -> float:
-    """Variance of :func:`slab_weights` in source slices^2 (times the slice spacing^2: mm^2)."""
-    w = slab_weights(width)
-    k = np.arange(len(w)) - (len(w) - 1) / 2
-    return float((w * k * k).sum())
 
 
 def _dome_vertex(
@@ -234,12 +133,12 @@ def _find_head(
     deviation of its slice profile: 7 mm slices put it 1 mm higher than 5 mm ones. So the vertex is
     measured on common z profiles: a Gaussian along z adds what the series' own profile at the top
     of the head lacks (``z_profile``: per slice its plane and profile variance,
-    :func:`z_profile_variance`) to reach ``VERTEX_Z_VAR_MM2`` (20 mm^2: anything up to 7.4 mm slices
-    interpolated twice, 16.6 mm^2), and again twice that. The rise is about linear in the profile's
-    sigma, so the line through the two vertices, taken at the sigma of the canonical slab
-    (``CANONICAL_Z_VAR_MM2``), gives the vertex a series with the canonical profile would have: the
-    same (within 0.1 mm on the synthetic head) for 0.625 mm, 5 mm and two-stack 4/7 mm series, and
-    within half a millimetre of the previous rule for a 4.5 mm series.
+    :attr:`triage.assemble.zprofile.ZProfile.z_var`: the canonical profile plus the box of the source
+    cell) to reach ``VERTEX_Z_VAR_MM2`` (20 mm^2; 9.6 mm^2 in the 7.4 mm stack), and again twice
+    that. The rise is about linear in the profile's sigma, so the line through the two vertices,
+    taken at the sigma of the canonical slab (``CANONICAL_Z_VAR_MM2``), gives the vertex a series
+    with the canonical profile would have: the same (within 0.15 mm on the synthetic head) for
+    0.625 mm, 5 mm and two-stack 4/7 mm series.
 
     A dome's cross-section 2 mm below its top is a small fraction (about a tenth) of the one 20 mm
     below; a head cut by the top of the scan has nearly the same cross-section at both levels.
