@@ -11,9 +11,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from triage.config import Config, ConfigError, check, load
+
+if TYPE_CHECKING:
+    from triage.model.registry import ModelSet
+
+KIND_NAMES = {"ct": "head CT", "cxr": "chest radiograph"}  # what `status` calls each kind of model set
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -106,12 +111,33 @@ def cmd_score(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ status
 
 
+def _model_set_status(s: ModelSet) -> dict[str, Any]:
+    """One current set for ``triage status``: what scores, and the operating point it was calibrated to."""
+    op = s.manifest["operating_point"]
+    cal = s.manifest.get("calibration") or {}
+    prov = (s.manifest.get("provenance") or {}).get("calibration") or {}
+    return {
+        "version": s.version, "kind": s.kind, "preset": s.manifest.get("preset"),
+        "created": s.manifest.get("created"),
+        "calibration": {
+            "threshold": op["threshold"], "method": op["method"], "normals": len(s.calibration_scores),
+            "region": bool(cal.get("region")), "reference_volumes": len(cal.get("reference_volumes") or []),
+            **{k: prov[k] for k in ("sensitivity", "specificity", "n_abnormal") if k in prov},
+            **({"recalibrated_from": cal["recalibrated_from"]} if cal.get("recalibrated_from") else {}),
+        },
+    }
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """Queues, recent studies, and per kind (head CT, chest radiograph): the current model set, its
+    calibration, how many studies it and its predecessors scored, and the last nightly retrain."""
     cfg = _config(args)
-    from triage.model.registry import Registry, RegistryError
+    from triage.model.registry import KINDS, Registry, RegistryError
+    from triage.ops.history import read_history
     from triage.store.db import Store
 
     root = cfg.storage_root
+    by_version: dict[str, int] = {}
     if not (root / "state.db").exists():
         studies, queues = [], {}
     else:
@@ -122,15 +148,45 @@ def cmd_status(args: argparse.Namespace) -> int:
             ]
             queues = store.queue_counts()
             queues.update({f"outbox_{k}": v for k, v in store.outbox_counts().items()})
+            by_version = store.scored_by_model_version()
+    reg = Registry(cfg.models_dir)
     try:
-        cur = Registry(cfg.models_dir).current()
-        model_set = cur.version if cur else None
+        currents = reg.currents()
     except RegistryError:
-        model_set = None
+        currents = {}
+    model_sets = {k: _model_set_status(s) for k, s in currents.items()}
+    scored = {k: 0 for k in KINDS}
+    for version, n in by_version.items():
+        try:
+            kind = reg.get(version).kind
+        except RegistryError:  # a set removed since: its studies still count, as "unknown"
+            kind = "unknown"
+        scored[kind] = scored.get(kind, 0) + n
+    retrains: dict[str, dict[str, Any]] = {}
+    for rec in read_history(cfg.models_dir):
+        kind = str(rec.get("kind") or "ct")  # a record from before kinds is a head-CT retrain
+        retrains[kind] = {k: rec.get(k) for k in ("outcome", "finished", "reason", "version")}
+    head = currents.get("ct")
     if args.json:
-        print(json.dumps({"studies": studies, "queues": queues, "model_set": model_set}))
+        print(json.dumps({"studies": studies, "queues": queues, "model_set": head.version if head else None,
+                          "model_sets": model_sets, "scored_by_kind": scored, "last_retrain": retrains}))
         return 0
-    print(f"model set: {model_set or 'none (scoring waits)'}")
+    for kind in KINDS:
+        ms = model_sets.get(kind)
+        name = KIND_NAMES[kind]
+        if ms is None:
+            print(f"{name + ':':<18} no current set (studies of this kind wait), {scored[kind]} scored")
+            continue
+        c = ms["calibration"]
+        print(f"{name + ':':<18} {ms['version']}  preset={ms['preset']}  threshold={c['threshold']:.3f} "
+              f"({c['method']}, {c['normals']} normals{', region' if c['region'] else ''})  "
+              f"{scored[kind]} scored")
+        if kind in retrains:
+            r = retrains[kind]
+            print(f"{'':<18} last retrain {r['finished']}: {r['outcome']}"
+                  + (f" ({r['reason']})" if r.get("reason") else ""))
+    if scored.get("unknown"):
+        print(f"{'other sets:':<18} {scored['unknown']} scored by sets no longer in the registry")
     print("queues:    " + ", ".join(f"{k}={v}" for k, v in queues.items() if v) or "empty")
     for s in studies:
         reason = f"  ({s['reason']})" if s["reason"] else ""
@@ -151,10 +207,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             current = {cs.version for cs in reg.currents().values()}  # one current set per kind
             for s in reg.list():
                 mark = "*" if s.version in current else " "
-                op = s.manifest["operating_point"]
+                c = _model_set_status(s)["calibration"]
                 print(f"{mark} {s.version}  kind={s.kind}  preset={s.manifest['preset']}  "
-                      f"threshold={op['threshold']:.3f} ({op['method']})  "
-                      f"device_uid={s.manifest['device_uid']}")
+                      f"threshold={c['threshold']:.3f} ({c['method']}, {c['normals']} normals"
+                      f"{', region' if c['region'] else ''})  device_uid={s.manifest['device_uid']}")
         elif args.action == "show":
             s = reg.get(args.version) if args.version else reg.current(args.kind)
             if s is None:

@@ -10,12 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from training.harness.fixtures import tiny_model
 from training.synth import SynthOptions, write_dataset
 from training.synth.cxr_dicom import write_cxr_dataset
-from triage.model.registry import CURRENT, Registry, RegistryError
+from triage.model.registry import CURRENT, KINDS, Registry, RegistryError
 from triage.model.score import Scorer, Scorers, VolumeInput
+from triage.ops import metrics, schedule
+from triage.store.db import Store
 
 TINY_2D = "test-tiny-2d"  # the radiograph tests' tiny preset
 
@@ -101,3 +105,56 @@ def test_triage_score_routes_a_folder_of_both_kinds(world: dict) -> None:
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 3 and not any(r.get("rejected") for r in rows)
     assert sorted(r["model_version"] for r in rows) == sorted([world["ct"], world["cxr"], world["cxr"]])
+
+
+def test_lower_layers_name_the_kinds_as_the_registry_does() -> None:
+    """ops sits below model and cannot import its KINDS: the metrics' closed label set and the
+    scheduler's pointer names must agree with the registry's."""
+    assert metrics.KINDS == KINDS
+    assert schedule.HEAD_KIND == "ct" and schedule.CURRENT == CURRENT
+
+
+def _scored_study(store: Store, k: int, version: str) -> None:
+    """A study that went through assembly and scoring by ``version`` (only the rows ``status`` reads)."""
+    study, series = f"1.2.826.0.1.4.{k}", f"1.2.826.0.1.4.{k}.1"
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = f"{series}.1"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality, ds.PatientID = study, series, "DX", "PAT-Q"
+    store.put_instance(f"{series}.1", study, series, ds.SOPClassUID, ExplicitVRLittleEndian,
+                       lambda f: ds.save_as(f, enforce_file_format=True), "TEST", "DX")
+    store.set_study_state(study, "assembled")
+    assert store.record_score(study, 0, {"study_uid": study, "model_version": version, "log_posterior": -1.0})
+
+
+def test_status_reports_each_kinds_set_calibration_scored_studies_and_retrain(world: dict, tmp_path: Path
+                                                                           ) -> None:
+    models = tmp_path / "var" / "models"
+    shutil.copytree(world["base"] / "models", models, symlinks=True)
+    (tmp_path / "config.toml").write_text('[storage]\nroot = "var"\n')
+    with Store(tmp_path / "var") as store:
+        for k, version in enumerate([world["ct"], world["cxr"], world["cxr"], "20200101-000000-gone00"]):
+            _scored_study(store, k, version)
+    night = {"kind": "cxr", "outcome": "rejected", "finished": "2026-11-30T03:20:00Z",
+             "reason": "held-out NLL"}
+    (models / "retrain.jsonl").write_text(json.dumps(night) + "\n")
+    out = run("status", "--json", "--config", str(tmp_path / "config.toml")).stdout
+    st = json.loads(out)
+    assert st["model_set"] == world["ct"]  # the head-CT set, as before kinds
+    assert {k: v["version"] for k, v in st["model_sets"].items()} == {"ct": world["ct"], "cxr": world["cxr"]}
+    cxr = st["model_sets"]["cxr"]
+    assert cxr["kind"] == "cxr" and cxr["preset"] == "test-tiny-2d"
+    assert cxr["calibration"] == {"threshold": 0.0, "method": "test", "normals": 3, "region": False,
+                                  "reference_volumes": 0}
+    assert st["scored_by_kind"] == {"ct": 1, "cxr": 2, "unknown": 1}
+    assert st["last_retrain"]["cxr"]["outcome"] == "rejected" and "ct" not in st["last_retrain"]
+    assert "PAT-Q" not in out
+    text = run("status", "--config", str(tmp_path / "config.toml")).stdout
+    assert f"head CT:           {world['ct']}  preset=test-tiny" in text
+    chest = f"chest radiograph:  {world['cxr']}  preset=test-tiny-2d  threshold=0.000 (test, 3 normals)"
+    assert chest + "  2 scored" in text
+    assert "last retrain 2026-11-30T03:20:00Z: rejected (held-out NLL)" in text
+    listing = run("models", "list", "--models", str(models)).stdout
+    assert "(test, 3 normals)" in listing

@@ -88,3 +88,12 @@ class StageOutputsMixin:
         if r is None:
             return None
         return {**json.loads(r["result"]), "generation": int(r["generation"]), "scored_at": r["scored_at"]}
+
+    def scored_by_model_version(self) -> dict[str, int]:
+        """How many studies each model set version scored (their latest score), for ``triage status``:
+        the registry tells each version's kind, so this gives the studies scored per kind."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT json_extract(result, '$.model_version') AS v, COUNT(*) AS n FROM scores GROUP BY v"
+            ).fetchall()
+        return {str(r["v"]): int(r["n"]) for r in rows if r["v"] is not None}
