@@ -7,14 +7,19 @@ its progress here, so a crash anywhere resumes where it was and nothing is proce
 
 * files: ``spool/<study_uid>/<series_uid>/<sop_uid>.dcm``, written through ``tmp/`` (same filesystem,
   so ``os.replace`` is atomic), bad instances in ``quarantine/`` with a ``.reason.json`` beside each;
-* rows: ``state.db`` in WAL mode with ``synchronous=FULL`` (a commit is on disk before it returns).
+* rows: ``state.db`` in WAL mode with ``synchronous=FULL`` (a commit is on disk before it returns);
+  the ingest's group commits run with ``synchronous=NORMAL`` and are followed by our own fsync of
+  the ``-wal`` file, shared by every commit before it (:meth:`Store._commit_index`).
 
 One connection guarded by a lock serves every thread (pynetdicom runs a thread per association):
 SQLite serialises writers anyway, and a single connection cannot deadlock against itself. Writing
 and fsyncing the file happen outside that lock, and the two fsyncs that parallel associations would
 otherwise queue for are shared: one directory fsync covers every rename made in that folder before
-it started, and one commit (group commit) carries the rows of every put waiting for the lock. Each
-put still returns only after its own file, rename and row are durable.
+it started, and one commit (group commit) carries the rows of every put waiting for the lock. The folder's
+fsync and the log's fsync run at the same time (on ext4 they share one journal commit), so an
+instance costs two waits on the disk (its file, then rename + row) instead of three, and the fsync
+of the log is shared across threads and processes (several receiver workers write one database).
+Each put still returns only after its own file, rename and row are durable.
 
 ``sha256`` of an instance is the hash of its *dataset* bytes (everything after the File Meta group):
 those are the bytes the sender put on the wire, so a test or an audit can compare them with the
@@ -34,6 +39,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +64,7 @@ from triage.store.schema import (
     series_row,
     study_row,
 )
-from triage.store.spool import Spool, fsync_file
+from triage.store.spool import GroupSync, Spool, fsync_file
 from triage.store.stages import StageOutputsMixin
 
 __all__ = ["Store"]
@@ -92,11 +98,31 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+        self._wal = GroupSync(self.root / "state.db-wal", fsync=self._fsync_wal)
+        self._dir_pool: ThreadPoolExecutor | None = None  # folder fsyncs beside the commit (lazy)
+        self._dir_pool_lock = threading.Lock()
+
+    def _fsync_wal(self, wal: Path) -> None:
+        """fsync the write-ahead log (by name: always the current file). Gone means every frame was
+        checkpointed into ``state.db`` (SQLite fsyncs it then) and no connection is open; syncing
+        the database file then costs little and keeps the rule simple."""
+        try:
+            fsync_file(wal)
+        except FileNotFoundError:
+            fsync_file(self.root / "state.db")
+
+    def _dir_syncer(self) -> ThreadPoolExecutor:
+        with self._dir_pool_lock:
+            if self._dir_pool is None:
+                self._dir_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="store-dirsync")
+            return self._dir_pool
 
     # ----------------------------------------------------------------------------------------- plumbing
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._dir_pool is not None:
+            self._dir_pool.shutdown(wait=True)
 
     def __enter__(self) -> Store:
         return self
@@ -217,18 +243,25 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
             if old is not None and old["sha256"] == sha and Path(old["path"]).exists():
                 tmp_path.unlink(missing_ok=True)
                 return PutResult(duplicate=True, path=Path(old["path"]), size=size)
-            self.files.place(tmp_path, final)
+            # The rename's folder fsync runs beside the commit and its log fsync: a crash before both
+            # are done leaves a file without a row (re-indexed at recovery) or a row without a file
+            # (dropped at recovery), never an answered instance that is missing.
+            group = self.files.rename_into(tmp_path, final)
+            dir_synced = self._dir_syncer().submit(group.sync)
             old_path = Path(old["path"]) if old is not None else None
-            if old_path is not None and old_path != final:
-                self.files.remove(old_path)  # the same SOP instance re-sent under other UIDs
             try:
-                reopened = self._commit_index(
-                    IndexJob(
-                        (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, final, size, sha,
-                         calling_aet, modality, self.clock()),
-                        {"replaced": old is not None},
+                if old_path is not None and old_path != final:
+                    self.files.remove(old_path)  # the same SOP instance re-sent under other UIDs
+                try:
+                    reopened = self._commit_index(
+                        IndexJob(
+                            (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, final, size,
+                             sha, calling_aet, modality, self.clock()),
+                            {"replaced": old is not None},
+                        )
                     )
-                )
+                finally:
+                    dir_synced.result()  # the rename is durable too (or this raises)
             except BaseException:
                 # No row, no acknowledgement (e.g. the disk filled at commit): the sender will retry,
                 # so the spool must not keep an instance the index does not know.
@@ -241,9 +274,11 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
     def _commit_index(self, job: IndexJob) -> bool:
         """Group commit: whoever holds the database lock commits every job waiting for it.
 
-        Each caller still returns only after the transaction holding its rows is committed (and,
-        with ``synchronous=FULL``, fsync'd), but concurrent associations share one WAL fsync instead
-        of queueing for one each.
+        Each caller still returns only after the transaction holding its rows is committed and the
+        log holding it fsync'd. The commit itself runs with ``synchronous=NORMAL`` (written to the
+        log, not yet synced) so that the database lock is not held across a disk flush; the fsync of
+        the ``-wal`` file afterwards is a :class:`GroupSync`: one flush covers every commit made
+        before it started, this process's and other workers' alike.
         """
         with self._pending_lock:
             self._pending.append(job)
@@ -254,18 +289,23 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
                 self._run_batch(batch)
         if job.error is not None:
             raise job.error
+        self._wal.sync()
         return job.reopened
 
     def _run_batch(self, batch: list[IndexJob]) -> None:
         db = self._db
         try:
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("PRAGMA synchronous=NORMAL")  # the caller fsyncs the log (see _commit_index)
             try:
-                results = [self._index(*j.args, **j.kwargs) for j in batch]
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    results = [self._index(*j.args, **j.kwargs) for j in batch]
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].error, batch[0].done = exc, True
@@ -419,6 +459,16 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
                 (now - quiet_s, now - force_s),
             ).fetchall()
         return [series_row(r) for r in rows]
+
+    def next_series_due(self, quiet_s: float, force_s: float) -> float | None:
+        """When the first series still ``receiving`` becomes due for :meth:`series_due` (store clock),
+        or None if none is receiving: the assembler sleeps until then instead of polling."""
+        with self._lock:
+            r = self._db.execute(
+                "SELECT MIN(MIN(last_received_at + ?, opened_at + ?)) FROM series WHERE state = 'receiving'",
+                (quiet_s, force_s),
+            ).fetchone()
+        return None if r is None or r[0] is None else float(r[0])
 
     def series(self, series_uid: str) -> SeriesRow | None:
         with self._lock:

@@ -67,6 +67,12 @@ class OutboxMixin:
             ).fetchall()
         return [outbox_row(r) for r in rows]
 
+    def outbox_next_attempt(self) -> float | None:
+        """When the earliest pending row is due (store clock), or None: the sender sleeps till then."""
+        with self._lock:
+            r = self._db.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending'").fetchone()
+        return None if r is None or r[0] is None else float(r[0])
+
     def outbox(self, study_uid: str | None = None) -> list[OutboxRow]:
         with self._lock:
             if study_uid is None:

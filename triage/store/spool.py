@@ -8,7 +8,9 @@ go to ``quarantine/`` with a ``.reason.json`` beside each. Nothing here touches 
 injectable clock) wherever a file's name or age depends on it.
 
 The directory fsyncs that parallel associations would otherwise queue for are shared
-(:class:`GroupSync`): one fsync of a folder covers every rename made in it before it started.
+(:class:`GroupSync`): one fsync of a folder covers every rename made in it before it started. The
+same class shares the fsync of SQLite's write-ahead log among the ingest commits (see
+:meth:`triage.store.db.Store._commit_index`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +65,19 @@ def fsync_file(path: Path) -> None:
 
 
 class GroupSync:
-    """fsync of one directory, shared by every rename made in it before the fsync started.
+    """fsync of one directory (or file), shared by every change made to it before the fsync started.
 
     Instances of one series arriving on parallel associations land in the same folder; each must
     know its rename is durable before it is answered, but one directory fsync issued after several
     renames makes all of them durable, so a caller whose rename precedes a running leader's start
-    waits for the next round instead of queueing its own.
+    waits for the next round instead of queueing its own. ``fsync`` may be another function of the
+    path (the store passes one for SQLite's ``-wal`` file: one fsync makes every commit written to it
+    before durable, whichever thread or process wrote it).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fsync: Callable[[Path], None] = fsync_dir) -> None:
         self.path = path
+        self._fsync = fsync
         self.cond = threading.Condition()
         self.requested = 0  # tickets handed out (one per rename, taken after the rename)
         self.synced = 0  # every ticket up to this one is durable
@@ -93,7 +99,7 @@ class GroupSync:
                 target = self.requested  # renames with these tickets happened before the fsync
                 self.cond.release()
                 try:
-                    fsync_dir(self.path)
+                    self._fsync(self.path)
                 finally:  # on error the round does not count: the next caller leads a retry
                     self.cond.acquire()
                     self.running = False
@@ -175,6 +181,12 @@ class Spool:
 
         Returns once the rename is durable; the folder's fsync is shared with concurrent renames.
         """
+        self.rename_into(tmp_path, final).sync()
+
+    def rename_into(self, tmp_path: Path, final: Path) -> GroupSync:
+        """Rename into the spool (missing parent folders created and made durable first); the rename
+        itself is durable only after ``.sync()`` on the returned group, which the caller may run
+        alongside other waits (the store overlaps it with its database commit)."""
         parent = final.parent
         if not parent.is_dir():
             created: list[Path] = []
@@ -193,7 +205,7 @@ class Spool:
                 if len(self._dir_syncs) > 1024:  # forget idle series folders
                     for d in [d for d, g in self._dir_syncs.items() if g.idle and d != parent]:
                         del self._dir_syncs[d]
-        group.sync()
+        return group
 
     def remove(self, path: Path) -> None:
         """Delete a superseded spool file and make the deletion durable (best effort)."""
