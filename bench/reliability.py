@@ -8,9 +8,13 @@ Cases (full size / ``--small``, which is what tests/integration/test_reliability
 * idle: 200 idle TCP connections + 1 half-sent A-ASSOCIATE-RQ; a real sender's C-ECHO, C-STORE (pynetdicom)
   and storescu must be answered within 1 s; ARTIM closes the silent ones; C-ECHO at once after they close.
 * kill: ``kill -9`` at random moments while 4 associations send (50 / 3 cycles): 0 acknowledged lost.
-* fuzz: PDU-level (named protocol faults + hypothesis-mutated A-ASSOCIATE-RQs) and dataset-level mutations
-  (5*10^4 + 5*10^4 / 200 + 200): the daemon never dies, no traceback in its log, C-ECHO and a valid
-  C-STORE work afterwards, every failure status carries an error comment, RSS bounded.
+* fuzz: 10^5 inputs (full) in four kinds: PDU-level (named protocol faults + hypothesis-mutated
+  A-ASSOCIATE-RQs, 10^4 / 200), dataset-level mutations (10^4 / 200), TLS handshakes cut short against a
+  TLS-only daemon (self-signed certificate; partial ClientHello, close/RST/junk after the ServerHello;
+  2000 / 30) and coverage-guided atheris runs of the Part-10 walker, the instance walk and the header
+  reader (bench/fuzz_targets.py, 3 x 26000 / 3 x 2000): the daemons never die, no traceback in their
+  logs, C-ECHO (plain and TLS) and a valid C-STORE work afterwards, every failure status carries an
+  error comment, RSS bounded, no atheris target raises anything but its documented refusal.
 * load: 20 x 500 / 4 x 25 concurrent storescu associations: all stored, peak RSS.
 * disk: disk full mid-transfer (a 3 MB tmpfs; needs root): every instance answered success or
   0xA700/0xA701, nothing half-written in the spool, the refused ones stored once space is back.
@@ -18,13 +22,14 @@ Cases (full size / ``--small``, which is what tests/integration/test_reliability
   ``triage store rebuild`` restores the index, 0 acknowledged lost.
 
 * outage: PACS (Orthanc) and RIS (MLLP) down for 600 / 15 s while 50 / 2 studies arrive (a tiny model set
-  trained first): every study ends ``sent`` with exactly one SR and one ORU^R01 after they return.
+  trained first): every study ends ``sent`` with exactly one SR and one ORU^R01 after they return, the
+  first delivery within the back-off bound (1.1 x outbox.backoff_max_s + poll_s; 60 / 10 s); the daemon's
+  /metrics scraped every 5 / 1 s before, during and after (results waiting, oldest age, retries per
+  destination) and the shipped alert rules evaluated by a real Prometheus: GlowtriageDeliveryStalled fires
+  during a 10-minute outage and clears after (and stays silent during a 15 s one).
 
 * killresults: ``kill -9`` at random moments while 10 / 4 studies are assembled, scored, reported and sent
   (50 / 4 kills): every study ends ``sent`` with exactly one SR and one ORU^R01.
-
-Not here (yet): TLS handshakes cut short (the gate's ARTIM covers
-them; the fuzz daemon listens in plain TCP).
 
 Prints a table and writes JSON (default bench/results/reliability[-small].json).
 """
@@ -56,10 +61,15 @@ from training.harness.series import write_ct_series  # noqa: E402
 FULL = {
     "idle": 200,
     "kill_cycles": 50,
-    "fuzz_pdu": 50_000,
-    "fuzz_dataset": 50_000,
+    # 10^5 fuzzed inputs in all: over the network (PDU-level, dataset-level, TLS handshakes cut short)
+    # and coverage-guided in process (atheris: 3 targets x fuzz_atheris; bench/fuzz_targets.py)
+    "fuzz_pdu": 10_000,
+    "fuzz_dataset": 10_000,
+    "fuzz_tls": 2_000,
+    "fuzz_atheris": 26_000,
     "load": (20, 500),
     "outage": (50, 600.0),
+    "outage_backoff": (60.0, 5.0),  # outbox.backoff_max_s, scrape/evaluation interval (s)
     "kill_results": (10, 50),
 }
 SMALL = {
@@ -67,8 +77,11 @@ SMALL = {
     "kill_cycles": 3,
     "fuzz_pdu": 200,
     "fuzz_dataset": 200,
+    "fuzz_tls": 30,
+    "fuzz_atheris": 2_000,
     "load": (4, 25),
     "outage": (2, 15.0),
+    "outage_backoff": (10.0, 1.0),
     "kill_results": (4, 4),
 }
 CASES = ("idle", "kill", "fuzz", "load", "disk", "statedb", "outage", "killresults")
@@ -77,19 +90,21 @@ CASES = ("idle", "kill", "fuzz", "load", "disk", "statedb", "outage", "killresul
 class Daemon:
     """``triage serve`` on a fresh storage root under ``base`` (ready once it listens)."""
 
-    def __init__(self, base: Path, root: Path | None = None, **dicom: Any) -> None:
+    def __init__(
+        self, base: Path, root: Path | None = None, tls: dict[str, Any] | None = None, **dicom: Any
+    ) -> None:
         base.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.root = root or base / "var"
-        cfg = write_config(
-            base / "config.toml",
-            {
-                "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": self.port, **dicom},
-                "storage": {"root": str(self.root), "min_free_mb": 0 if root else 1},
-                "logging": {"level": "info", "format": "json"},
-                "metrics": {"enabled": False},
-            },
-        )
+        sections: dict[str, dict[str, Any]] = {
+            "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": self.port, **dicom},
+            "storage": {"root": str(self.root), "min_free_mb": 0 if root else 1},
+            "logging": {"level": "info", "format": "json"},
+            "metrics": {"enabled": False},
+        }
+        if tls:
+            sections["dicom.tls"] = {"enabled": True, **tls}
+        cfg = write_config(base / "config.toml", sections)
         self.proc = TriageProcess(
             cfg,
             base / "daemon.log",
@@ -145,6 +160,9 @@ def run_kill(work: Path, size: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_fuzz(work: Path, size: dict[str, Any]) -> dict[str, Any]:
+    import fuzz_targets
+    from reliability_cases import tls
+
     sources = write_ct_series(work / "ct", 4, 32, seed=11)
     valid = write_ct_series(work / "valid", 1, 32, seed=12)
     with Daemon(work / "d", artim_timeout_s=0.5) as d:
@@ -159,6 +177,34 @@ def run_fuzz(work: Path, size: dict[str, Any]) -> dict[str, Any]:
         echo, _ = sockets.timed_echo(d.port)
         statuses, _ = sockets.timed_store(d.port, valid)
         tracebacks = d.tracebacks()
+    # TLS handshakes cut short, against a TLS-only listener with a throw-away self-signed certificate
+    cert, key = tls.self_signed(work / "pki")
+    with Daemon(work / "tls", artim_timeout_s=0.5, tls={"cert_file": str(cert), "key_file": str(key)}) as t:
+        assert t.proc.proc is not None
+        t_rss0 = ingest.rss_kb(t.proc.proc.pid)
+        t1 = time.perf_counter()
+        tls_got = tls.tls_cases(t.port, cert, size["fuzz_tls"])
+        tls_got["seconds"] = round(time.perf_counter() - t1, 1)
+        tls_got["rss_kb_before"], tls_got["rss_kb_after"] = t_rss0, ingest.rss_kb(t.proc.proc.pid)
+        tls_got["alive"] = t.proc.running
+        tls_got["echo_after"] = tls.tls_echo(t.port, cert)
+        tls_got["tracebacks"] = t.tracebacks()
+        tls_got["handshake_failures_logged"] = sum(
+            1 for e in t.proc.log_events() if e.get("event") in ("tls_handshake_failed", "artim_expired")
+        )
+    # coverage-guided, in process: the Part-10 walker, the instance walk, the header reader
+    atheris_got = [
+        fuzz_targets.run_target(name, size["fuzz_atheris"], work / "atheris" / name)
+        for name in fuzz_targets.TARGETS
+    ]
+    atheris_runs = sum(a["runs"] for a in atheris_got)
+    atheris_crashes = sum(a["crashes"] for a in atheris_got)
+    tls_ok = (
+        tls_got["alive"]
+        and tls_got["echo_after"] == "P-DATA"
+        and tls_got["named"]["TLS: a valid C-ECHO (control)"] == "P-DATA"
+        and tls_got["tracebacks"] == 0
+    )
     ok = (
         alive
         and echo == 0
@@ -166,15 +212,26 @@ def run_fuzz(work: Path, size: dict[str, Any]) -> dict[str, Any]:
         and tracebacks == 0
         and datasets["failures_without_reason"] == 0
         and datasets["without_status"] == 0
+        and tls_ok
+        and atheris_crashes == 0
     )
-    n = pdus["structured_total"] + len(pdus["named"]) + datasets["sent"]
+    network = pdus["structured_total"] + len(pdus["named"]) + datasets["sent"]
+    tls_n = tls_got["random_total"] + len(tls_got["named"])
+    n = network + tls_n + atheris_runs
+    per_target = ", ".join(f"{a['target']} {a['runs']}" for a in atheris_got)
+    mb = {k: v // 1024 for k, v in rss1.items()}
     figures = (
-        f"{n} inputs in {seconds:.0f} s; alive {alive}, tracebacks {tracebacks}, RSS "
-        f"{rss0.get('VmRSS', 0) // 1024}->{rss1.get('VmRSS', 0) // 1024} MB"
+        f"{n} inputs: {pdus['structured_total'] + len(pdus['named'])} PDU-level + {datasets['sent']} "
+        f"dataset-level ({seconds:.0f} s), {tls_n} TLS handshakes cut short ({tls_got['seconds']:.0f} s), "
+        f"{atheris_runs} atheris ({per_target}); "
+        f"crashes: daemon {0 if alive and tls_got['alive'] else 1}, atheris {atheris_crashes}; "
+        f"tracebacks {tracebacks + tls_got['tracebacks']}; RSS "
+        f"{rss0.get('VmRSS', 0) // 1024}->{mb.get('VmRSS', 0)} MB (peak {mb.get('VmHWM', 0)})"
     )
     return {
         "ok": ok,
         "figures": figures,
+        "inputs_total": n,
         "alive": alive,
         "echo_after": echo,
         "store_after": statuses,
@@ -183,6 +240,10 @@ def run_fuzz(work: Path, size: dict[str, Any]) -> dict[str, Any]:
         "rss_kb_after": rss1,
         "pdu": pdus,
         "dataset": datasets,
+        "tls": tls_got,
+        "atheris": atheris_got,
+        "atheris_runs": atheris_runs,
+        "atheris_crashes": atheris_crashes,
         "seconds": round(seconds, 1),
     }
 
@@ -248,18 +309,50 @@ def run_statedb(work: Path, size: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_outage(work: Path, size: dict[str, Any]) -> dict[str, Any]:
+    from reliability_cases.alerting import OUTAGE_ALERT
+
     studies, down_s = size["outage"]
-    got = outage.outage_case(work, studies=studies, down_s=down_s)
+    backoff_max_s, scrape_s = size["outage_backoff"]
+    got = outage.outage_case(work, studies=studies, down_s=down_s, backoff_max_s=backoff_max_s,
+                             scrape_s=scrape_s)
+    m = got["metrics"]
+    during = m["during"]
+    # the shipped rule needs 3 min of waiting + 2 min pending: a shorter outage must not page, a longer
+    # one must page during it and clear once the outbox has drained
+    must_fire = down_s >= 180 + 120 + 60
+    fired, cleared = m["alert_firing_during_outage"], m["alert_cleared_at_s"] is not None
+    alert_ok = (not m["alert_evaluated"]) or (fired and cleared if must_fire else not fired)
     ok = (
         got["storescu_rc"] == 0
         and got["results_lost"] == 0
         and got["results_doubled"] == 0
         and got["sr_per_study"] == [1]
         and got["oru_per_study"] == [1]
+        and got["first_delivery_within_bound"]
+        and during.get("depth_reported", {}).get("max", 0) > 0
+        and any(k.startswith("retries_") and v["last"] > v["first"] for k, v in during.items()
+                if isinstance(v, dict))
+        and m["after"].get("depth_reported", {}).get("last") == 0
+        and alert_ok
     )
+    if not m["alert_evaluated"]:
+        alert = "alert not evaluated (no prometheus)"
+    else:
+        alert = (
+            f"{OUTAGE_ALERT} fired {m['alert_fired_after_outage_start_s']} s into the outage, cleared "
+            f"{m['alert_cleared_after_return_s']} s after return" if fired
+            else f"{OUTAGE_ALERT} did not fire (outage shorter than its 3 min + 2 min)"
+        )
+    retries = {k[8:]: int(v["last"]) for k, v in during.items() if k.startswith("retries_")}
+    waiting = int(during.get("depth_reported", {}).get("max", 0))
+    oldest = int(during.get("oldest_reported_s", {}).get("max", 0))
     figures = (
-        f"{studies} studies during {down_s:.0f} s down: {got['results_lost']} lost, "
-        f"{got['results_doubled']} doubled, all delivered {got['delivered_after_return_s']} s after return"
+        f"{studies} studies during {got.get('down_s_actual', down_s):.0f} s down: "
+        f"{got['results_lost']} lost, {got['results_doubled']} doubled; "
+        f"during: up to {waiting} waiting, oldest {oldest} s, retries {retries}; "
+        f"{alert}; first delivery {got['first_delivery_after_return_s']} s after return "
+        f"(bound 1.1 x backoff_max_s {backoff_max_s:.0f} + poll = {got['backoff_bound_s']} s), "
+        f"all in {got['delivered_after_return_s']} s"
     )
     return {"ok": ok, "figures": figures, **got}
 
@@ -292,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="test-suite size (minutes, not hours)")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     ap.add_argument("--out", help="JSON file (default bench/results/reliability[-small].json)")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other cases' results already in the JSON file (cases run in separate invocations)",
+    )
     args = ap.parse_args(argv)
     size = SMALL if args.small else FULL
     chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -313,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one case failing must not hide the others' figures
                 results[name] = {"ok": False, "figures": f"error: {type(exc).__name__}: {exc}"[:300]}
             results[name]["case_seconds"] = round(time.perf_counter() - t0, 1)
+            results[name]["ran_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            results[name]["size"] = "small" if args.small else "full"
             ok = results[name]["ok"]
             verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
             print(f"{name:8s} {verdict}  {results[name]['figures']}", flush=True)
@@ -324,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "n/a" if r["ok"] is None else ("holds" if r["ok"] else "BROKEN")
         print(f"| {name} | {'small' if args.small else 'full'} | {verdict} | {r['figures']} |")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():
+        results = {**json.loads(out.read_text()).get("results", {}), **results}
     out.write_text(
         json.dumps(
             {

@@ -7,7 +7,9 @@ synthetic studies, as the end-to-end test does): this case checks the outbox, no
 
 from __future__ import annotations
 
+import contextlib
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +82,19 @@ def tiny_model_set(work: Path, root: Path) -> str:
     return str(s.version)
 
 
-def _daemon_config(work: Path, root: Path, dicom_port: int, pacs_port: int, hl7_port: int) -> Path:
+def _daemon_config(
+    work: Path,
+    root: Path,
+    dicom_port: int,
+    pacs_port: int,
+    hl7_port: int,
+    *,
+    backoff_max_s: float = 10.0,
+    metrics_port: int | None = None,
+) -> Path:
+    metrics: dict[str, Any] = (
+        {"enabled": True, "host": "127.0.0.1", "port": metrics_port} if metrics_port else {"enabled": False}
+    )
     return write_config(
         work / "config.toml",
         {
@@ -90,8 +104,13 @@ def _daemon_config(work: Path, root: Path, dicom_port: int, pacs_port: int, hl7_
             "scoring": {"device": "cpu"},
             "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
             "hl7": {"enabled": True, "host": "127.0.0.1", "port": hl7_port},
-            "outbox": {"max_attempts": 1000, "backoff_initial_s": 1.0, "backoff_max_s": 10.0, "poll_s": 0.5},
-            "metrics": {"enabled": False},
+            "outbox": {
+                "max_attempts": 1000,
+                "backoff_initial_s": 1.0,
+                "backoff_max_s": backoff_max_s,
+                "poll_s": 0.5,
+            },
+            "metrics": metrics,
             "logging": {"level": "info", "format": "json"},
         },
     )
@@ -129,34 +148,112 @@ def _studies(work: Path, root: Path, studies: int, seed: int) -> tuple[str, Path
     return version, test_dir, {t.study_uid for t in truths}
 
 
+def _retried_studies(daemon: TriageProcess) -> int:
+    """How many studies had a delivery attempt fail (an ``outbox_retry`` event) so far."""
+    return len({e.get("study_uid") for e in daemon.log_events() if e.get("event") == "outbox_retry"})
+
+
+def _deliveries_after(daemon: TriageProcess, since_epoch: float) -> list[float]:
+    """Seconds after ``since_epoch`` of every ``outbox_sent`` event in the daemon's log."""
+    out = []
+    for ev in daemon.log_events():
+        if ev.get("event") == "outbox_sent" and ev.get("timestamp"):
+            t = datetime.fromisoformat(str(ev["timestamp"]).replace("Z", "+00:00")).timestamp()
+            if t >= since_epoch:
+                out.append(round(t - since_epoch, 2))
+    return sorted(out)
+
+
 def outage_case(
-    work: Path, *, studies: int, down_s: float, deliver_within_s: float = 120.0
+    work: Path,
+    *,
+    studies: int,
+    down_s: float,
+    backoff_max_s: float = 10.0,
+    scrape_s: float = 1.0,
+    deliver_within_s: float = 120.0,
 ) -> dict[str, Any]:
     """Studies arrive while the PACS (Orthanc) and the RIS (MLLP) are down for ``down_s``; then both
-    come back and every study must end ``sent`` with exactly one SR and one ORU."""
+    come back and every study must end ``sent`` with exactly one SR and one ORU, the first delivery
+    within the back-off bound (1.1 x outbox.backoff_max_s + poll_s: the longest a waiting row sleeps).
+
+    Meanwhile the daemon's /metrics is scraped every ``scrape_s`` (queue depth and oldest age of the
+    results waiting in the outbox, retries per destination) and a real Prometheus evaluates the shipped
+    alert rules on the same endpoint (see :mod:`reliability_cases.alerting`)."""
+    from reliability_cases.alerting import OUTAGE_ALERT, Prometheus, Watch
+
     root = work / "var"
     version, test_dir, study_uids = _studies(work, root, studies, seed=23)
-    dicom_port, hl7_port = free_port(), free_port()
+    dicom_port, hl7_port, metrics_port = free_port(), free_port(), free_port()
     orthanc = Orthanc(work / "orthanc", name="reliability")
-    cfg = _daemon_config(work, root, dicom_port, orthanc.dicom_port, hl7_port)
+    poll_s = 0.5
+    cfg = _daemon_config(
+        work, root, dicom_port, orthanc.dicom_port, hl7_port, backoff_max_s=backoff_max_s,
+        metrics_port=metrics_port,
+    )
     daemon = TriageProcess(cfg, work / "daemon.log", start_timeout=120, stop_grace=30)
     mllp: MLLPListener | None = None
-    out: dict[str, Any] = {"studies": studies, "down_s": down_s, "model_set": version}
+    prom: Prometheus | None = None
+    watch: Watch | None = None
+    bound_s = round(1.1 * backoff_max_s + poll_s, 1)
+    out: dict[str, Any] = {
+        "studies": studies,
+        "down_s": down_s,
+        "model_set": version,
+        "backoff_max_s": backoff_max_s,
+        "poll_s": poll_s,
+        "backoff_bound_s": bound_s,
+    }
     try:
         daemon.start()  # PACS and RIS are down from the start
+        try:
+            prom = Prometheus(work / "prometheus", metrics_port, scrape_s).start()
+        except (FileNotFoundError, AssertionError) as exc:
+            out["prometheus"] = f"not run: {exc}"
+        watch = Watch(metrics_port, prom, scrape_s).start()
+        time.sleep(3 * scrape_s)  # a baseline before anything arrives
+        watch.mark("studies_arrive")
         t_down = time.monotonic()
         done = storescu(dicom_port, sorted(test_dir.rglob("*.dcm")), timeout=1800)
         out["storescu_rc"] = done.returncode
+        out["studies_sent_in_s"] = round(time.monotonic() - t_down, 1)
         time.sleep(max(0.0, down_s - (time.monotonic() - t_down)))
+        # down at least until every study's results met the closed PACS/RIS once (on a loaded machine
+        # a short outage could otherwise end before anything was scored, and test nothing)
+        wait_for(lambda: _retried_studies(daemon) >= len(study_uids), 900, "a retry for every study")
+        out["down_s_actual"] = round(time.monotonic() - t_down, 1)
         out["retries_while_down"] = daemon.log_text().count('"event": "outbox_retry"')
         orthanc.start(timeout=60)
         mllp = MLLPListener(port=hl7_port)
-        t_up = time.monotonic()
+        watch.mark("returned")
+        t_up, t_up_epoch = time.monotonic(), time.time()
         wait_for(lambda: _all_sent(daemon, study_uids), deliver_within_s + 60, "every study sent")
         out["delivered_after_return_s"] = round(time.monotonic() - t_up, 1)
+        sent = _deliveries_after(daemon, t_up_epoch)
+        out["first_delivery_after_return_s"] = sent[0] if sent else None
+        out["last_delivery_after_return_s"] = sent[-1] if sent else None
+        out["deliveries_after_return"] = len(sent)
+        out["first_delivery_within_bound"] = bool(sent) and sent[0] <= bound_s
+        watch.mark("all_delivered")
+        if prom is not None:  # until the alert is inactive again (or 3 minutes)
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda: watch is not None and watch.samples[-1].get("alert") == "inactive"
+                         and watch.now() - watch.marks["all_delivered"] > 3 * scrape_s, 180, "alert clear")
+        else:
+            time.sleep(3 * scrape_s)
+        watch.stop()
+        out["metrics"] = watch.summary("studies_arrive", "returned")
+        out["metrics_timeline"] = watch.timeline()
+        if prom is not None:
+            out["alerts_fired_overall"] = sorted(
+                {s["metric"]["alertname"] for s in prom.query('ALERTS{alertstate="firing"}[1h]')}
+            )
+        out["outage_alert"] = OUTAGE_ALERT
         out.update(_results(study_uids, orthanc, mllp))
     finally:
-        stop_all(mllp, orthanc, daemon)
+        if watch is not None:
+            watch.stop()
+        stop_all(prom, mllp, orthanc, daemon)
     return out
 
 

@@ -140,6 +140,32 @@ def test_fuzzed_pdus_and_datasets_leave_the_daemon_serving_with_every_refusal_ex
 
 
 @integration
+def test_tls_handshakes_cut_short_leave_the_tls_listener_serving_without_tracebacks(
+    receiver_factory, tmp_path: Path
+) -> None:
+    from reliability_cases import tls
+
+    cert, key = tls.self_signed(tmp_path / "pki")
+    rx = receiver_factory(artim_timeout_s=0.5, tls={"enabled": True, "cert_file": str(cert),
+                                                     "key_file": str(key)})
+    got = tls.tls_cases(rx.port, cert, 25, seed=3)
+    named = got["named"]
+    # the server gives up on silent or half-done handshakes itself (ARTIM), and refuses plain DICOM
+    assert named["TLS: half a ClientHello, then silence (ARTIM)"] in ("closed", "reset"), named
+    assert named["TLS: handshake, then silence (ARTIM)"] in ("closed", "reset"), named
+    assert named["TLS: handshake, half an A-ASSOCIATE-RQ"] in ("closed", "reset"), named
+    assert named["TLS: plain A-ASSOCIATE-RQ to the TLS port"] in ("closed", "reset"), named
+    assert named["TLS: ClientHello, ServerHello, then close"].startswith("ServerHello"), named
+    assert named["TLS: a valid C-ECHO (control)"] == "P-DATA", named
+    assert got["random_total"] == 25 and not any(k.startswith("client error") for k in got["random"]), got
+    assert rx.running
+    assert tls.tls_echo(rx.port, cert) == "P-DATA"  # still serving afterwards
+    assert "Traceback" not in rx.log_text()
+    events = {e.get("event") for e in rx.log_events()}
+    assert {"tls_handshake_failed", "artim_expired"} <= events, events
+
+
+@integration
 def test_concurrent_load_stores_everything_and_reports_peak_rss(receiver_factory, tmp_path: Path) -> None:
     from reliability_cases.ingest import load_case
 
@@ -167,12 +193,25 @@ def test_daytime_alert_follows_the_site_time_zone_with_daylight_saving() -> None
 def test_pacs_and_ris_down_while_studies_arrive_then_every_result_delivered_once(tmp_path: Path) -> None:
     from reliability_cases.outage import outage_case
 
-    got = outage_case(tmp_path / "outage", studies=2, down_s=10.0)
+    got = outage_case(tmp_path / "outage", studies=2, down_s=10.0, backoff_max_s=10.0, scrape_s=1.0)
     assert got["storescu_rc"] == 0, got
     assert got["retries_while_down"] > 0, got  # the outbox really tried while they were down
     assert got["results_lost"] == 0 and got["results_doubled"] == 0, got
     assert got["sr_per_study"] == [1] and got["oru_per_study"] == [1], got
+    # delivery resumes within the back-off bound (1.1 x backoff_max_s + poll_s) of their return
+    assert got["backoff_bound_s"] == 11.5 and got["first_delivery_within_bound"], got
     assert got["delivered_after_return_s"] < 120, got
+    # the metrics show it: results waiting and retries growing during, nothing waiting after
+    m = got["metrics"]
+    assert m["before"]["depth_reported"]["max"] == 0, m["before"]
+    assert m["during"]["depth_reported"]["max"] == 2 and m["during"]["oldest_reported_s"]["max"] > 0, m
+    retries = [v for k, v in m["during"].items() if k.startswith("retries_")]
+    assert any(v["last"] > v["first"] for v in retries), m["during"]
+    assert m["after"]["depth_reported"]["last"] == 0 and m["after"]["depth_sent"]["last"] == 2, m["after"]
+    # a real Prometheus evaluated the shipped rules on the same endpoint: a 10 s outage does not page
+    # (GlowtriageDeliveryStalled needs 3 min waiting + 2 min; the 10-minute bench case fires it)
+    assert m["alert_evaluated"] and m["scrape_errors"] == 0, m
+    assert m["alert_fired_at_s"] is None and m["during"]["alert_states"] == ["inactive"], m
 
 
 @integration
