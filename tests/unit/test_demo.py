@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from training.demo import FULL, QUICK
+from training.demo import CXR_FULL, CXR_QUICK, FULL, QUICK
 from training.demo.plan import MIN_REGION_NORMALS
 from training.demo.results import auc_of, flagged_by
 from training.harness.config import set_toml_key
@@ -26,9 +26,9 @@ from training.harness.config import set_toml_key
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _run(cwd: Path, *extra: str, out: str = "demo-out") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "training.demo", "--quick", "--free-ports", "--out", "demo-out", *extra],
+        [sys.executable, "-m", "training.demo", "--quick", "--free-ports", "--out", out, *extra],
         cwd=cwd, capture_output=True, text=True, timeout=240,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -95,6 +95,63 @@ def test_quick_demo_runs_end_to_end_and_reuses_its_work(tmp_path: Path) -> None:
         assert f"{name}: reusing" in second.stdout
     assert "reusing model set" in second.stdout
     assert f"SRs: {n_test} of {n_test} studies" in second.stdout  # a new daemon state, all sent again
+
+
+@pytest.mark.integration
+def test_quick_chest_demo_sends_radiographs_through_the_chest_set_and_reuses_its_work(tmp_path: Path) -> None:
+    """``--kind cxr``: synthetic CR/DX studies, a chest set (current-cxr), the daemon assembles them as
+    radiographs, one SR ("Plain chest X-ray") and one ORU each; a second run reuses data and models."""
+    from triage.model.registry import Registry
+
+    first = _run(tmp_path, "--kind", "cxr", out="demo-out-cxr")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = first.stdout
+    n_test = CXR_QUICK.test_normal + CXR_QUICK.test_abnormal
+    assert "synthetic chest radiographs, CR and DX" in out and "(preset test-tiny-2d, --quick)" in out
+    assert "region score: none for chest radiograph sets yet" in out
+    truth_file = tmp_path / "demo-out-cxr/data/test/truth.jsonl"
+    truth = [json.loads(x) for x in truth_file.read_text().splitlines()]
+    names = {Path(t["study_dir"]).name: t for t in truth}
+    assert all(t["kind"] == "cxr" for t in truth)
+    # no region score for a chest set: its columns (score, percentile, centre) are "-"
+    row = r"^\s+(\d+)\s+(study_\d{4})\s+(-?[0-9.]+)\s+(\d+)\s+-\s+-\s+(FLAG|-)\s+(global|-)\s+-\s+(\S+)"
+    table = re.findall(row, out, re.M)
+    assert sorted(r[1] for r in table) == sorted(names), out
+    for _rank, name, _score, _pct, _flag, _by, label in table:
+        assert label.startswith(names[name]["lesion"] or "normal")
+    auc = r"(0|1)\.\d{3}"
+    assert re.search(rf"on these {n_test} studies .*: log p\(normal\|x\) {auc}; region score n/a", out)
+    assert f"SRs: {n_test} of {n_test} studies" in out and f"HL7: {n_test} ORU^R01 acknowledged" in out
+    summary = json.loads((tmp_path / "demo-out-cxr/demo.json").read_text())
+    assert summary["plan"]["kind"] == "cxr" and summary["plan"]["preset"] == "test-tiny-2d"
+    assert len(summary["rows"]) == n_test and all(r["state"] == "sent" for r in summary["rows"])
+    assert all(r["region_score"] is None for r in summary["rows"])
+    reg = Registry(tmp_path / "demo-out-cxr/var/models")
+    assert reg.current("cxr").version == summary["model_set"] and reg.current() is None  # chest set only
+    srs = sorted((tmp_path / "demo-out-cxr/var/results").glob("*/sr-*.dcm"))
+    assert len(srs) == n_test
+    assert all(b"Plain chest X-ray" in sr.read_bytes() for sr in srs)  # the chest SR's procedure
+
+    second = _run(tmp_path, "--kind", "cxr", out="demo-out-cxr")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "reusing normal, mixture, calibration, test" in second.stdout
+    assert "M1 (mixture, from the trunk): reusing" in second.stdout
+    assert f"reusing model set {summary['model_set']}" in second.stdout
+    assert f"SRs: {n_test} of {n_test} studies" in second.stdout
+
+
+def test_chest_plans_use_2d_presets_and_fit_the_demo_budget() -> None:
+    """The chest plans train 2-D presets; the full one stays within the demo's 10 minutes on 2 cores at
+    the README's cpu-cxr speed (0.037 s forward+backward per image in bf16 + channels-last): training
+    at most ~5 min, so data, daemon and peers have the rest."""
+    from training.presets import preset
+
+    for plan in (CXR_FULL, CXR_QUICK):
+        assert plan.kind == "cxr" and preset(plan.preset)["ndim"] == 2
+    images = (CXR_FULL.steps + 2 * max(1, CXR_FULL.steps // 2)) * preset(CXR_FULL.preset)["batch_size"]
+    assert CXR_FULL.preset == "cpu-cxr" and images * 0.037 <= 5 * 60
+    assert CXR_FULL.test_distractors and not CXR_QUICK.test_distractors  # laterals in the full test set
+    assert FULL.kind == QUICK.kind == "ct"
 
 
 def test_both_plans_keep_enough_calibration_normals_for_the_region_score() -> None:

@@ -29,6 +29,14 @@ What it does, in the order a hospital would meet it:
    flagged studies' key images as PNGs under ``demo-out/key_images``; where the SRs and HL7 messages
    went. Everything is then stopped (daemon by SIGTERM).
 
+**The chest path** (``python -m training.demo --kind cxr``, output ``demo-out-cxr``): the same five
+steps with synthetic chest radiographs (``training synth --kind cxr``: CR and DX from six vendor
+habits, abnormal kinds consolidation, effusion, pneumothorax, nodule/mass, cardiomegaly; the test set
+with lateral views the daemon skips), the ``cpu-cxr`` preset (``test-tiny-2d`` with ``--quick``), a chest
+(``cxr``) model set promoted as ``current-cxr``, and studies the daemon assembles as radiographs
+(:mod:`triage.assemble.radiograph`) and reports as "Plain chest X-ray". A chest set has no region score
+yet, so its table gives the global score only.
+
 Re-running reuses the data, the volume cache, the trained models and the model set when they were made
 with the same plan (``--fresh`` redoes everything); the daemon's state and the PACS are new each run.
 Nothing here is tuned to the synthetic lesions: the AUC printed is whatever the models reach in the
@@ -44,10 +52,12 @@ from __future__ import annotations
 
 from training.demo.cli import main, run
 from training.demo.config import Ports, choose_ports, write_demo_config
-from training.demo.plan import FULL, QUICK, DemoError, Plan
+from training.demo.plan import CXR_FULL, CXR_QUICK, FULL, QUICK, DemoError, Plan
 from training.harness.config import set_toml_key
 
 __all__ = [
+    "CXR_FULL",
+    "CXR_QUICK",
     "FULL",
     "QUICK",
     "DemoError",

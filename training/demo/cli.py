@@ -18,7 +18,7 @@ from training.demo.config import Ports, choose_ports, write_demo_config
 from training.demo.data import make_data
 from training.demo.models import install_model_set, train_models
 from training.demo.peers import reset_daemon_state, running_peers, send_through_pacs, wait_terminal
-from training.demo.plan import FULL, MARKER, QUICK, REPO, TERMINAL, DemoError, Laps, Plan, say
+from training.demo.plan import KIND_TEXT, MARKER, PLANS, REPO, TERMINAL, DemoError, Laps, Plan, say
 from training.demo.results import (
     build_rows,
     hl7_priorities,
@@ -156,15 +156,15 @@ def run_traffic(
 
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    plan = QUICK if args.quick else FULL
+    plan = PLANS[(args.kind, bool(args.quick))]
     if args.steps is not None:
         plan = dataclasses.replace(plan, steps=args.steps)
-    out = Path(args.out).resolve()
+    out = Path(args.out or ("demo-out" if args.kind == "ct" else f"demo-out-{args.kind}")).resolve()
     _prepare_out(out, args.fresh)
     laps = Laps()
 
     say(f"glowtriage demo -> {out}  (preset {plan.preset}{', --quick' if args.quick else ''})")
-    say("\n[1/5] synthetic head-CT studies (training.synth.head)")
+    say(f"\n[1/5] synthetic {KIND_TEXT[plan.kind]}")
     with laps.lap("data"):
         sets = make_data(out, plan)
     _quiet_runtime(args.quick)
@@ -189,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
             f"  region score: flag when {thr} (normal s.d., windows {wins} mm; same "
             f"specificity on the calibration normals); flag_policy {dc.cfg.settings.scoring.flag_policy}"
         )
+    elif plan.kind != "ct":
+        say("  region score: none for chest radiograph sets yet: the global score flags alone")
     else:
         say("  region score: not calibrated (needs >= 3 calibration normals): the global score flags alone")
     _print_config(dc, out)
@@ -224,9 +226,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.demo", description=(demo.__doc__ or "").splitlines()[0]
     )
-    p.add_argument("--out", default="demo-out", help="output folder (default ./demo-out)")
+    p.add_argument("--out", help="output folder (default ./demo-out, with --kind cxr ./demo-out-cxr)")
+    p.add_argument("--kind", choices=["ct", "cxr"], default="ct",
+                   help="ct: head CTs (default); cxr: chest radiographs (CR/DX) through the chest path")
     p.add_argument("--config", help="base config.toml (default: the repo's config.toml)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and the test-tiny preset (a smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes and the test-tiny (or test-tiny-2d) preset (a smoke test)")
     p.add_argument("--fresh", action="store_true", help="delete the output folder first and redo everything")
     p.add_argument("--keep-running", action="store_true", help="leave daemon, PACS and RIS up until Ctrl-C")
     p.add_argument("--free-ports", action="store_true", help="free ports for everything, not the config's")

@@ -1,9 +1,10 @@
-"""Step 1: the four disjoint sets of synthetic head-CT studies, written once and reused.
+"""Step 1: the four disjoint sets of synthetic studies (head CT, or with ``--kind cxr`` chest
+radiographs), written once and reused.
 
 Normals (M0's training set), an unlabeled mixture of normals and abnormals (M1's; its ``labels.csv`` and
 ``truth.jsonl`` are moved to ``sealed/`` before anything is trained, so M1 cannot see them), held-out
 normals for calibration, and a labeled test set written *with* its distractor series, because that is
-what a PACS sends.
+what a PACS sends (a chest test set: lateral views beside the frontal ones).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from training.demo.plan import SETS, Plan, say
 
 
 def _set_spec(plan: Plan) -> dict[str, dict[str, Any]]:
-    """(normal, abnormal, seed, distractors) of each set; seeds disjoint so no phantom is shared."""
-    return {
+    """(normal, abnormal, seed, distractors) of each set; seeds disjoint so no phantom is shared.
+    A chest set also names its kind and synth_scale (so a head-CT set is never reused as one)."""
+    specs = {
         "normal": {"normal": plan.normal, "abnormal": 0, "seed": plan.seed * 100 + 1, "distractors": False},
         "mixture": {
             "normal": plan.mixture_normal,
@@ -41,6 +43,9 @@ def _set_spec(plan: Plan) -> dict[str, dict[str, Any]]:
             "distractors": plan.test_distractors,
         },
     }
+    if plan.kind != "ct":
+        specs = {k: {**v, "kind": plan.kind, "synth_scale": plan.synth_scale} for k, v in specs.items()}
+    return specs
 
 
 def _write_set(folder: str, spec: dict[str, Any], slab_samples: int) -> float:
@@ -50,6 +55,13 @@ def _write_set(folder: str, spec: dict[str, Any], slab_samples: int) -> float:
     t0 = time.perf_counter()
     out = Path(folder)
     shutil.rmtree(out, ignore_errors=True)
+    if spec.get("kind") == "cxr":
+        from training.synth.cxr_dicom import write_cxr_dataset
+
+        write_cxr_dataset(out, spec["normal"], spec["abnormal"], seed=spec["seed"],
+                          lateral_fraction=0.4 if spec["distractors"] else 0.0,
+                          synth_scale=spec["synth_scale"])
+        return time.perf_counter() - t0
     write_dataset(
         out,
         normal=spec["normal"],
@@ -89,7 +101,8 @@ def make_data(out: Path, plan: Plan, workers: int = 2) -> dict[str, Path]:
             for k in order:
                 secs = futs[k].result()
                 s = specs[k]
-                extra = " with distractor series" if s["distractors"] else ""
+                extra = (" with distractor series" if plan.kind == "ct" else " with lateral views"
+                         ) if s["distractors"] else ""
                 say(
                     f"    {k:<12} {s['normal']:>3} normal + {s['abnormal']:>3} abnormal{extra}"
                     f"  ({secs:.0f} s)"

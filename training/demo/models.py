@@ -25,7 +25,6 @@ def train_models(out: Path, sets: dict[str, Path], plan: Plan) -> tuple[Path, Pa
     """A trunk on the normals, then M0 (normals) and M1 (unlabeled mixture) branching from it with the
     same budget, as ``training experiment`` does (its docstring says why). Each model is reused when
     the plan, its data and the trunk it started from are unchanged."""
-    from training.data.volumes import volumes_from_dicom
     from training.train.loop import forget_stale_warm_start, train, weights_digest
 
     models = out / "models"
@@ -42,11 +41,12 @@ def train_models(out: Path, sets: dict[str, Path], plan: Plan) -> tuple[Path, Pa
     for name, role, start, steps in stages:
         t0 = time.perf_counter()
         if role not in vols_of:
-            vols_of[role] = volumes_from_dicom(sets[role], cache / role, workers=2)
+            vols_of[role] = _volumes(sets[role], cache / role, plan.kind, role)
         vols = vols_of[role]
         assemble_s = time.perf_counter() - t0
         if not len(vols):
-            raise DemoError(f"{sets[role]}: no usable study (see {cache / role / 'rejects.csv'})")
+            why = f"see {cache / role / 'rejects.csv'}" if plan.kind == "ct" else "; ".join(vols.skipped[:3])
+            raise DemoError(f"{sets[role]}: no usable study ({why})")
         path = models / f"{name}.pt"
         init_from = models / f"{start}.pt" if start else None
         want = {
@@ -100,6 +100,19 @@ def train_models(out: Path, sets: dict[str, Path], plan: Plan) -> tuple[Path, Pa
     return models / "m0.pt", models / "m1.pt", info
 
 
+def _volumes(folder: Path, cache: Path, kind: str, role: str) -> Any:
+    """The set's canonical images: head CTs through the volume cache, chest radiographs assembled
+    directly (a 512x512 image takes ~0.1 s, no cache needed) by :mod:`triage.assemble.radiograph`."""
+    if kind == "cxr":
+        from training.data.images import radiographs_from_folder
+        from training.data.sources import as_volume_set
+
+        return as_volume_set(radiographs_from_folder(folder), role)
+    from training.data.volumes import volumes_from_dicom
+
+    return volumes_from_dicom(folder, cache, workers=2)
+
+
 def _progress_lines(name: str, total: int) -> Callable[..., None]:
     """A training hook that only reports progress (it is called before each step, and reads nothing)."""
     t0 = time.perf_counter()
@@ -115,14 +128,15 @@ def _progress_lines(name: str, total: int) -> Callable[..., None]:
 
 def install_model_set(cfg: Any, m0: Path, m1: Path, calibration: Path, plan: Plan) -> Any:
     """create_model_set on the calibration normals (specificity rule; with >= 3 of them also the region
-    score's calibration) and promote it; reused when the current set holds these very models calibrated
-    on this folder (and, where the plan allows one, a region calibration)."""
+    score's calibration) and promote it as the current set of the plan's kind; reused when that current
+    set holds these very models calibrated on this folder (and, where the plan allows one and the kind
+    has one, a region calibration)."""
     from triage.model.modelset import create_model_set
     from triage.model.registry import Registry, RegistryError, sha256_file
 
     reg = Registry(cfg.models_dir)
     try:
-        cur = reg.current()
+        cur = reg.current(plan.kind)
     except RegistryError:  # a damaged current set is not reused; a new one is promoted over it
         cur = None
     want_method = f"specificity={plan.specificity:g}"
@@ -132,8 +146,9 @@ def install_model_set(cfg: Any, m0: Path, m1: Path, calibration: Path, plan: Pla
         and cur.manifest["m1_sha256"] == sha256_file(m1)
         and cur.manifest["operating_point"]["method"] == want_method
         and cur.manifest["provenance"]["calibration"]["data"] == str(calibration)
-        # a set made before the region score existed is redone, so the demo shows it
-        and (plan.calibration < MIN_REGION_NORMALS or "region" in cur.manifest["calibration"])
+        # a head-CT set made before the region score existed is redone, so the demo shows it
+        and (plan.calibration < MIN_REGION_NORMALS or plan.kind != "ct"
+             or "region" in cur.manifest["calibration"])
     ):
         say(f"  reusing model set {cur.version}")
         return cur
