@@ -522,10 +522,18 @@ class Glow(nn.Module):
         (:mod:`triage.model.voxelmap`). The receptive field of a coarse location is wide, so the map
         localizes to a level's location size, not to the voxel.
         """
+        return self.log_prob_level_maps(x).sum(dim=1)
+
+    def log_prob_level_maps(self, x: Tensor) -> Tensor:
+        """:meth:`log_prob_map` kept per level: (B, levels, *image_shape), finest level first; the sum
+        over levels is the voxel map. Why separately: the finest level has by far the most locations
+        and the largest variance over normals, the coarsest the widest context, so a region score
+        that adds them raw is dominated by the finest level's noise; standardized per level, each
+        scale counts in units of its own normal variability (as CFlow-AD normalizes each scale)."""
         level_maps: list[Tensor] = []
         zs, _, kept = self._encode(x, level_maps)
         nd = self.cfg.ndim
-        total: Tensor | None = None
+        parts: list[Tensor] = []
         for i, lvl in enumerate(level_maps):
             if i < len(level_maps) - 1:
                 if self.cfg.learn_split_prior:
@@ -535,10 +543,8 @@ class Glow(nn.Module):
                     lp = _gaussian_logpdf(zs[i], per_location=True)
             else:
                 lp = _gaussian_logpdf(zs[-1], per_location=True)
-            part = spread_to_voxels(lvl + lp, 2 ** (i + 1), nd)
-            total = part if total is None else total + part
-        assert total is not None
-        return total
+            parts.append(spread_to_voxels(lvl + lp, 2 ** (i + 1), nd))
+        return torch.stack(parts, dim=1)
 
     # -- discrete data ---------------------------------------------------------------------------
     def preprocess(self, x_uint: Tensor, n_bits: int | None = None, noise: bool = False) -> Tensor:

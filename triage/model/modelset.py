@@ -37,7 +37,12 @@ from triage.model.calibrate import threshold_at_specificity, youden
 from triage.model.glow import Glow
 from triage.model.registry import ModelSet, Registry, RegistryError, volume_kind, write_once
 from triage.model.score import ModelPair, pick_device
-from triage.model.voxelmap import fit_region_calibration, model_spacing_mm, save_region_calibration
+from triage.model.voxelmap import (
+    fit_region_calibration,
+    model_spacing_mm,
+    save_region_calibration,
+    search_mask,
+)
 from triage.ops.logs import get_logger
 
 log = get_logger("models")
@@ -103,7 +108,8 @@ def region_calibration(pair: ModelPair, volumes: list[np.ndarray], global_thresh
     if maps is None:
         maps = [pair.log_likelihood_maps(v)[2].cpu().numpy() for v in volumes]
     spec = specificity_on(global_normal_scores, global_threshold)
-    cal = fit_region_calibration(maps, model_spacing_mm(shape), specificity=max(spec, 1e-9))
+    masks = [search_mask(v, shape) for v in volumes]
+    cal = fit_region_calibration(maps, model_spacing_mm(shape), specificity=max(spec, 1e-9), masks=masks)
     if spec <= 0.0:
         cal.threshold = math.inf  # the global threshold flags every normal: so does the region's
     entry = save_region_calibration(models_root, cal)

@@ -39,6 +39,7 @@ from triage.model.voxelmap import (
     load_region_calibration,
     model_index_to_canonical,
     nearest_source_slice,
+    search_mask,
 )
 
 __all__ = [
@@ -117,12 +118,13 @@ class ModelPair:
 
     @torch.inference_mode()
     def log_likelihood_maps(self, volume: np.ndarray) -> tuple[float, float, torch.Tensor]:
-        """(log p(x|normal), log p(x), map0 - map1): the voxel maps' totals and their difference, the
-        map of log p(normal|x) on the model's grid (float64, on the scoring device)."""
+        """(log p(x|normal), log p(x), map0 - map1): the voxel maps' totals and their difference per
+        level, the maps of log p(normal|x) on the model's grid, (levels, *image_shape) (float64, on the
+        scoring device; their sum over levels is the voxel map)."""
         x = torch.from_numpy(np.ascontiguousarray(volume)).to(self.device)
         x = fit_to_shape(x[None, None], self.m0.cfg.image_shape)
-        map0 = self.m0.log_prob_map(self.m0.preprocess(x))[0].double()
-        map1 = self.m1.log_prob_map(self.m1.preprocess(x))[0].double()
+        map0 = self.m0.log_prob_level_maps(self.m0.preprocess(x))[0].double()
+        map1 = self.m1.log_prob_level_maps(self.m1.preprocess(x))[0].double()
         return float(map0.sum().item()), float(map1.sum().item()), map0 - map1
 
 
@@ -188,7 +190,7 @@ class Scorer:
             region: Region | None = None
             if self.region is not None:
                 lp0, lp1, dmap = self.pair.log_likelihood_maps(it.volume)
-                region = self.region(dmap)
+                region = self.region(dmap, search_mask(it.volume, self.pair.m0.cfg.image_shape))
             else:
                 lp0, lp1 = self.log_likelihoods(it.volume)
             if not (np.isfinite(lp0) and np.isfinite(lp1)):

@@ -1,33 +1,41 @@
-"""Where is it abnormal: a region score from the voxel map of log p(normal|x).
+"""Where is it abnormal: a region score from the voxel maps of log p(normal|x).
 
-``Glow.log_prob_map`` decomposes log p(x) exactly over the voxels. M0 and M1 share the architecture
-(and, trained by the README's recipe, the trunk), so their maps align and ``d = map0 - map1`` is a map
-of log p(normal|x) whose total is the paper's score. The total adds the modelling noise of ~500,000
-voxels to the signal of a lesion of a few hundred; a lesion-sized window of the same map does not.
+``Glow.log_prob_level_maps`` decomposes log p(x) exactly over the voxels, one map per level of the
+flow. M0 and M1 share the architecture (and, trained by the README's recipe, the trunk), so their
+maps align and ``d_l = map0_l - map1_l`` are maps of log p(normal|x) whose grand total is the paper's
+score. The total adds the modelling noise of ~500,000 voxels to the signal of a lesion of a few
+hundred; a lesion-sized window of the same maps does not.
 
-The region score, fixed before any test label was looked at (the rule, not a tuned value):
+The region score, a rule fixed in advance (no value in it is fitted to any kind of lesion):
 
-1. **Windows.** ``d`` is averaged over cubes of ``WINDOWS_MM`` = 10, 20 and 40 mm on a side (box
-   filters, separable, on the model's grid; a side is the nearest odd number of voxels, at least 1).
-   Why these: the lesions a head CT triage must catch run from about a centimetre (small bleeds,
-   lacunar and cortical infarcts) to several centimetres (haematomas, masses, territorial infarcts);
-   three octave-spaced sizes cover that range without knowing any generator's lesion sizes, and the
-   coarsest level of the cpu-small flow (8 voxels per location, ~28 mm in plane, 36 mm in z) bounds
-   how finely the map localizes anyway.
-2. **Per-position calibration on held-out normals** (as PaDiM / CFlow-AD calibrate per location):
+1. **Levels, each in its own units.** Each level's map ``d_l`` is standardized separately and the
+   standardized maps are added (divided by sqrt(levels), so the sum of independent N(0,1) stays
+   N(0,1)). Why: the finest level has 4-8x the locations of the next and dominates the variance of the
+   raw map over normals, while wide context lives in the coarse levels; added raw, the finest level's
+   noise hides the rest. Normalizing each scale by its own normal statistics before aggregating is
+   what CFlow-AD and PaDiM do for multi-scale maps.
+2. **Windows.** Each ``d_l`` is averaged over cubes of ``WINDOWS_MM`` = 10, 20 and 40 mm (box filters,
+   separable, on the model's grid; a side is the nearest odd number of voxels, at least 1): lesions a
+   head CT triage must catch run from about a centimetre to several centimetres.
+3. **Per-position calibration on held-out normals** (as PaDiM / CFlow-AD calibrate per location):
    each window average is standardized by the mean and s.d. of the same window average over the
-   calibration normals at that position. The s.d. map is smoothed with the same window (few normals
-   make a noisy per-voxel estimate) and floored at ``SD_FLOOR`` x its median over positions, so the
-   air around the head, where both models agree to a few millinats, cannot turn round-off into a
-   finding.
-3. **Score.** The region score is the most negative standardized window over positions and sizes
-   (low: abnormal, like log p(normal|x)); its centre is the window's centre. Taking the minimum over
-   positions inflates it for every study alike; the calibration below turns it into a percentile
-   among normals, so the inflation is accounted for, not tuned away.
-4. **Calibration of the score.** The calibration normals' own region scores are computed
-   leave-one-out (each one standardized by the statistics of the others), because a normal scored by
-   statistics that include it looks more normal than a new one would; the sorted scores give the
-   percentile, and the threshold keeps the same specificity as the global operating point.
+   calibration normals at that position; the s.d. map is smoothed with the same window and floored at
+   ``SD_FLOOR`` x its median over positions.
+4. **Where to look: inside the head.** Window centres are searched only inside the study's own
+   cranial cavity and skull (:func:`search_mask`: each slice's bone ring, holes filled), because the
+   findings a head-CT triage is for are there, and because the air and scalp around a head hold no
+   finding but do hold the largest relative noise (a head sits a few millimetres differently in every
+   scan, so the per-position s.d. there is tiny next to a new head's edge). When a volume has no closed
+   skull ring in any slice (a test phantom, a craniectomy), the tissue mask is used, then every voxel.
+5. **Score.** For each window size the minimum of the standardized map over the search mask is
+   taken; that minimum is itself standardized by the mean and s.d. of the calibration normals' own
+   minima at that size (leave-one-out), because a minimum over more independent positions (smaller
+   windows) is more negative for every study alike. The region score is the most negative of these
+   (low: abnormal, like log p(normal|x)); its centre is where the winning size's minimum lies.
+6. **Calibration of the score.** The calibration normals' region scores are computed leave-one-out
+   (each one standardized by the statistics of the others), because a normal scored by statistics
+   that include it looks more normal than a new one would; the sorted scores give the percentile, and
+   the threshold keeps the same specificity as the global operating point.
 
 Everything here is label-free: the normals calibrate, nothing is fitted to any kind of lesion.
 """
@@ -50,10 +58,13 @@ from torch import Tensor
 from triage.assemble.common import PIXEL_MM, SLICE_MM, TARGET_SHAPE
 from triage.model.calibrate import threshold_at_specificity
 from triage.model.registry import write_once
+from triage.ops.logs import get_logger
+
+log = get_logger("models")
 
 WINDOWS_MM: tuple[float, ...] = (10.0, 20.0, 40.0)
 SD_FLOOR = 0.25  # of the median s.d. over positions
-FORMAT = "glowtriage.region/1"
+FORMAT = "glowtriage.region/2"  # /1: one raw map, no mask (no longer read)
 
 
 def model_spacing_mm(image_shape: Sequence[int]) -> tuple[float, ...]:
@@ -95,36 +106,85 @@ def box_mean(m: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def _floor_sd(sd: Tensor) -> Tensor:
-    """Smoothed s.d. (S or B, *spatial) floored at SD_FLOOR x its median over positions, per map."""
+    """Smoothed s.d. (K, *spatial) floored at SD_FLOOR x its median over positions, per map."""
     flat = sd.reshape(sd.shape[0], -1)
     floor = SD_FLOOR * flat.median(dim=1).values.clamp_min(1e-12)
     return torch.maximum(sd, floor.view(-1, *([1] * (sd.dim() - 1))))
 
 
+def as_levels(d: np.ndarray | Tensor, ndim: int) -> Tensor:
+    """A log-ratio map as (levels, *spatial): a plain (*spatial) map is one level."""
+    t = torch.as_tensor(np.asarray(d) if not isinstance(d, Tensor) else d)
+    return t[None] if t.dim() == ndim else t
+
+
+BONE_GREY = 100  # 7-bit window grey (HU + 14): ~86 HU and up, the skull (cortical bone is > 700 HU)
+TISSUE_GREY = 5  # above fat and air
+
+
+def search_mask(volume: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """Where region centres are searched (bool, ``image_shape``): the cranial cavity and skull.
+
+    ``volume`` is the canonical 7-bit volume (or already the model's shape); it is block-averaged to
+    the model's grid like :func:`triage.model.glow.fit_to_shape`. In each axial slice the bone ring
+    (grey >= ``BONE_GREY``, closed by one pixel) has its holes filled; slices without a closed ring
+    (skull base, vertex caps) add nothing. No closed ring anywhere (phantoms, craniectomy, tiny test
+    grids): the tissue (grey > ``TISSUE_GREY``), and when that is empty too, everything. A 2-D image
+    (radiograph) is searched everywhere."""
+    from scipy import ndimage
+
+    shape = tuple(int(v) for v in image_shape)
+    v = np.asarray(volume, dtype=np.float32)
+    if v.shape != shape:
+        f = [s // t for s, t in zip(v.shape, shape, strict=True)]
+        v = v.reshape(*[x for t, k in zip(shape, f, strict=True) for x in (t, k)]).mean(
+            axis=tuple(range(1, 2 * len(shape), 2)))
+    if len(shape) != 3:
+        return np.ones(shape, dtype=bool)
+    ring = ndimage.generate_binary_structure(2, 1)
+    mask = np.zeros(shape, dtype=bool)
+    for k, sl in enumerate(v >= BONE_GREY):
+        if sl.any():
+            mask[k] = ndimage.binary_fill_holes(ndimage.binary_closing(sl, structure=ring))
+    if mask.sum() > np.count_nonzero(v >= BONE_GREY):  # some ring was closed: there is a cavity
+        return mask
+    tissue = v > TISSUE_GREY
+    return tissue if tissue.any() else np.ones(shape, dtype=bool)
+
+
 @dataclass
 class RegionCalibration:
-    """What the region score needs from the calibration normals, per window size: the mean and s.d.
-    maps of the window averages, plus the normals' own (leave-one-out) region scores, sorted, and the
-    threshold at the global operating point's specificity."""
+    """What the region score needs from the calibration normals: per window size and level, the mean
+    and s.d. maps of the window averages; per window size, the mean and s.d. of the normals' own
+    (leave-one-out) minima; the normals' leave-one-out region scores, sorted; the threshold at the
+    global operating point's specificity."""
 
     windows_mm: tuple[float, ...]
     spacing_mm: tuple[float, ...]
-    mean: np.ndarray  # (S, *spatial) float32
-    sd: np.ndarray  # (S, *spatial) float32, smoothed and floored
+    mean: np.ndarray  # (S, L, *spatial) float32
+    sd: np.ndarray  # (S, L, *spatial) float32, smoothed and floored
+    min_mean: np.ndarray  # (S,) mean of the normals' minima at each window size
+    min_sd: np.ndarray  # (S,) their s.d.
     normal_scores: list[float]  # sorted
     threshold: float
     specificity: float
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.mean.shape[1:])
+        return tuple(self.mean.shape[2:])
+
+    @property
+    def levels(self) -> int:
+        return int(self.mean.shape[1])
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         np.savez_compressed(
             buf, format=np.array(FORMAT), windows_mm=np.asarray(self.windows_mm, dtype=float),
             spacing_mm=np.asarray(self.spacing_mm, dtype=float), mean=self.mean.astype(np.float32),
-            sd=self.sd.astype(np.float32), normal_scores=np.asarray(self.normal_scores, dtype=float),
+            sd=self.sd.astype(np.float32), min_mean=np.asarray(self.min_mean, dtype=float),
+            min_sd=np.asarray(self.min_sd, dtype=float),
+            normal_scores=np.asarray(self.normal_scores, dtype=float),
             threshold=np.array(self.threshold, dtype=float),
             specificity=np.array(self.specificity, dtype=float),
         )
@@ -133,12 +193,14 @@ class RegionCalibration:
     @classmethod
     def from_bytes(cls, raw: bytes) -> RegionCalibration:
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-            if str(z["format"]) != FORMAT:
-                raise ValueError(f"not a {FORMAT} file")
+            fmt = str(z["format"])
+            if fmt != FORMAT:
+                raise RegionFormatError(f"region calibration format {fmt!r}, this version reads {FORMAT!r}")
             return cls(
                 windows_mm=tuple(float(v) for v in z["windows_mm"]),
                 spacing_mm=tuple(float(v) for v in z["spacing_mm"]),
                 mean=z["mean"].astype(np.float32), sd=z["sd"].astype(np.float32),
+                min_mean=z["min_mean"].astype(float), min_sd=z["min_sd"].astype(float),
                 normal_scores=sorted(float(v) for v in z["normal_scores"]),
                 threshold=float(z["threshold"]), specificity=float(z["specificity"]),
             )
@@ -148,10 +210,17 @@ class RegionCalibration:
 
     def summary(self) -> dict[str, Any]:
         """What the manifest says about it (the arrays live in the .npz)."""
-        return {"windows_mm": list(self.windows_mm), "spacing_mm": list(self.spacing_mm),
-                "threshold": _num(self.threshold), "specificity": self.specificity,
+        return {"format": FORMAT, "windows_mm": list(self.windows_mm), "spacing_mm": list(self.spacing_mm),
+                "levels": self.levels, "threshold": _num(self.threshold), "specificity": self.specificity,
                 "normal_scores": list(self.normal_scores), "sd_floor": SD_FLOOR,
-                "method": "min over positions and windows of the per-position standardized window mean"}
+                "minima_mean": [float(v) for v in self.min_mean],
+                "minima_sd": [float(v) for v in self.min_sd],
+                "method": "per level standardized window means, summed over levels; minimum inside the "
+                          "head per window size, standardized by the normals' minima; most negative size"}
+
+
+class RegionFormatError(ValueError):
+    """A region calibration written by another version of the rule (recalibrate the set)."""
 
 
 def _num(v: float) -> float | None:
@@ -162,71 +231,107 @@ def _num(v: float) -> float | None:
 class Region:
     """The most abnormal window of one study."""
 
-    score: float  # most negative standardized window mean (low: abnormal)
+    score: float  # most negative standardized window minimum (low: abnormal)
     index_zyx: tuple[float, float, float]  # window centre, continuous index on the model's grid
     window_mm: float
-    zmap: np.ndarray  # standardized map at the winning window size (*spatial), for overlays
+    zmap: np.ndarray  # level-combined standardized map at the winning window size (*spatial)
 
 
 def standardized(d: Tensor, mean: Tensor, sd: Tensor, windows: Sequence[tuple[int, ...]]) -> Tensor:
-    """(S, *spatial) z-maps of one log-ratio map ``d`` (*spatial) at each window size."""
-    return torch.stack([(box_mean(d[None], w)[0] - mean[i]) / sd[i] for i, w in enumerate(windows)])
+    """(S, *spatial) z-maps of one study's per-level log-ratio maps ``d`` (L, *spatial): per window
+    size, each level's window mean standardized by ``mean``/``sd`` (S, L, *spatial), summed over
+    levels / sqrt(L)."""
+    n_lv = d.shape[0]
+    out = []
+    for i, w in enumerate(windows):
+        z = (box_mean(d, w) - mean[i]) / sd[i]  # (L, *spatial)
+        out.append(z.sum(dim=0) / math.sqrt(n_lv))
+    return torch.stack(out)
+
+
+def _masked_minima(z: Tensor, mask: Tensor) -> Tensor:
+    """(S,) minimum of each z-map (S, *spatial) over ``mask`` (*spatial, bool)."""
+    inf = torch.tensor(math.inf, dtype=z.dtype, device=z.device)
+    return torch.where(mask[None], z, inf).reshape(z.shape[0], -1).min(dim=1).values
 
 
 class RegionScorer:
-    """Applies one :class:`RegionCalibration` to log-ratio maps (on the scorer's device)."""
+    """Applies one :class:`RegionCalibration` to per-level log-ratio maps (on the scorer's device)."""
 
     def __init__(self, cal: RegionCalibration, device: torch.device | str = "cpu"):
         self.cal = cal
         self.windows = [window_voxels(w, cal.spacing_mm) for w in cal.windows_mm]
         self.mean = torch.from_numpy(cal.mean).to(device)
         self.sd = torch.from_numpy(cal.sd).to(device)
+        self.min_mean = torch.as_tensor(cal.min_mean, dtype=self.mean.dtype, device=device)
+        self.min_sd = torch.as_tensor(cal.min_sd, dtype=self.mean.dtype, device=device)
 
-    def __call__(self, d: Tensor) -> Region:
-        if tuple(d.shape) != self.cal.shape:
-            raise ValueError(f"log-ratio map of shape {tuple(d.shape)}, calibrated for {self.cal.shape}")
-        z = standardized(d.to(self.mean.dtype), self.mean, self.sd, self.windows)
-        return _region_of(z, self.cal.windows_mm)
+    def __call__(self, d: Tensor | np.ndarray, mask: np.ndarray | None = None) -> Region:
+        """The region of one study: ``d`` its per-level log-ratio maps (L, *spatial) (or one map),
+        ``mask`` where to search (:func:`search_mask` of its volume; None: everywhere)."""
+        t = as_levels(d, len(self.cal.shape)).to(self.mean.device, self.mean.dtype)
+        if tuple(t.shape) != (self.cal.levels, *self.cal.shape):
+            raise ValueError(f"log-ratio maps of shape {tuple(t.shape)}, calibrated for "
+                             f"{(self.cal.levels, *self.cal.shape)}")
+        z = standardized(t, self.mean, self.sd, self.windows)
+        m = torch.ones(self.cal.shape, dtype=torch.bool, device=z.device) if mask is None \
+            else torch.as_tensor(np.asarray(mask, dtype=bool), device=z.device)
+        t_s = (_masked_minima(z, m) - self.min_mean) / self.min_sd
+        return _region_of(z, m, t_s, self.cal.windows_mm)
 
 
-def _region_of(z: Tensor, windows_mm: Sequence[float]) -> Region:
-    flat = int(torch.argmin(z).item())
-    s, *idx = np.unravel_index(flat, tuple(z.shape))
+def _region_of(z: Tensor, mask: Tensor, t_s: Tensor, windows_mm: Sequence[float]) -> Region:
+    s = int(torch.argmin(t_s).item())
+    zs = torch.where(mask, z[s], torch.tensor(math.inf, dtype=z.dtype, device=z.device))
+    idx = np.unravel_index(int(torch.argmin(zs).item()), tuple(zs.shape))
     pos = [float(i) for i in idx]
     centre = (pos[0], pos[1], pos[2]) if len(pos) == 3 else (0.0, pos[0], pos[1])  # 2-D: one slice
-    return Region(score=float(z.reshape(-1)[flat].item()), index_zyx=centre, window_mm=float(windows_mm[s]),
-                  zmap=z[s].float().cpu().numpy())
+    zmap = torch.where(mask, z[s], torch.zeros((), dtype=z.dtype, device=z.device))
+    return Region(score=float(t_s[s].item()), index_zyx=centre, window_mm=float(windows_mm[s]),
+                  zmap=zmap.float().cpu().numpy())
 
 
 def fit_region_calibration(
     maps: Sequence[np.ndarray] | np.ndarray, spacing_mm: Sequence[float], *, specificity: float,
-    windows_mm: Sequence[float] = WINDOWS_MM,
+    masks: Sequence[np.ndarray | None] | None = None, windows_mm: Sequence[float] = WINDOWS_MM,
 ) -> RegionCalibration:
-    """Per-position statistics of the calibration normals' log-ratio maps (n, *spatial), and their
-    leave-one-out region scores. Needs at least 3 normals (a leave-one-out s.d. of 2)."""
-    d = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float64) for m in maps]))
+    """Per-position, per-level statistics of the calibration normals' log-ratio maps (each (L, *spatial)
+    or (*spatial)), the statistics of their (leave-one-out) minima inside ``masks`` (their
+    :func:`search_mask`; None: everywhere), and their leave-one-out region scores. Needs at least 3
+    normals (a leave-one-out s.d. of 2)."""
+    nd = len(spacing_mm)
+    d = torch.stack([as_levels(np.asarray(m, dtype=np.float64), nd) for m in maps])  # (n, L, *spatial)
     n = d.shape[0]
     if n < 3:
         raise ValueError(f"a region calibration needs at least 3 normal studies, got {n}")
+    spatial = tuple(d.shape[2:])
+    mk = torch.stack([torch.ones(spatial, dtype=torch.bool) if m is None
+                      else torch.as_tensor(np.asarray(m, dtype=bool)) for m in (masks or [None] * n)])
     windows = [window_voxels(w, spacing_mm) for w in windows_mm]
     means, sds = [], []
-    loo_min = torch.full((n,), math.inf, dtype=torch.float64)
-    for w in windows:
-        a = box_mean(d, w)  # (n, *spatial)
+    minima = torch.empty((len(windows), n), dtype=torch.float64)
+    for s, w in enumerate(windows):
+        a = box_mean(d.reshape(-1, *spatial), w).reshape(d.shape)  # (n, L, *spatial)
         tot, sq = a.sum(0), (a * a).sum(0)
         mean = tot / n
         var = ((sq - n * mean * mean) / (n - 1)).clamp_min(0.0)
         means.append(mean)
-        sds.append(_floor_sd(box_mean(var.sqrt()[None], w))[0])
+        sds.append(_floor_sd(box_mean(var.sqrt(), w)))
         for i in range(n):  # leave one out: the normal is scored as a new study would be
             m_i = (tot - a[i]) / (n - 1)
             v_i = ((sq - a[i] * a[i] - (n - 1) * m_i * m_i) / (n - 2)).clamp_min(0.0)
-            sd_i = _floor_sd(box_mean(v_i.sqrt()[None], w))[0]
-            loo_min[i] = min(float(loo_min[i]), float(((a[i] - m_i) / sd_i).min()))
-    scores = sorted(float(v) for v in loo_min)
+            sd_i = _floor_sd(box_mean(v_i.sqrt(), w))
+            z = ((a[i] - m_i) / sd_i).sum(dim=0) / math.sqrt(d.shape[1])
+            minima[s, i] = _masked_minima(z[None], mk[i])[0]
+    loo = torch.empty_like(minima)
+    for i in range(n):  # each normal's minima standardized by the others' minima
+        rest = torch.cat([minima[:, :i], minima[:, i + 1:]], dim=1)
+        loo[:, i] = (minima[:, i] - rest.mean(1)) / rest.std(1).clamp_min(1e-12)
+    scores = sorted(float(v) for v in loo.min(dim=0).values)
     return RegionCalibration(
         windows_mm=tuple(float(w) for w in windows_mm), spacing_mm=tuple(float(s) for s in spacing_mm),
         mean=torch.stack(means).float().numpy(), sd=torch.stack(sds).float().numpy(),
+        min_mean=minima.mean(1).numpy(), min_sd=minima.std(1).clamp_min(1e-12).numpy(),
         normal_scores=scores, threshold=threshold_at_specificity(scores, specificity),
         specificity=float(specificity),
     )
@@ -292,9 +397,10 @@ def save_region_calibration(models_root: Path, cal: RegionCalibration) -> dict[s
 
 
 def load_region_calibration(model_set_path: Path, manifest: dict[str, Any]) -> RegionCalibration | None:
-    """The region calibration a model set names (``calibration.region``), or None when it keeps none.
-    Raises ValueError when the file is missing or does not match its hash (a changed file would change
-    results)."""
+    """The region calibration a model set names (``calibration.region``), or None when it keeps none or
+    keeps one of an older rule (logged: the set then flags by its global score until it is made again
+    with ``triage models create``). Raises ValueError when the file is missing or does not match its
+    hash (a changed file would change results)."""
     entry = (manifest.get("calibration") or {}).get("region")
     if not entry:
         return None
@@ -305,4 +411,8 @@ def load_region_calibration(model_set_path: Path, manifest: dict[str, Any]) -> R
         raise ValueError(f"region calibration {path}: {exc}") from None
     if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
         raise ValueError(f"region calibration {path} does not match its manifest hash")
-    return RegionCalibration.from_bytes(raw)
+    try:
+        return RegionCalibration.from_bytes(raw)
+    except RegionFormatError as exc:
+        log.warning("region_calibration_outdated", file=str(path), reason=str(exc))
+        return None
