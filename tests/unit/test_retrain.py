@@ -501,3 +501,21 @@ def test_chest_gate_failure_keeps_the_chest_set(tmp_path: Path, models: dict[str
     assert reg.current("cxr").version == chest.version and reg.current().version == head.version
     assert sorted(s.version for s in reg.list()) == sorted([head.version, chest.version])
     assert read_history(reg.root)[-1]["kind"] == "cxr"
+
+
+def test_entry_point_without_kind_retrains_each_kind_with_a_current_set(
+        tmp_path: Path, models: dict[str, Path], models2d: dict[str, Path]) -> None:
+    """``python -m training.train.retrain --config FILE`` (by hand, no --kind): every kind with a
+    current set in turn, one history line each; --workdir names one run, so it needs --kind."""
+    cfg, reg, head = make_site(tmp_path, models, min_volumes=13)
+    chest = add_chest_site(tmp_path, cfg, reg, models2d)
+    cmd = [sys.executable, "-m", "training.train.retrain", "--config", str(tmp_path / "config.toml")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    hist = read_history(reg.root)
+    assert [(h["kind"], h["outcome"]) for h in hist] == [("ct", "skipped"), ("cxr", "promoted")]
+    assert reg.current().version == head.version and reg.current("cxr").version not in (None, chest.version)
+    bad = subprocess.run([*cmd, "--workdir", str(reg.root / ".retrain-x")], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "give --kind too" in bad.stderr
+    no_leftovers(reg)

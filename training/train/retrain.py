@@ -545,7 +545,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir is not None and len(kinds) > 1:
         print("--workdir names one run's folder: give --kind too", file=sys.stderr)
         return 2
-    outcomes = [run(cfg, args.workdir or new_workdir(cfg.models_dir), kind=k)["outcome"] for k in kinds]
+    outcomes = []
+    for k in kinds:
+        workdir = args.workdir or new_workdir(cfg.models_dir)
+        outcomes.append(run(cfg, workdir, kind=k)["outcome"])
+        if args.workdir is None:  # ours: nobody else reads its result.json (the scheduler passes one)
+            shutil.rmtree(workdir, ignore_errors=True)
     return 1 if "failed" in outcomes else 0
 
 
