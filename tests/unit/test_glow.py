@@ -332,6 +332,13 @@ def test_log_prob_map_sums_to_log_prob(ndim: int, scale_fn: str, split_prior: bo
     assert m.shape == (2, *shape)
     total = m.double().sum(dim=tuple(range(1, m.dim())))
     assert torch.allclose(total, lp.double(), rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=0.0)
+    with torch.no_grad():
+        per_level = model.log_prob_level_maps(x)
+    assert per_level.shape == (2, 3, *shape)  # one map per level, finest first
+    assert torch.allclose(per_level.sum(dim=1), m, rtol=0.0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    # the coarsest level's share is constant over each of its locations (2**3 voxels per axis)
+    block = per_level[0, 2][tuple([slice(0, 8)] * ndim)]
+    assert torch.allclose(block, block.flatten()[0].expand_as(block))
 
 
 @pytest.mark.parametrize("ndim", [2, 3])

@@ -11,8 +11,10 @@ from triage.model.voxelmap import (
     RegionScorer,
     box_mean,
     fit_region_calibration,
+    load_region_calibration,
     model_index_to_canonical,
     model_spacing_mm,
+    search_mask,
     window_voxels,
 )
 
@@ -81,6 +83,7 @@ def test_calibration_round_trips_through_bytes() -> None:
     assert back.spacing_mm == pytest.approx(SPACING)
     assert np.array_equal(back.mean, cal.mean) and np.array_equal(back.sd, cal.sd)
     assert back.normal_scores == cal.normal_scores and back.threshold == cal.threshold
+    assert np.array_equal(back.min_mean, cal.min_mean) and np.array_equal(back.min_sd, cal.min_sd)
     assert back.sha256() == cal.sha256()
     assert (back.sd > 0).all()
 
@@ -94,3 +97,86 @@ def test_model_index_maps_to_canonical_voxel_centres() -> None:
     # cpu-small: 32x64x64 -> 32x128x128; model voxel 0 covers canonical 0..1, centred at 0.5
     assert model_index_to_canonical((0, 0, 0), (32, 64, 64)) == (0.0, 0.5, 0.5)
     assert model_index_to_canonical((31, 63, 10), (32, 64, 64)) == (31.0, 126.5, 20.5)
+
+
+def skull_phantom(ring: bool = True, gap: int = 0) -> np.ndarray:
+    """Canonical 7-bit volume: air, scalp, a 4-pixel skull ring (grey 127) around brain (grey 50) in the
+    middle 20 slices; ``gap`` pixels cut out of the ring; ``ring=False``: soft tissue only."""
+    v = np.zeros((32, 128, 128), dtype=np.uint8)
+    yy, xx = np.meshgrid(np.arange(128) - 64, np.arange(128) - 64, indexing="ij")
+    r = np.sqrt(yy**2 + xx**2)
+    for k in range(6, 26):
+        v[k][r < 56] = 60  # scalp
+        v[k][r < 52] = 127 if ring else 60
+        v[k][r < 48] = 50
+        if gap:
+            v[k][(np.abs(xx) < gap / 2 + 0.5) & (yy < -40)] = 0
+    return v
+
+
+def test_search_mask_is_the_cranial_cavity_and_skull() -> None:
+    m = search_mask(skull_phantom(), (32, 64, 64))
+    assert m.shape == (32, 64, 64)
+    assert m[15, 32, 32] and m[15, 32, 32 + 23]  # brain and skull (model pixels are 2 canonical ones)
+    assert not m[15, 32, 32 + 27] and not m[15, 0, 0]  # scalp and air
+    assert not m[2].any() and not m[30].any()  # slices without a head
+    # a one-pixel gap in the ring (a suture, a burr hole) is closed
+    assert search_mask(skull_phantom(gap=1), (32, 64, 64))[15, 32, 32]
+    # no closed ring anywhere: the tissue, not the air
+    t = search_mask(skull_phantom(ring=False), (32, 64, 64))
+    assert t[15, 32, 32] and t[15, 32, 32 + 26] and not t[15, 0, 0]
+    assert search_mask(np.zeros((32, 128, 128), np.uint8), (32, 64, 64)).all()  # nothing: everywhere
+    assert search_mask(np.zeros((64, 64), np.uint8), (64, 64)).all()  # a radiograph: everywhere
+
+
+def test_region_is_searched_only_inside_the_mask() -> None:
+    cal = fit_region_calibration(noise_maps(30, seed=5), SPACING, specificity=0.9)
+    d = noise_maps(1, seed=6)[0]
+    d[0:3, 0:4, 0:4] -= 5.0  # a strong change in a corner (air around a head)
+    d[8:11, 14:18, 14:18] -= 1.0  # a weaker one in the middle
+    mask = np.zeros(SHAPE, dtype=bool)
+    mask[4:14, 8:24, 8:24] = True
+    scorer = RegionScorer(cal)
+    everywhere = scorer(d)
+    inside = scorer(d, mask)
+    assert max(everywhere.index_zyx) <= 4  # the corner wins when everything is searched
+    assert np.abs(np.array(inside.index_zyx) - np.array((9, 15.5, 15.5))).max() <= 2
+    assert (inside.zmap[~mask] == 0).all()  # the overlay shows only where it searched
+
+
+def test_levels_are_standardized_each_in_its_own_units() -> None:
+    """A change in a quiet level is found although a noisy level's raw variance is 100x larger: added
+    raw, the noisy level would hide it (what the finest level of a flow does to the raw map)."""
+    rng = np.random.default_rng(7)
+
+    def two_levels(n: int) -> np.ndarray:
+        return np.stack([5.0 * rng.standard_normal((n, *SHAPE)), 0.05 * rng.standard_normal((n, *SHAPE))], 1)
+
+    cal = fit_region_calibration(two_levels(30), SPACING, specificity=0.9)
+    assert cal.levels == 2 and cal.mean.shape == (3, 2, *SHAPE)
+    scorer = RegionScorer(cal)
+    normals = np.array([scorer(m).score for m in two_levels(30)])
+    d = two_levels(1)[0]
+    d[1, 4:8, 20:26, 6:12] -= 0.25  # 5 s.d. of the quiet level, 0.05 s.d. of the noisy one
+    reg = scorer(d)
+    assert reg.score < normals.min()
+    assert np.abs(np.array(reg.index_zyx) - np.array((5.5, 22.5, 8.5))).max() <= 2
+    with pytest.raises(ValueError, match="calibrated for"):
+        scorer(d[:1])
+
+
+def test_an_older_rules_calibration_is_ignored_not_fatal(tmp_path) -> None:
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, format=np.array("glowtriage.region/1"), mean=np.zeros((1, *SHAPE)))
+    raw = buf.getvalue()
+    (tmp_path / "region").mkdir()
+    (tmp_path / "region" / "old.npz").write_bytes(raw)
+    entry = {"file": "region/old.npz", "sha256": hashlib.sha256(raw).hexdigest()}
+    manifest = {"calibration": {"region": entry}}
+    assert load_region_calibration(tmp_path / "set", manifest) is None
+    manifest["calibration"]["region"]["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="hash"):
+        load_region_calibration(tmp_path / "set", manifest)
