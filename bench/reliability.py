@@ -386,12 +386,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     ap.add_argument("--out", help="JSON file (default bench/results/reliability[-small].json)")
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=N",
+        help="override one size (e.g. fuzz_dataset=1000) when the full size cannot run; recorded in the JSON",
+    )
+    ap.add_argument(
         "--merge",
         action="store_true",
         help="keep the other cases' results already in the JSON file (cases run in separate invocations)",
     )
     args = ap.parse_args(argv)
-    size = SMALL if args.small else FULL
+    size = dict(SMALL if args.small else FULL)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in size or isinstance(size[key], tuple) or not value.isdigit():
+            ap.error(f"--set {item}: expected KEY=N with KEY one of the integer sizes")
+        overrides[key] = size[key] = int(value)
     chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in chosen if c not in RUNNERS]
     if unknown:
@@ -413,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name]["case_seconds"] = round(time.perf_counter() - t0, 1)
             results[name]["ran_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             results[name]["size"] = "small" if args.small else "full"
+            if overrides:
+                results[name]["size_overrides"] = overrides
             ok = results[name]["ok"]
             verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
             print(f"{name:8s} {verdict}  {results[name]['figures']}", flush=True)
