@@ -8,11 +8,12 @@ the first storescu start to the last storescu exit; every peer must then hold ev
 Peers, each with its storage on a temp folder of the same disk:
 
 * glowtriage: ``python -m triage.receive.scp`` (fsync of file and directory plus a SQLite commit per
-  instance before the success status);
+  instance before the success status) with ``dicom.workers`` at its default (one receiver process per
+  core), and ``glowtriage-1proc`` the same with ``workers = 1`` (the listener in one process);
 * storescp: ``storescp --fork`` (one process per association; it does not fsync);
 * Orthanc: temporary configuration, ``SyncStorageArea`` true (its default: fsync per instance).
 
-    python bench/ingest_bench.py [--n 2000] [--associations 4] [--out bench/results/ingest.json]
+    python bench/ingest_bench.py [--n 2000] [--associations 4,1] [--out bench/results/ingest.json]
 
 Prints a table (peer, instances, seconds, inst/s, ratio vs storescp) and writes the JSON.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -77,10 +79,12 @@ def fsync_probe(folder: Path, n: int = 50, size: int = 131072) -> float:
 
 
 @contextlib.contextmanager
-def glowtriage(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
+def glowtriage(work: Path, workers: int = 0) -> Iterator[tuple[int, str, Callable[[], int]]]:
+    """The receiver alone; ``workers`` is ``dicom.workers`` (0: the shipped default, one per core)."""
     port = free_port()
     cfg = write_config(work / "config.toml", {
-        "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": port, "max_associations": 16},
+        "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": port, "max_associations": 16,
+                  "workers": workers},
         "storage": {"root": str(work / "var"), "min_free_mb": 64},
         "logging": {"level": "info", "format": "json"},
     })
@@ -130,7 +134,8 @@ def orthanc(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
 
 PEERS: dict[str, Callable[[Path], contextlib.AbstractContextManager[tuple[int, str, Callable[[], int]]]]] = {
     "storescp": storescp,
-    "glowtriage": glowtriage,
+    "glowtriage": glowtriage,  # dicom.workers = 0: one receiver process per core
+    "glowtriage-1proc": functools.partial(glowtriage, workers=1),  # the listener in one process
     "orthanc": orthanc,
 }
 
@@ -138,7 +143,8 @@ PEERS: dict[str, Callable[[Path], contextlib.AbstractContextManager[tuple[int, s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000, help="instances (default 2000; e.g. 200 for a smoke run)")
-    ap.add_argument("--associations", type=int, default=4, help="parallel storescu processes (default 4)")
+    ap.add_argument("--associations", default="4,1",
+                    help="parallel storescu processes; a comma list runs each count in turn (default 4,1)")
     ap.add_argument("--size", type=int, default=256, help="rows = columns (default 256)")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ingest.json")
@@ -159,40 +165,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {len(files)} instances of {files[0].stat().st_size} bytes in "
               f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
         probe_before = fsync_probe(base / "probe")
-        k = max(1, args.associations)
-        groups = [files[i::k] for i in range(k)]
-        for name in [p.strip() for p in args.peers.split(",") if p.strip()]:
-            work = base / name
-            work.mkdir()
-            with PEERS[name](work) as (port, aet, count):
-                seconds = storescu_parallel(port, groups, called=aet, calling="BENCHSCU")
-                deadline = time.monotonic() + 30
-                got = count()
-                while got < len(files) and time.monotonic() < deadline:
-                    time.sleep(0.2)
+        counts = [max(1, int(a)) for a in str(args.associations).split(",") if a.strip()]
+        for k in counts:
+            groups = [files[i::k] for i in range(k)]
+            for name in [p.strip() for p in args.peers.split(",") if p.strip()]:
+                work = base / f"{name}-{k}"
+                work.mkdir()
+                with PEERS[name](work) as (port, aet, count):
+                    seconds = storescu_parallel(port, groups, called=aet, calling="BENCHSCU")
+                    deadline = time.monotonic() + 30
                     got = count()
-            rows.append({"peer": name, "instances": got, "sent": len(files), "seconds": round(seconds, 3),
-                         "inst_per_s": round(len(files) / seconds, 1)})
-            print(f"{name}: {got}/{len(files)} in {seconds:.2f} s", file=sys.stderr)
+                    while got < len(files) and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                        got = count()
+                rows.append({"peer": name, "associations": k, "instances": got, "sent": len(files),
+                             "seconds": round(seconds, 3), "inst_per_s": round(len(files) / seconds, 1)})
+                print(f"{name} x{k}: {got}/{len(files)} in {seconds:.2f} s", file=sys.stderr)
         probe_after = fsync_probe(base / "probe")
 
-    ref = next((r["inst_per_s"] for r in rows if r["peer"] == "storescp"), None)
-    for r in rows:
+    for r in rows:  # each peer against storescp at the same association count
+        ref = next((x["inst_per_s"] for x in rows
+                    if x["peer"] == "storescp" and x["associations"] == r["associations"]), None)
         r["ratio_vs_storescp"] = round(r["inst_per_s"] / ref, 3) if ref else None
-    print(f"\n{'peer':<12}{'instances':>10}{'seconds':>10}{'inst/s':>10}{'vs storescp':>13}")
+    print(f"\n{'peer':<18}{'assocs':>7}{'instances':>10}{'seconds':>10}{'inst/s':>10}{'vs storescp':>13}")
     for r in rows:
         ratio = f"{r['ratio_vs_storescp']:.2f}" if r["ratio_vs_storescp"] is not None else "-"
-        print(f"{r['peer']:<12}{r['instances']:>10}{r['seconds']:>10.2f}{r['inst_per_s']:>10.1f}{ratio:>13}")
+        print(f"{r['peer']:<18}{r['associations']:>7}{r['instances']:>10}{r['seconds']:>10.2f}"
+              f"{r['inst_per_s']:>10.1f}{ratio:>13}")
     print(f"disk: write+fsync+rename+dir fsync of one {instance_bytes}-byte file took "
           f"{probe_before:.2f} ms before and {probe_after:.2f} ms after the run")
     result = {
         "benchmark": "ingest",
-        "n": args.n, "associations": args.associations, "size": args.size,
+        "n": args.n, "associations": str(args.associations), "size": args.size,
         "instance_bytes": instance_bytes,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "durability": {"glowtriage": "fsync file, then rename + directory fsync and a SQLite WAL commit "
-                                     "(synchronous=FULL), the last two shared by concurrent instances, "
-                                     "all before each success status",
+        "durability": {"glowtriage (and -1proc)": "fsync file, then rename + directory fsync and a SQLite WAL commit "
+                                     "fsync'd, the last two shared by concurrent instances (and worker "
+                                     "processes) and run at the same time, all before each success status",
                        "storescp": "no fsync", "orthanc": "SyncStorageArea=true (fsync per instance)"},
         "fsync_probe_ms": {"before": round(probe_before, 3), "after": round(probe_after, 3)},
         "results": rows,

@@ -1,7 +1,15 @@
 """`triage serve`: receive, assemble, score, report and send, together, until SIGTERM.
 
 Each stage is a loop in its own thread over the store (see triage.pipeline), so a slow PACS never
-holds up receiving, and scoring (the CPU-heavy part) never holds up the DICOM listener. A model set
+holds up receiving, and scoring (the CPU-heavy part) never holds up the DICOM listener. The DICOM
+listener runs in ``dicom.workers`` processes (:mod:`triage.receive.workers`), or in this process when
+that is 1.
+
+Stages wake each other instead of polling: each loop sleeps on its own event, set by the stage
+before it when it produced work (a stored instance wakes the assembler, an assembled study the
+scorer, a queued result the sender), and otherwise until the next moment its input can become due
+(the first receiving series' quiet period, the first outbox retry). A slow timer (``SAFETY_S``) stays
+as a safety net: a wake-up lost to a bug or a crashed worker costs seconds, never a stuck study. A model set
 that cannot load stops only the scoring loop, which retries and logs the reason; studies wait in
 ``assembled`` and nothing is dropped. A new model set promoted by the nightly retrain is picked up
 at the next scoring round (the registry's ``current`` link is read every round).
@@ -25,10 +33,13 @@ from triage.ops.logs import get_logger
 from triage.ops.metrics import METRICS, start_http
 from triage.pipeline import Sender, assemble_due, report_scored, score_assembled
 from triage.receive.scp import Receiver
+from triage.receive.workers import WorkerPool, apply_metric, worker_count
 from triage.store.db import Store
 from triage.store.rebuild import StateDbError, check_or_raise
 
 log = get_logger("daemon")
+
+SAFETY_S = 5.0  # the longest any stage sleeps without a wake-up (the safety net)
 
 
 class Daemon:
@@ -45,24 +56,67 @@ class Daemon:
         self.registry = Registry(cfg.models_dir)
         self.stop_event = threading.Event()
         self.receiver: Receiver | None = None
+        self.pool: WorkerPool | None = None
+        # one event per stage: set by whoever made work for it (see the module docstring)
+        self.wake = {name: threading.Event() for name in ("assemble", "score", "send")}
+        self._assembler_planned = False  # sleeping until a due series: a new instance cannot be earlier
         self.scorer: Scorers | None = None
         self.scorer_error: str | None = None
         self.threads: list[threading.Thread] = []
         self.scheduler = None
 
     # -- stages ----------------------------------------------------------------------------------
-    def _loop(self, name: str, every_s: float, step: Callable[[], int]) -> None:
+    def _loop(self, name: str, step: Callable[[], int], wake_next: str | None,
+              sleep_s: Callable[[], float]) -> None:
+        """Run ``step`` until it finds nothing, wake ``wake_next`` when it did something, then sleep
+        on this stage's event for at most ``sleep_s()`` (never more than SAFETY_S)."""
+        event = self.wake[name]
         while not self.stop_event.is_set():
+            event.clear()  # before the step: a wake-up during it makes the next wait return at once
             try:
                 busy = step()
             except Exception:  # a stage must never die: log with traceback and go on
                 log.exception("stage_error", loop=name)
                 busy = 0
+            if busy and wake_next is not None:
+                self.wake[wake_next].set()
             if not busy:
-                self.stop_event.wait(every_s)
+                try:
+                    timeout = min(SAFETY_S, max(0.0, sleep_s()))
+                except Exception:
+                    log.exception("stage_error", loop=name)
+                    timeout = SAFETY_S
+                event.wait(timeout)
 
     def _assemble_step(self) -> int:
         return assemble_due(self.store, self.cfg)
+
+    def _assemble_sleep(self) -> float:
+        """Until the first receiving series is due (its quiet period or force time ends)."""
+        a = self.cfg.settings.assembly
+        due = self.store.next_series_due(a.quiet_seconds, a.force_seconds)
+        if due is None:
+            self._assembler_planned = False
+            return SAFETY_S
+        left = due - self.store.clock() + 0.005  # just past the due moment (series_due uses <=)
+        self._assembler_planned = left <= SAFETY_S
+        return left
+
+    def _send_sleep(self) -> float:
+        """Until the first outbox retry is due (new rows wake the sender)."""
+        due = self.store.outbox_next_attempt()
+        return SAFETY_S if due is None else due - self.store.clock()
+
+    def instance_stored(self) -> None:
+        """A receiver stored an instance: wake the assembler unless it already sleeps until a due
+        series (every new instance's quiet period ends later than that)."""
+        if not self._assembler_planned:
+            self.wake["assemble"].set()
+
+    def _worker_event(self, name: str, args: list) -> None:
+        apply_metric(name, args)
+        if name == "instance_received":
+            self.instance_stored()
 
     def _current_scorer(self) -> Scorers | None:
         """The current set of every kind (head CT, chest radiograph), reloaded when one changes."""
@@ -111,8 +165,13 @@ class Daemon:
         scorer = self._current_scorer()
         if scorer is None:
             return 0
-        n = score_assembled(self.store, scorer, limit=self.cfg.settings.scoring.batch_size)
+        # One study per round, reported at once (its SR and ORU queued, the sender woken) before the
+        # next is scored: the scorer takes volumes one at a time anyway, and a study scored first
+        # must not wait for the rest of a batch before its results go out.
+        n = score_assembled(self.store, scorer, limit=1)
         n += report_scored(self.store, scorer, self.cfg)
+        if n:
+            self.wake["send"].set()
         return n
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -122,31 +181,41 @@ class Daemon:
         METRICS.bind_queue(self.store.queue_counts, self.store.queue_oldest_age)
         METRICS.bind_spool(self.cfg.storage_root, self.cfg.settings.storage.min_free_mb * 1024 * 1024)
         self.metrics_server = start_http(self.cfg)
-        self.receiver = Receiver(self.cfg, self.store)
-        self.receiver.start(block=False)
+        workers = worker_count(self.cfg)
+        if workers > 1:
+            self.pool = WorkerPool(self.cfg, workers, self._worker_event)
+            self.pool.start()
+        else:
+            self.receiver = Receiver(self.cfg, self.store, on_stored=self.instance_stored)
+            self.receiver.start(block=False)
         sender = Sender(self.store, self.cfg)
-        poll = self.cfg.settings.outbox.poll_s
-        quiet = min(1.0, self.cfg.settings.assembly.quiet_seconds / 4)
-        for name, every, step in (
-            ("assemble", quiet, self._assemble_step),
-            ("score", 0.5, self._score_step),
-            ("send", poll, sender.drain),
+        for name, step, wake_next, sleep_s in (
+            ("assemble", self._assemble_step, "score", self._assemble_sleep),
+            ("score", self._score_step, "send", lambda: SAFETY_S),
+            ("send", sender.drain, None, self._send_sleep),
         ):
-            t = threading.Thread(target=self._loop, args=(name, every, step), name=name, daemon=True)
+            t = threading.Thread(target=self._loop, args=(name, step, wake_next, sleep_s), name=name,
+                                 daemon=True)
             t.start()
             self.threads.append(t)
         if self.cfg.settings.retrain.enabled:
             from triage.ops.schedule import start_scheduler
 
             self.scheduler = start_scheduler(self.cfg)
-        systemd.notify(f"READY=1\nSTATUS=receiving on port {self.receiver.address[1]}")
-        log.info("serving", dicom_port=self.receiver.address[1], storage_root=str(self.cfg.storage_root))
+        port = (self.pool or self.receiver).address[1]  # type: ignore[union-attr]
+        systemd.notify(f"READY=1\nSTATUS=receiving on port {port}")
+        log.info("serving", dicom_port=port, storage_root=str(self.cfg.storage_root),
+                 receiver_workers=workers)
 
     def stop(self) -> None:
         systemd.notify("STOPPING=1")
         if self.receiver is not None:
             self.receiver.stop()
+        if self.pool is not None:
+            self.pool.stop()
         self.stop_event.set()
+        for event in self.wake.values():
+            event.set()
         for t in self.threads:
             t.join(timeout=30)
         if self.scheduler is not None:

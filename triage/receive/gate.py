@@ -138,6 +138,7 @@ class HandshakeGate:
         dispatch: Callable[[Any, Any, bytes], None],
         established: Callable[[str], int],
         on_refused: Callable[[str, str, str], None] | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.artim_s = artim_s
         self.per_peer = per_peer
@@ -146,6 +147,7 @@ class HandshakeGate:
         self._dispatch = dispatch
         self._established = established
         self._on_refused = on_refused
+        self._on_change = on_change  # a peer's connection count changed (workers share theirs)
         self._sel = selectors.DefaultSelector()
         self._inbox: collections.deque[tuple[Any, Any]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
@@ -176,6 +178,13 @@ class HandshakeGate:
 
     def pending(self) -> int:
         return len(self._pending)
+
+    def handshaking(self) -> dict[str, int]:
+        """Connections still handshaking, per peer (a copy; safe from any thread)."""
+        for _ in range(5):
+            with contextlib.suppress(RuntimeError):  # changed size while copied: try again
+                return dict(self._by_peer)
+        return {}
 
     # ------------------------------------------------------------------------------ internals
     def _wake(self) -> None:
@@ -260,6 +269,7 @@ class HandshakeGate:
         self._pending[sock.fileno()] = p
         self._by_peer[peer] += 1
         self._sel.register(sock, selectors.EVENT_READ, p)
+        self._changed()
 
     def _forget(self, p: _Pending) -> None:
         with contextlib.suppress(KeyError, ValueError, OSError):
@@ -269,6 +279,13 @@ class HandshakeGate:
             if self._by_peer[p.peer] <= 0:
                 del self._by_peer[p.peer]
 
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:  # counting must never stop the gate
+                log.warning("gate_on_change_failed", exc_info=True)
+
     def _drop(self, p: _Pending, final: bytes = b"") -> None:
         """Forget and close, sending ``final`` first if the socket takes it right away."""
         self._forget(p)
@@ -277,6 +294,7 @@ class HandshakeGate:
                 p.sock.send(final)
         with contextlib.suppress(OSError):
             p.sock.close()
+        self._changed()
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -351,6 +369,12 @@ class HandshakeGate:
         return True
 
     def _complete(self, p: _Pending) -> None:
+        try:
+            self._hand_over(p)
+        finally:  # handed over (now an association, still counted) or refused: either way, tell
+            self._changed()
+
+    def _hand_over(self, p: _Pending) -> None:
         self._forget(p)
         request = bytes(p.buf)
         try:

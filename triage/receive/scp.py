@@ -32,31 +32,30 @@ The structure walk and the statuses are in :mod:`triage.receive.inspect`; this m
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import ipaddress
 import logging
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from triage.config import Config, ConfigError, load
-from triage.ops.logs import configure, get_logger
+from triage.config import Config
+from triage.ops.logs import get_logger
 from triage.ops.metrics import METRICS
 from triage.receive.gate import HandshakeGate, PrefixedSocket, peer_ip
 from triage.receive.inspect import (
@@ -74,8 +73,10 @@ from triage.receive.inspect import (
 )
 from triage.receive.reactor import accelerate, copy_applies, receive_error, receive_into
 from triage.store.db import Store
-from triage.store.rebuild import StateDbError, check_or_raise
 from triage.store.schema import StoreError
+
+if TYPE_CHECKING:
+    from triage.receive.peers import PeerTable
 
 log = get_logger("receive")
 
@@ -137,6 +138,33 @@ def _disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The listener's TLS context from ``dicom.tls`` (None when off); ReceiverError names the key.
+
+    Also called by the worker supervisor before it starts anyone, so an unreadable certificate stops
+    the daemon at start, as with one process."""
+    t = cfg.settings.dicom.tls
+    if not t.enabled:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert, key = cfg.path(t.cert_file), cfg.path(t.key_file)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ReceiverError(
+            f"dicom.tls.cert_file / key_file: cannot load {cert} with {key}: {exc}"
+        ) from exc
+    if t.ca_file:
+        ca = cfg.path(t.ca_file)
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise ReceiverError(f"dicom.tls.ca_file: cannot load {ca}: {exc}") from exc
+        ctx.verify_mode = ssl.CERT_REQUIRED if t.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
 
 
 class _NoTraceback(logging.Filter):
@@ -240,9 +268,37 @@ class _Server(ThreadedAssociationServer):
                 n += assoc.is_established and peer_ip(assoc.requestor.address) == peer
         return n
 
+    def open_by_peer(self) -> dict[str, int]:
+        """Open connections per peer: handshaking in the gate plus associations past it (for the other
+        workers: one still negotiating or already ending counts too, so that a connection is never
+        missing from the table between the gate and pynetdicom)."""
+        counts: dict[str, int] = dict(self.glow_gate.handshaking()) if self.glow_gate is not None else {}
+        for assoc in list(self.active_associations):
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                peer = peer_ip(assoc.requestor.address)
+                counts[peer] = counts.get(peer, 0) + 1
+        return counts
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # socketserver prints tracebacks to stderr; route them through our logs instead.
         log.error("connection_error", peer=str(client_address[0]), exc_info=True)
+
+
+class _InheritedServer(_Server):
+    """The server on a listening socket opened by the worker supervisor (:mod:`.workers`), shared
+    with the other workers: no bind here, and the socket is non-blocking (set by the supervisor), so a
+    worker that loses the race for a connection gets EAGAIN, which socketserver ignores."""
+
+    glow_listen_fd: int = -1
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = socket.socket(fileno=self.glow_listen_fd)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # already listening (the supervisor did it)
 
 
 @dataclass
@@ -260,9 +316,25 @@ class _AssocStats:
 class Receiver:
     """pynetdicom AE built from ``Config`` + ``Store``; ``start()`` listens, ``stop()`` closes."""
 
-    def __init__(self, cfg: Config, store: Store) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        *,
+        listen_fd: int | None = None,
+        on_stored: Callable[[], None] | None = None,
+        peers: tuple[PeerTable, int] | None = None,
+    ) -> None:
+        """``listen_fd``: accept from this listening socket instead of binding (a worker of
+        :class:`~triage.receive.workers.WorkerPool`); ``on_stored``: called after each stored instance
+        (the daemon wakes its assembler); ``peers``: the shared per-peer table and this worker's row."""
         self.cfg = cfg
         self.store = store
+        self._listen_fd = listen_fd
+        self._on_stored = on_stored
+        self._peers = peers
+        self._publisher: threading.Thread | None = None
+        self._stopping = threading.Event()
         d = cfg.settings.dicom
         self._d = d
         self._reserve = cfg.settings.storage.min_free_mb * 1024 * 1024
@@ -299,26 +371,7 @@ class Receiver:
         return ae
 
     def _tls_context(self) -> ssl.SSLContext | None:
-        t = self._d.tls
-        if not t.enabled:
-            return None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        cert, key = self.cfg.path(t.cert_file), self.cfg.path(t.key_file)
-        try:
-            ctx.load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ReceiverError(
-                f"dicom.tls.cert_file / key_file: cannot load {cert} with {key}: {exc}"
-            ) from exc
-        if t.ca_file:
-            ca = self.cfg.path(t.ca_file)
-            try:
-                ctx.load_verify_locations(cafile=str(ca))
-            except (OSError, ssl.SSLError) as exc:
-                raise ReceiverError(f"dicom.tls.ca_file: cannot load {ca}: {exc}") from exc
-            ctx.verify_mode = ssl.CERT_REQUIRED if t.require_client_cert else ssl.CERT_OPTIONAL
-        return ctx
+        return tls_context(self.cfg)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -348,10 +401,13 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
         ]
+        server_class: type[_Server] = _Server
+        if self._listen_fd is not None:
+            server_class = type("_WorkerServer", (_InheritedServer,), {"glow_listen_fd": self._listen_fd})
         try:
             server = self.ae.make_server(
                 (self._d.host, self._d.port), ae_title=self._d.ae_title, evt_handlers=handlers,
-                server_class=_Server, request_handler=_RequestHandler,
+                server_class=server_class, request_handler=_RequestHandler,
             )
         except OSError as exc:
             self._restore_globals()
@@ -360,17 +416,35 @@ class Receiver:
                 f"{exc.strerror or exc}"
             ) from exc
         server.glow_artim_s = self._d.artim_timeout_s
+        established: Callable[[str], int] = server.established_from
+        on_change: Callable[[], None] | None = None
+        if self._peers is not None:  # the other workers' connections count too (see .workers)
+            table, me = self._peers
+            publish_lock = threading.Lock()
+
+            def established(peer: str) -> int:
+                return server.established_from(peer) + table.others(me, peer)
+
+            def on_change() -> None:  # at once, so a connection the next instant sees this one
+                with publish_lock:
+                    table.publish(me, server.open_by_peer())
+
+            self._publisher = threading.Thread(target=self._publish_peers, args=(on_change,),
+                                               name="dicom-peers", daemon=True)
         server.glow_gate = HandshakeGate(
             artim_s=self._d.artim_timeout_s, per_peer=self._d.max_connections_per_peer,
             socket_timeout=self._d.network_timeout, tls=tls, dispatch=server.handoff,
-            established=server.established_from, on_refused=self._on_gate_refused,
+            established=established, on_refused=self._on_gate_refused, on_change=on_change,
         )
         server.glow_gate.start()
+        if self._publisher is not None:
+            self._publisher.start()
         self.ae._servers.append(server)
         self._server = server
         host, port = self.address
         log.info(
-            "listening", host=host, port=port, ae_title=self._d.ae_title, tls=tls is not None,
+            "worker_listening" if self._listen_fd is not None else "listening", host=host, port=port,
+            ae_title=self._d.ae_title, tls=tls is not None,
             artim_timeout_s=self._d.artim_timeout_s,
             max_connections_per_peer=self._d.max_connections_per_peer,
             reactor="event-driven" if self._accelerate else "stock",
@@ -382,11 +456,22 @@ class Receiver:
         self._thread = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
         self._thread.start()
 
+    def _publish_peers(self, publish: Callable[[], None]) -> None:
+        """This worker's open connections per peer into the shared table every 0.1 s (the gate also
+        publishes on each new or closed connection; this catches associations that ended)."""
+        while not self._stopping.wait(0.1):
+            with contextlib.suppress(Exception):  # a failed round is retried; never kill the worker
+                publish()
+        if self._peers is not None:
+            with contextlib.suppress(Exception):
+                self._peers[0].publish(self._peers[1], {})
+
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let running associations finish for ``grace_s``, then abort the rest."""
         server = self._server
         if server is None:
             return
+        self._stopping.set()
         server.shutdown()  # stops serve_forever, closes the listening socket
         if server.glow_gate is not None:
             server.glow_gate.stop()  # closes connections still waiting for their request
@@ -609,6 +694,8 @@ class Receiver:
             else:
                 self._count("stored")
                 METRICS.instance_received(result.size)
+                if self._on_stored is not None:
+                    self._on_stored()
             if stats:
                 stats.stored += 0 if result.duplicate else 1
                 stats.duplicates += 1 if result.duplicate else 0
@@ -642,54 +729,10 @@ class Receiver:
 
 
 # ------------------------------------------------------------------------------------ entry
-def serve_receiver(cfg: Config) -> None:
-    """Open the store, recover, listen, and block until SIGTERM/SIGINT (used by ``triage serve``)."""
-    configure(cfg.settings.logging.level, cfg.settings.logging.format)
-    check_or_raise(cfg.storage_root, str(cfg.source) if cfg.source else None)  # as the daemon does
-    store = Store(cfg.storage_root)
-    try:
-        store.recover()
-        receiver = Receiver(cfg, store)
-        stop = threading.Event()
-
-        def _on_signal(signum: int, _frame: Any) -> None:
-            log.info("signal", signal=signal.Signals(signum).name)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
-        try:
-            receiver.start(block=False)
-        except ReceiverError as exc:
-            log.error("receiver_failed", reason=str(exc))
-            raise
-        while not stop.wait(1.0):
-            pass
-        receiver.stop()
-    finally:
-        store.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m triage.receive.scp", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="config.toml (default: $GLOWTRIAGE_CONFIG or embedded defaults)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load(args.config)
-    except ConfigError as exc:
-        for line in exc.lines:
-            print(line, file=sys.stderr)
-        return 2
-    try:
-        serve_receiver(cfg)
-    except StateDbError as exc:
-        print(f"{args.config or 'config'}: {exc}", file=sys.stderr)
-        return 1
-    except ReceiverError as exc:
-        print(f"{args.config or 'config'}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m triage.receive.scp`` (the receiver alone, e.g. the ingest bench) lives on in
+    # :mod:`triage.receive.serve`, which sits above the worker pool; imported by name here so that this
+    # module, below the pool, does not import it.
+    import importlib
+
+    sys.exit(importlib.import_module("triage.receive.serve").main())
