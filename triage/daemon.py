@@ -94,18 +94,20 @@ class Daemon:
     def _assemble_sleep(self) -> float:
         """Until the first receiving series is due (its quiet period or force time ends)."""
         a = self.cfg.settings.assembly
-        due = self.store.next_series_due(a.quiet_seconds, a.force_seconds)
+        now = self.store.clock()
+        due = self.store.next_series_due(a.quiet_seconds, a.force_seconds, after=now)
         if due is None:
             self._assembler_planned = False
             return SAFETY_S
-        left = due - self.store.clock() + 0.005  # just past the due moment (series_due uses <=)
+        left = due - now + 0.005  # just past the due moment (series_due uses <=)
         self._assembler_planned = left <= SAFETY_S
         return left
 
     def _send_sleep(self) -> float:
         """Until the first outbox retry is due (new rows wake the sender)."""
-        due = self.store.outbox_next_attempt()
-        return SAFETY_S if due is None else due - self.store.clock()
+        now = self.store.clock()
+        due = self.store.outbox_next_attempt(after=now)
+        return SAFETY_S if due is None else due - now + 0.005
 
     def instance_stored(self) -> None:
         """A receiver stored an instance: wake the assembler unless it already sleeps until a due

@@ -482,3 +482,22 @@ def test_recover_releases_assembly_claims_of_a_dead_process(tmp_path: Path, cloc
         assert s.series(series).state == "receiving" and s.study(study).state == "receiving"
         assert [r.series_uid for r in s.series_due(clock(), 10.0, 300.0)] == [series]
         assert s.recover().released_claims == 0  # nothing left to release
+
+
+def test_next_series_due_is_the_next_future_moment_a_receiving_series_completes(
+    store: Store, clock: FakeClock
+) -> None:
+    """What the daemon's assembler sleeps until (instead of polling): the earliest quiet-period or
+    force end still in the future; a series already due is left out (it may wait for a sibling)."""
+    t0 = clock.t
+    assert store.next_series_due(10.0, 300.0, after=t0) is None  # nothing receiving
+    put(store, part10("1.2.3.1", "1.2.3", "1.2.3.4"), "1.2.3.1", "1.2.3", "1.2.3.4")
+    assert store.next_series_due(10.0, 300.0, after=t0) == pytest.approx(t0 + 10.0)
+    clock.t += 4.0
+    put(store, part10("1.2.3.2", "1.2.3", "1.2.3.5"), "1.2.3.2", "1.2.3", "1.2.3.5")
+    assert store.next_series_due(10.0, 300.0, after=clock.t) == pytest.approx(t0 + 10.0)
+    assert store.next_series_due(10.0, 300.0, after=t0 + 11.0) == pytest.approx(t0 + 14.0)
+    assert store.next_series_due(10.0, 5.0, after=clock.t) == pytest.approx(t0 + 5.0)  # forced earlier
+    store.set_series_state("1.2.3.4", "stable", expected_state="receiving")
+    store.set_series_state("1.2.3.5", "stable", expected_state="receiving")
+    assert store.next_series_due(10.0, 300.0, after=clock.t) is None

@@ -460,13 +460,16 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
             ).fetchall()
         return [series_row(r) for r in rows]
 
-    def next_series_due(self, quiet_s: float, force_s: float) -> float | None:
-        """When the first series still ``receiving`` becomes due for :meth:`series_due` (store clock),
-        or None if none is receiving: the assembler sleeps until then instead of polling."""
+    def next_series_due(self, quiet_s: float, force_s: float, after: float) -> float | None:
+        """When the next series still ``receiving`` becomes due for :meth:`series_due` (store clock),
+        later than ``after``, or None: the assembler sleeps until then instead of polling. Series
+        already due are left out: one that waits for a sibling series still arriving becomes workable
+        only when that sibling is due, and a wait computed from it would be zero (a busy loop)."""
         with self._lock:
             r = self._db.execute(
-                "SELECT MIN(MIN(last_received_at + ?, opened_at + ?)) FROM series WHERE state = 'receiving'",
-                (quiet_s, force_s),
+                "SELECT MIN(d) FROM (SELECT MIN(last_received_at + ?, opened_at + ?) AS d FROM series"
+                " WHERE state = 'receiving') WHERE d > ?",
+                (quiet_s, force_s, after),
             ).fetchone()
         return None if r is None or r[0] is None else float(r[0])
 

@@ -67,10 +67,14 @@ class OutboxMixin:
             ).fetchall()
         return [outbox_row(r) for r in rows]
 
-    def outbox_next_attempt(self) -> float | None:
-        """When the earliest pending row is due (store clock), or None: the sender sleeps till then."""
+    def outbox_next_attempt(self, after: float) -> float | None:
+        """When the next pending row falls due later than ``after`` (store clock), or None: the sender
+        sleeps till then (rows due already were just tried; new ones wake it)."""
         with self._lock:
-            r = self._db.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending'").fetchone()
+            r = self._db.execute(
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending' AND next_attempt_at > ?",
+                (after,),
+            ).fetchone()
         return None if r is None or r[0] is None else float(r[0])
 
     def outbox(self, study_uid: str | None = None) -> list[OutboxRow]:
