@@ -88,10 +88,18 @@ def glowtriage(work: Path, workers: int = 0) -> Iterator[tuple[int, str, Callabl
         "storage": {"root": str(work / "var"), "min_free_mb": 64},
         "logging": {"level": "info", "format": "json"},
     })
-    rx = TriageProcess(cfg, work / "receiver.log", argv=RECEIVER, ready_event="listening", start_timeout=30,
+    rx = TriageProcess(cfg, work / "receiver.log", argv=RECEIVER, ready_event="listening", start_timeout=120,
                        stop_grace=20)
     try:
         rx.start()
+        # with several workers the port listens before every worker accepts: time only a ready pool
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            events = list(rx.events())
+            n = next((int(e.get("workers", 1)) for e in events if e.get("event") == "listening"), 1)
+            if n == 1 or sum(e.get("event") == "worker_listening" for e in events) >= n:
+                break
+            time.sleep(0.2)
 
         def count() -> int:
             from triage.store.db import Store
@@ -199,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         "n": args.n, "associations": str(args.associations), "size": args.size,
         "instance_bytes": instance_bytes,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "durability": {"glowtriage (and -1proc)": "fsync file, then rename + directory fsync and a SQLite WAL commit "
-                                     "fsync'd, the last two shared by concurrent instances (and worker "
-                                     "processes) and run at the same time, all before each success status",
+        "durability": {"glowtriage (and -1proc)": (
+                           "fsync file, then rename + directory fsync and a SQLite WAL commit fsync'd, the "
+                           "last two shared by concurrent instances (and worker processes) and run at the "
+                           "same time, all before each success status"),
                        "storescp": "no fsync", "orthanc": "SyncStorageArea=true (fsync per instance)"},
         "fsync_probe_ms": {"before": round(probe_before, 3), "after": round(probe_after, 3)},
         "results": rows,
