@@ -110,7 +110,7 @@ class Daemon:
             base / "daemon.log",
             argv=SERVE,
             ready_event="listening",
-            start_timeout=120.0,
+            start_timeout=600.0,  # a loaded 2-core machine can take minutes to import torch
             stop_grace=30.0,
         )
 
@@ -393,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         help="override one size (e.g. fuzz_dataset=1000) when the full size cannot run; recorded in the JSON",
     )
     ap.add_argument(
+        "--tiny-models",
+        metavar="DIR",
+        help="DIR/m0.pt and DIR/m1.pt (test-tiny, as the outage case trains them) for the model-set cases",
+    )
+    ap.add_argument(
         "--merge",
         action="store_true",
         help="keep the other cases' results already in the JSON file (cases run in separate invocations)",
@@ -402,9 +407,22 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        if key not in size or isinstance(size[key], tuple) or not value.isdigit():
-            ap.error(f"--set {item}: expected KEY=N with KEY one of the integer sizes")
-        overrides[key] = size[key] = int(value)
+        try:
+            if isinstance(size.get(key), tuple):  # e.g. kill_results=10,20
+                parts = value.split(",")
+                if len(parts) != len(size[key]):
+                    raise ValueError(value)
+                new: Any = tuple(type(old)(x) for old, x in zip(size[key], parts, strict=True))
+            else:
+                new = int(value)
+        except (ValueError, TypeError):
+            ap.error(f"--set {item}: expected KEY=N or KEY=N,M with KEY one of {', '.join(size)}")
+        overrides[key] = size[key] = new
+    if args.tiny_models:  # the outage/killresults cases reuse these instead of training (plumbing only)
+        for f in ("m0.pt", "m1.pt"):
+            src = Path(args.tiny_models) / f
+            if not src.is_file():
+                ap.error(f"--tiny-models: no {src}")
     chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in chosen if c not in RUNNERS]
     if unknown:
@@ -419,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in chosen:
             t0 = time.perf_counter()
+            if args.tiny_models and name in ("outage", "killresults"):
+                (work / name).mkdir(parents=True, exist_ok=True)
+                for f in ("m0.pt", "m1.pt"):
+                    shutil.copy2(Path(args.tiny_models) / f, work / name / f)
             try:
                 results[name] = RUNNERS[name](work / name, size)
             except Exception as exc:  # one case failing must not hide the others' figures

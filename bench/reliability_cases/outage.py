@@ -191,7 +191,7 @@ def outage_case(
         work, root, dicom_port, orthanc.dicom_port, hl7_port, backoff_max_s=backoff_max_s,
         metrics_port=metrics_port,
     )
-    daemon = TriageProcess(cfg, work / "daemon.log", start_timeout=120, stop_grace=30)
+    daemon = TriageProcess(cfg, work / "daemon.log", start_timeout=600, stop_grace=30)
     mllp: MLLPListener | None = None
     prom: Prometheus | None = None
     watch: Watch | None = None
@@ -269,7 +269,7 @@ def kill_during_results_case(work: Path, *, studies: int, kills: int, seed: int 
     dicom_port, hl7_port = free_port(), free_port()
     orthanc = Orthanc(work / "orthanc", name="reliability-kill")
     cfg = _daemon_config(work, root, dicom_port, orthanc.dicom_port, hl7_port)
-    daemon = TriageProcess(cfg, work / "daemon.log", start_timeout=120, stop_grace=30)
+    daemon = TriageProcess(cfg, work / "daemon.log", start_timeout=600, stop_grace=30)
     mllp = MLLPListener(port=hl7_port)
     out: dict[str, Any] = {"studies": studies, "kills": kills, "model_set": version}
     try:
