@@ -225,6 +225,12 @@ def test_model_set_retrain_and_build_info(m: Metrics) -> None:
     assert value(m, "glowtriage_retrain_gate_passed", kind="ct") == 0
     assert value(m, "glowtriage_retrain_last_success_timestamp_seconds", kind="cxr") == 0  # never: 0
     assert value(m, "glowtriage_retrain_duration_seconds", kind="cxr") == 30.0
+    # the scheduler keeps the series of the kinds with a current set (a chest-only site: no head CT)
+    fresh = Metrics(CollectorRegistry())
+    assert value(fresh, "glowtriage_retrain_last_success_timestamp_seconds", kind="ct") == 0
+    fresh.retrain_kinds(["cxr"])
+    assert value(fresh, "glowtriage_retrain_last_success_timestamp_seconds", kind="ct") is None
+    assert value(fresh, "glowtriage_retrain_gate_passed", kind="cxr") == 0
     text = generate_latest(m.registry).decode()
     assert "glowtriage_build_info{" in text and "process_start_time_seconds" in text
 

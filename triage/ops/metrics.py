@@ -30,6 +30,7 @@ What the pipeline calls (all cheap, thread-safe, never raise on odd input):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import re
@@ -343,6 +344,7 @@ class Metrics:
         for reason in REASON_CATEGORIES:
             self.instances_rejected_total.labels(reason)
             self.series_skipped_total.labels(reason)
+        self.retrain_kinds(["ct"])  # until the scheduler says which kinds have a set (as before kinds)
         for kind in KINDS:
             self.studies_scored_total.labels(kind)
             self.studies_flagged_total.labels(kind)
@@ -511,6 +513,21 @@ class Metrics:
         last = self.retrain_last_success.labels(k)
         if success:
             last.set(time.time() if finished_at is None else finished_at)
+
+    def retrain_kinds(self, kinds: Iterable[str]) -> None:
+        """The kinds whose retrain gauges exist (0 until a run says more): those with a current set.
+
+        A kind without one has no series, so the stale-retrain alert, which takes the stalest kind,
+        does not fire for a kind the site does not score (a chest-only site has no head-CT retrain).
+        """
+        keep = {_kind_label(k) for k in kinds}
+        for gauge in (self.retrain_last_success, self.retrain_duration, self.retrain_gate_passed):
+            for k in KINDS:
+                if k in keep:
+                    gauge.labels(k)
+                else:
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(k)
 
     def retrain_restore(self, last_success: float, kind: str = "ct") -> None:
         """At start-up: the last success known to the model registry, so a restart does not forget it."""

@@ -253,6 +253,7 @@ def start_scheduler(cfg: Config, metrics: Metrics | None = None, *, paused: bool
     sched = RetrainScheduler(job, job_defaults={"coalesce": True, "max_instances": 1,
                                                 "misfire_grace_time": MISFIRE_GRACE_S})
     sched.add_job(job, cron_trigger(cfg), id=JOB_ID, name="nightly M1 retrain", replace_existing=True)
+    m.retrain_kinds(current_kinds(cfg.models_dir))
     for kind, when in last_success_by_kind(cfg.models_dir).items():
         m.retrain_restore(when, kind=kind)
     ts = last_success(cfg.models_dir)
