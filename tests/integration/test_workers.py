@@ -62,7 +62,7 @@ def pool_factory(tmp_path: Path, free_port: Any) -> Iterator[Any]:
                 events[name] += 1
 
         pool = WorkerPool(cfg, workers, on_event)
-        pool.start(wait_s=120)  # every worker accepting (a loaded machine starts them slowly)
+        pool.start()  # every worker accepting (a loaded machine starts them slowly)
         pools.append(pool)
         return pool, events, root
 

@@ -155,14 +155,16 @@ class WorkerPool:
         with self._lock:
             return [p.pid for p in self._procs if p is not None and p.poll() is None]
 
-    def start(self, wait_s: float = 1.0) -> None:
-        """Listen, start every worker, and wait up to ``wait_s`` for them to accept.
+    def start(self, wait_s: float = 120.0) -> None:
+        """Listen, start every worker, and wait up to ``wait_s`` for each to accept: "listening" (and
+        systemd's READY) then means served, not queued (about a second on an idle machine; a loaded
+        one, where each worker's imports of pynetdicom and pydicom crawl, can take a minute).
 
         A worker that reports an error in that time stops the start (``ReceiverError``). One still
-        starting after it (a loaded machine: each imports pynetdicom and pydicom) is awaited in the
-        background: the socket already listens, so a connection waits in the kernel's queue for the
-        first worker to accept it rather than being refused. The TLS files are checked here first, so
-        an unreadable certificate fails the start as it does with one process.
+        starting after it is awaited in the background: the socket already listens, so a connection
+        waits in the kernel's queue for the first worker to accept it rather than being refused. The
+        TLS files are checked here first, so an unreadable certificate fails at once, as with one
+        process.
         """
         from triage.receive.scp import ReceiverError, tls_context
 
