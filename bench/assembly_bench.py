@@ -10,6 +10,17 @@ daemon does between "series complete" and "volume saved") runs ``--runs`` times 
         [--out bench/results/assembly.json]
 
 Prints a table (runs, p50, p95, min, max seconds) and writes the JSON with the machine's description.
+
+``--equivalence`` measures issue 11's other must-show instead: the same head written as a 5 mm series,
+a 0.625 mm series and a two-stack series (``realseries.same_head_series``, soft-kernel noise) gives
+canonical volumes within 2 grey levels inside the head and scores within the spread of repeated
+scoring of the 5 mm one. Repeated scoring: the 5 mm study written again with new UIDs and a new noise
+realisation (``noise_seed`` 1..N; the pixels never depend on a UID, so new UIDs alone give the
+identical score), and, as a second spread, re-acquired at other slice phases (the table 1-4 mm off).
+Scored with ``--m0/--m1`` (a trained set) or, without them, two tiny random-weight models.
+
+    python bench/assembly_bench.py --equivalence [--m0 M0.pt --m1 M1.pt] [--repeats 4] \
+        [--out bench/results/assembly-equivalence.json]
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
-from realseries import thin_zs, write_series  # noqa: E402
+from realseries import same_head_series, thin_zs, write_series  # noqa: E402
 
 from triage.assemble.volume import assemble_study, group_studies, read_headers  # noqa: E402
 
@@ -83,23 +94,14 @@ def measure(files: list[Path], runs: int) -> tuple[list[float], dict[str, Any]]:
     return times, info
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--data", type=Path, default=Path("/tmp/glowtriage-assembly-bench"))
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "assembly.json")
-    args = ap.parse_args(argv)
+def thin_series_assembly(data: Path, runs: int) -> dict[str, Any]:
+    """Write the series into ``data`` (unless it is there) and assemble it ``runs`` times: the figures
+    for the JSON (``p50_s``, ``p95_s``, ``seconds``, the series). ``bench/e2e_bench.py`` calls this too."""
     t0 = time.perf_counter()
-    files = write_case(args.data)
+    files = write_case(data)
     written_s = time.perf_counter() - t0
-    times, info = measure(files, args.runs)
-    p50, p95 = (float(np.percentile(times, q)) for q in (50, 95))
-    print(f"{'series':<44} {'runs':>4} {'p50 s':>7} {'p95 s':>7} {'min s':>7} {'max s':>7}")
-    print(
-        f"{'238 x 512x512 JPEG Lossless, 0.625 mm, tilt':<44} {len(times):>4} {p50:7.2f} {p95:7.2f} "
-        f"{min(times):7.2f} {max(times):7.2f}"
-    )
-    result = {
+    times, info = measure(files, runs)
+    return {
         "bench": "assembly",
         "series": {
             "slices": N_SLICES,
@@ -112,16 +114,130 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": len(times),
         "seconds": times,
-        "p50_s": p50,
-        "p95_s": p95,
+        "p50_s": float(np.percentile(times, 50)),
+        "p95_s": float(np.percentile(times, 95)),
         "write_s": round(written_s, 1),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
         },
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    times = result["seconds"]
+    print(f"{'series':<44} {'runs':>4} {'p50 s':>7} {'p95 s':>7} {'min s':>7} {'max s':>7}")
+    print(
+        f"{'238 x 512x512 JPEG Lossless, 0.625 mm, tilt':<44} {len(times):>4} {result['p50_s']:7.2f} "
+        f"{result['p95_s']:7.2f} {min(times):7.2f} {max(times):7.2f}"
+    )
+
+
+def _head_mad(ref: np.ndarray, other: np.ndarray) -> float:
+    """Mean absolute difference (7-bit grey levels) inside the head of ``ref`` (> 20)."""
+    inside = ref > 20
+    return float(np.abs(ref[inside].astype(float) - other[inside].astype(float)).mean())
+
+
+def equivalence(work: Path, repeats: int, m0: Path | None, m1: Path | None) -> dict[str, Any]:
+    """Volumes and scores of one head as 5 mm, 0.625 mm and two-stack series vs repeated 5 mm scans
+    (module docstring). Returns the figures for the JSON."""
+    import torch
+    from pydicom.uid import generate_uid
+
+    from training.harness.fixtures import tiny_model
+    from triage.assemble.volume import build_volume
+    from triage.model.score import ModelPair
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if m0 is None or m1 is None:
+        m0, m1 = tiny_model(work / "m0.pt", 1), tiny_model(work / "m1.pt", 2)
+        models = "test-tiny, random weights (seeds 1, 2)"
+    else:
+        models = f"{m0} / {m1}"
+    pair = ModelPair.load(m0, m1, torch.device("cpu"))
+
+    def score(vol: np.ndarray) -> float:
+        lp0, lp1 = pair.log_likelihoods(vol)
+        return lp0 - lp1
+
+    vols: dict[str, np.ndarray] = {}
+    for name, files in same_head_series(work / "main", generate_uid(), noise="soft").items():
+        vols[name] = build_volume(files).data
+    again = {f"noise seed {s}": {"noise_seed": s} for s in range(1, repeats + 1)}
+    phases = (1.0, 2.0, 3.0, 4.0)
+    again |= {f"phase +{p:g} mm": {"phase_mm": p, "noise_seed": 100 + i} for i, p in enumerate(phases)}
+    repeats_out: dict[str, dict[str, float]] = {}
+    for label, kw in again.items():
+        folder = work / label.replace(" ", "_").replace("+", "")
+        files = same_head_series(folder, generate_uid(), noise="soft", **kw)["5mm"]  # type: ignore[arg-type]
+        data = build_volume(files).data
+        repeats_out[label] = {"score": score(data), "mad_vs_5mm": _head_mad(vols["5mm"], data)}
+    scores = {k: score(v) for k, v in vols.items()}
+    noise_rep = [scores["5mm"]] + [r["score"] for k, r in repeats_out.items() if k.startswith("noise")]
+    phase_rep = [scores["5mm"]] + [r["score"] for k, r in repeats_out.items() if k.startswith("phase")]
+
+    def spread(vals: list[float]) -> dict[str, float]:
+        return {"min": min(vals), "max": max(vals), "sd": float(np.std(vals, ddof=1)), "n": len(vals)}
+
+    out: dict[str, Any] = {"models": models, "scores": scores, "repeats": repeats_out}
+    out["spread_new_noise"] = spread(noise_rep)
+    out["spread_new_noise_and_phase"] = spread(noise_rep + phase_rep[1:])
+    out["mad_vs_5mm"] = {k: _head_mad(vols["5mm"], v) for k, v in vols.items() if k != "5mm"}
+    for k in ("0.625mm", "two-stack"):
+        d = scores[k] - scores["5mm"]
+        rng, noise = out["spread_new_noise_and_phase"], out["spread_new_noise"]
+        out.setdefault("score_vs_5mm", {})[k] = {
+            "difference": d,
+            "within_noise_spread": noise["min"] <= scores[k] <= noise["max"],
+            "within_noise_and_phase_spread": rng["min"] <= scores[k] <= rng["max"],
+        }
+    return out
+
+
+def print_equivalence(eq: dict[str, Any]) -> None:
+    print(f"models: {eq['models']}")
+    print(f"{'series':<22} {'score (nats)':>13} {'MAD vs 5 mm':>12}")
+    for k, v in eq["scores"].items():
+        print(f"{k:<22} {v:13.2f} {eq['mad_vs_5mm'].get(k, 0.0):12.2f}")
+    for k, r in eq["repeats"].items():
+        print(f"{'5mm ' + k:<22} {r['score']:13.2f} {r['mad_vs_5mm']:12.2f}")
+    for name in ("spread_new_noise", "spread_new_noise_and_phase"):
+        sp = eq[name]
+        print(f"{name}: n={sp['n']} min {sp['min']:.2f} max {sp['max']:.2f} sd {sp['sd']:.2f}")
+    for k, v in eq["score_vs_5mm"].items():
+        print(f"{k} - 5mm: {v['difference']:+.2f} nats; within noise spread {v['within_noise_spread']}, "
+              f"within noise+phase spread {v['within_noise_and_phase_spread']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--data", type=Path, default=Path("/tmp/glowtriage-assembly-bench"))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--equivalence", action="store_true", help="issue 11's same-head equivalence instead")
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--m0", type=Path, default=None)
+    ap.add_argument("--m1", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.equivalence:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="glowtriage-equivalence-") as tmp:
+            eq = equivalence(Path(tmp), args.repeats, args.m0, args.m1)
+        print_equivalence(eq)
+        out = args.out or REPO / "bench" / "results" / "assembly-equivalence.json"
+        eq["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(eq, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
+    args.out = args.out or REPO / "bench" / "results" / "assembly.json"
+    result = thin_series_assembly(args.data, args.runs)
+    print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

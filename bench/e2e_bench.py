@@ -31,7 +31,11 @@ the map: ``Scorer.score`` on the same volumes in this process, with the region c
 region score, centre; "either") and without it (the global score alone; "global"), interleaved, after
 the daemon has stopped. Issue 12's target: with the map within 1.3x of the global score alone.
 
-    python bench/e2e_bench.py [--studies 24] [--out bench/results/e2e.json] [--work DIR]
+Before the daemon runs, the bench also times the assembly of issue 11's thin series (238 slices of
+512x512, 0.625 mm, JPEG Lossless, 8.5 degree tilt, one slice missing) in this process, with
+``bench/assembly_bench.py``'s code (``--thin-runs``, 0 to skip): p50 and p95 in the table and the JSON.
+
+    python bench/e2e_bench.py [--studies 24] [--out bench/results/e2e.json] [--work DIR] [--thin-runs 3]
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ from training.harness.ports import free_port  # noqa: E402
 from training.harness.process import stop_all  # noqa: E402
 from training.harness.storescu import storescu  # noqa: E402
 from triage.model.labels import read_labels  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from assembly_bench import print_table as print_thin_table  # noqa: E402
+from assembly_bench import thin_series_assembly  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
 PRESET = "cpu-small"
@@ -418,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=24, help="studies per arrival pattern (>= 20 for p95)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
+    ap.add_argument("--thin-runs", type=int, default=3, help="assemblies of the 238-slice series (0: skip)")
+    ap.add_argument("--thin-data", type=Path, default=Path("/tmp/glowtriage-assembly-bench"),
+                    help="where the thin series is written once and kept")
     args = ap.parse_args(argv)
 
     from triage.ops.logs import configure
@@ -431,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         f"e2e bench in {work}: {args.studies} studies x 2 patterns, preset {PRESET} (random weights)",
         flush=True,
     )
+    thin = None
+    if args.thin_runs > 0:  # before the daemon: nothing else of this bench competes for the CPU
+        print(f"  thin series: 238 x 512x512 JPEG Lossless, {args.thin_runs} assemblies ...", flush=True)
+        thin = thin_series_assembly(args.thin_data, args.thin_runs)
     sets = make_studies(work, args.studies)
     print(f"  synthetic studies written in {time.perf_counter() - t0:.0f} s", flush=True)
     root = work / "var"
@@ -447,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(results)
     print_results(rows, inference_daemon, inference_direct, map_cost)
     print(f"key images written by the daemon for its flagged studies: {key_images}")
+    if thin is not None:
+        print("\nassembly of issue 11's thin series (bench/assembly_bench.py, in this process):")
+        print_thin_table(thin)
 
     result = {
         "benchmark": "e2e",
@@ -471,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "inference_s": {"daemon": inference_daemon, "direct_median": inference_direct},
         "scoring_map_vs_global": map_cost,
+        "thin_series_assembly": thin,
         "host": {
             "machine": platform.machine(),
             "cpus": os.cpu_count(),

@@ -64,6 +64,7 @@ def bone_window_hu(x: np.ndarray) -> np.ndarray:
 
 
 def _kernel_noise(shape: tuple[int, int], kind: str, seed: int) -> np.ndarray:
+    """The kernel's noise of a 5 mm slice (:func:`write_series` scales it to the slice's thickness)."""
     rng = np.random.default_rng(seed)
     white = rng.standard_normal(shape)
     if kind == "soft":
@@ -127,7 +128,10 @@ def write_series(
         pts = ipp + kk[..., None] * ps * row_dir + jj[..., None] * ps * col_dir
         hu = np.mean([hu_fn(pts + o * normal) for o in offsets], axis=0)
         if noise:
-            hu = hu + _kernel_noise(hu.shape, noise, seed=(round(z * 1000) + 7919 * noise_seed) % (2**31))
+            # thinner slices are noisier (fewer photons per slice): sigma ~ 1/sqrt(thickness), given at 5 mm
+            scale = math.sqrt(5.0 / th) if th > 0 else 1.0
+            seed = (round(z * 1000) + 7919 * noise_seed) % (2**31)
+            hu = hu + scale * _kernel_noise(hu.shape, noise, seed=seed)
         frames.append((ipp, hu))
     common = {
         "study_uid": study_uid,
