@@ -124,6 +124,19 @@ class Daemon:
     def tracebacks(self) -> int:
         return self.proc.log_text().count("Traceback")
 
+    def traceback_samples(self, n: int = 3) -> list[str]:
+        """Up to ``n`` distinct tracebacks from the log (with the line before them), for the JSON: the
+        log itself goes with the temporary folder."""
+        text, out, seen, at = self.proc.log_text(), [], set(), 0
+        while len(out) < n and (i := text.find("Traceback", at)) >= 0:
+            sample = text[max(0, i - 300) : i + 2500]
+            key = sample[300:].split("Error", 1)[0][-200:]
+            if key not in seen:
+                seen.add(key)
+                out.append(sample)
+            at = i + 1
+        return out
+
 
 # ----------------------------------------------------------------------------------------- cases
 def run_idle(work: Path, size: dict[str, Any]) -> dict[str, Any]:
@@ -177,6 +190,7 @@ def run_fuzz(work: Path, size: dict[str, Any]) -> dict[str, Any]:
         echo, _ = sockets.timed_echo(d.port)
         statuses, _ = sockets.timed_store(d.port, valid)
         tracebacks = d.tracebacks()
+        samples = d.traceback_samples()
     # TLS handshakes cut short, against a TLS-only listener with a throw-away self-signed certificate
     cert, key = tls.self_signed(work / "pki")
     with Daemon(work / "tls", artim_timeout_s=0.5, tls={"cert_file": str(cert), "key_file": str(key)}) as t:
@@ -236,6 +250,7 @@ def run_fuzz(work: Path, size: dict[str, Any]) -> dict[str, Any]:
         "echo_after": echo,
         "store_after": statuses,
         "tracebacks": tracebacks,
+        "traceback_samples": samples,
         "rss_kb_before": rss0,
         "rss_kb_after": rss1,
         "pdu": pdus,

@@ -277,6 +277,8 @@ def kill_during_results_case(work: Path, *, studies: int, kills: int, seed: int 
         daemon.start()
         done = storescu(dicom_port, sorted(test_dir.rglob("*.dcm")), timeout=1800)
         out["storescu_rc"] = done.returncode
+        if done.returncode != 0:  # nothing to kill the daemon over: say why instead of waiting
+            raise AssertionError(f"storescu exited {done.returncode}: {(done.stdout + done.stderr)[-800:]}")
         for _ in range(kills):  # quiet_seconds is 3: the kills land in assembly, scoring, reports, sends
             time.sleep(rng.uniform(0.5, 6.0))
             daemon.kill()
