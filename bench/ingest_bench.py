@@ -8,8 +8,9 @@ the first storescu start to the last storescu exit; every peer must then hold ev
 Peers, each with its storage on a temp folder of the same disk:
 
 * glowtriage: ``python -m triage.receive.scp`` (fsync of file and directory plus a SQLite commit per
-  instance before the success status) with ``dicom.workers`` at its default (one receiver process per
-  core), and ``glowtriage-1proc`` the same with ``workers = 1`` (the listener in one process);
+  instance before the success status) with ``dicom.workers`` at its default (half the cores, at least
+  1), ``glowtriage-1proc`` with ``workers = 1`` (the listener in one process) and ``glowtriage-2proc``
+  with two receiver processes;
 * storescp: ``storescp --fork`` (one process per association; it does not fsync);
 * Orthanc: temporary configuration, ``SyncStorageArea`` true (its default: fsync per instance).
 
@@ -80,7 +81,7 @@ def fsync_probe(folder: Path, n: int = 50, size: int = 131072) -> float:
 
 @contextlib.contextmanager
 def glowtriage(work: Path, workers: int = 0) -> Iterator[tuple[int, str, Callable[[], int]]]:
-    """The receiver alone; ``workers`` is ``dicom.workers`` (0: the shipped default, one per core)."""
+    """The receiver alone; ``workers`` is ``dicom.workers`` (0: the shipped default, half the cores)."""
     port = free_port()
     cfg = write_config(work / "config.toml", {
         "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": port, "max_associations": 16,
@@ -142,8 +143,9 @@ def orthanc(work: Path) -> Iterator[tuple[int, str, Callable[[], int]]]:
 
 PEERS: dict[str, Callable[[Path], contextlib.AbstractContextManager[tuple[int, str, Callable[[], int]]]]] = {
     "storescp": storescp,
-    "glowtriage": glowtriage,  # dicom.workers = 0: one receiver process per core
+    "glowtriage": glowtriage,  # dicom.workers = 0: the shipped default (half the cores, at least 1)
     "glowtriage-1proc": functools.partial(glowtriage, workers=1),  # the listener in one process
+    "glowtriage-2proc": functools.partial(glowtriage, workers=2),  # two receiver processes
     "orthanc": orthanc,
 }
 

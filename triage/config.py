@@ -128,7 +128,7 @@ class DicomSettings(_Section):
     artim_timeout_s: Annotated[float, Field(gt=0, le=120)] = 5.0
     # open connections (handshaking + established) from one IP address; more are refused
     max_connections_per_peer: Annotated[int, Field(ge=1, le=1000)] = 16
-    # receiver processes sharing the port (triage.receive.workers); 0: one per CPU core, at most 8
+    # receiver processes sharing the port (triage.receive.workers); 0: half the CPU cores, 1 to 8
     workers: Annotated[int, Field(ge=0, le=64)] = 0
     maximum_pdu_size: Annotated[int, Field(ge=0)] = 0  # 0: unlimited (pynetdicom's convention)
     tls: TLSSettings = Field(default_factory=TLSSettings)

@@ -71,10 +71,10 @@ def pool_factory(tmp_path: Path, free_port: Any) -> Iterator[Any]:
         p.stop()
 
 
-def test_worker_count_defaults_to_the_cores() -> None:
+def test_worker_count_defaults_to_half_the_cores() -> None:
     cfg = parse({}, None)
     assert cfg.settings.dicom.workers == 0
-    assert 1 <= worker_count(cfg) <= min(8, len(os.sched_getaffinity(0)))
+    assert worker_count(cfg) == max(1, min(8, len(os.sched_getaffinity(0)) // 2))
     assert worker_count(parse({"dicom": {"workers": 3}}, None)) == 3
 
 

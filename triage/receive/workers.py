@@ -67,7 +67,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 def worker_count(cfg: Config) -> int:
-    """``dicom.workers``, or when 0 one per CPU core available to us (at most :data:`MAX_WORKERS`)."""
+    """``dicom.workers``, or when 0 half the CPU cores available to us (the other half is the scorer's),
+    at least 1 and at most :data:`MAX_WORKERS`. On two cores that is 1: the listener stays in the daemon
+    (measured there, a second worker added 2-7 % while its start-up slowed the daemon's on a loaded
+    machine)."""
     n = int(getattr(cfg.settings.dicom, "workers", 1))
     if n > 0:
         return n
@@ -75,7 +78,7 @@ def worker_count(cfg: Config) -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores))
+    return max(1, min(MAX_WORKERS, cores // 2))
 
 
 # ------------------------------------------------------------------------------- relay
