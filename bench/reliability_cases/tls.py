@@ -20,6 +20,7 @@ import ssl
 import struct
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,8 @@ def tls_echo(port: int, cert: Path) -> str:
 def old_protocol(port: int) -> str:
     """A client that offers TLS 1.0/1.1 only (the server's minimum is 1.2): refused in the handshake."""
     ctx = _client_context()
-    with contextlib.suppress(ValueError, ssl.SSLError):
+    with contextlib.suppress(ValueError, ssl.SSLError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # deprecated is the point here
         ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # let this client really offer 1.0/1.1
         ctx.minimum_version = ssl.TLSVersion.TLSv1
         ctx.maximum_version = ssl.TLSVersion.TLSv1_1
