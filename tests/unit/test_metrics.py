@@ -45,9 +45,9 @@ def test_counters_move_by_exact_amounts(m: Metrics) -> None:
         m.study_scored(-3.0 if flagged else -0.1, flagged, 0.2, "cuda:0")
     m.study_scored(-4.0, True, 0.05, "cuda:0", kind="cxr")  # a chest radiograph
     m.study_scored(-4.0, True, 0.05, "cuda:0", kind="1.2.840.113619.2.1")  # never a value from outside
-    m.outbox_retry("pacs")
-    m.outbox_retry("pacs")
-    m.outbox_dead_letter("hl7")
+    m.outbox_retry("PACS")
+    m.outbox_retry("PACS")
+    m.outbox_dead_letter("HL7")
     m.association("CT_SCANNER1", "released")
     m.association("CT_SCANNER1", "released")
     m.association("CT_SCANNER1", "aborted")
@@ -70,9 +70,9 @@ def test_counters_move_by_exact_amounts(m: Metrics) -> None:
     assert value(m, "glowtriage_score_log_posterior_bucket", le="-2.0", kind="cxr") == 1
     assert value(m, "glowtriage_inference_seconds_count", device="cuda", kind="cxr") == 1
     assert value(m, "glowtriage_studies_scored_total", kind="other") == 1
-    assert value(m, "glowtriage_outbox_retries_total", destination="pacs") == 2
-    assert value(m, "glowtriage_outbox_dead_letters_total", destination="hl7") == 1
-    assert value(m, "glowtriage_outbox_dead_letters_total", destination="pacs") == 0
+    assert value(m, "glowtriage_outbox_retries_total", destination="PACS") == 2
+    assert value(m, "glowtriage_outbox_dead_letters_total", destination="HL7") == 1
+    assert value(m, "glowtriage_outbox_dead_letters_total", destination="PACS") == 0
     assert value(m, "glowtriage_associations_total", calling_ae="CT_SCANNER1", outcome="released") == 2
     assert value(m, "glowtriage_associations_total", calling_ae="CT_SCANNER1", outcome="aborted") == 1
 
@@ -301,3 +301,15 @@ def test_busy_port_is_logged_not_raised(m: Metrics, caplog: pytest.LogCaptureFix
 
 def test_disabled_endpoint_is_not_started(m: Metrics) -> None:
     assert start_http(parse({"metrics": {"enabled": False}}, None), m) is None
+
+
+def test_outbox_series_exist_under_the_outboxs_own_destination_names(m: Metrics) -> None:
+    """A fresh daemon exports the retry and dead-letter series of [pacs] and [hl7] under the names the
+    outbox counts them by (so an alert sees 0, then the real count, in one series), and no other."""
+    from triage.config import RESERVED_DESTINATIONS
+
+    text = generate_latest(m.registry).decode()
+    for name in RESERVED_DESTINATIONS:
+        assert value(m, "glowtriage_outbox_retries_total", destination=name) == 0
+        assert value(m, "glowtriage_outbox_dead_letters_total", destination=name) == 0
+    assert 'destination="pacs"' not in text and 'destination="hl7"' not in text

@@ -22,7 +22,7 @@ What the pipeline calls (all cheap, thread-safe, never raise on odd input):
     METRICS.series_assembled() / METRICS.series_skipped("not a head CT")
     METRICS.study_scored(log_posterior, flagged, inference_s, device, kind="ct")   # kind: ct | cxr
     METRICS.result_acknowledged(seconds_since_series_complete)
-    METRICS.outbox_retry("pacs") / METRICS.outbox_dead_letter("pacs")
+    METRICS.outbox_retry("PACS") / METRICS.outbox_dead_letter("PACS")
     METRICS.model_set_loaded(version, device_uid, preset, kind="ct")
     METRICS.retrain_finished(success, duration_s, gate_passed, kind="ct")
     METRICS.bind_queue(store_counts_by_state, store_oldest_age_by_state)   # read at every scrape
@@ -351,7 +351,9 @@ class Metrics:
             self.score_log_posterior.labels(kind)
             for device in DEVICES:
                 self.inference.labels(device, kind)
-        self._expect_destinations(["pacs", "hl7"])
+        # the outbox's own names of [pacs] and [hl7] (triage.config.RESERVED_DESTINATIONS): lower-case
+        # ones here exported a second, always-zero pair of series beside the real ones
+        self._expect_destinations(["PACS", "HL7"])
 
     # --- configuration -------------------------------------------------------------------------------
 
