@@ -86,3 +86,14 @@ def test_wait_port_and_a_daemon_that_cannot_start_fail_with_its_log(tmp_path: Pa
     with pytest.raises(HarnessError, match="exited with"):
         proc.start()
     assert proc.log_text()  # the reason is in the message and the log
+
+
+def test_a_daemon_that_is_not_ready_in_time_is_stopped_not_left_behind(tmp_path: Path) -> None:
+    """A start that times out stops the process it started (before, a slow daemon kept the port, the
+    store and its receiver workers after the bench had given up on it)."""
+    cfg = write_config(tmp_path / "c.toml", {})
+    proc = TriageProcess(cfg, tmp_path / "d.log", argv=["-c", "import time; time.sleep(120)"],
+                         start_timeout=2, stop_grace=5)
+    with pytest.raises(HarnessError, match="no 'serving' after 2 s"):
+        proc.start()
+    assert proc.proc is not None and not proc.running

@@ -64,6 +64,7 @@ class TriageProcess:
             if any(ev.get("event") == self.ready_event for ev in self.events(self._offset)):
                 return self
             time.sleep(0.1)
+        self.stop()  # not ready in time: no daemon left behind holding the port, the store and its workers
         raise HarnessError(f"{self.argv[2]}: no {self.ready_event!r} after {timeout:.0f} s:\n{self.tail()}")
 
     @property
