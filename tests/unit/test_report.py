@@ -219,7 +219,11 @@ def test_sparse_source_headers_still_give_a_report() -> None:
     assert "AccessionNumber" not in src[0]  # the caller's headers are not modified
 
 
-def test_unusable_patient_values_become_empty_and_names_stay_out_of_logs(caplog) -> None:
+def test_unusable_patient_values_become_empty_and_names_stay_out_of_logs(caplog, monkeypatch) -> None:
+    import pydicom.config
+
+    # pydicom's default, which a Daemon built earlier in the same process turns off for good
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
     src = ct_headers(2)
     src[0].PatientSex, src[0].PatientName = "FEMALE", "SMITHERSON"
     with pytest.warns(UserWarning, match="Invalid value for VR DA"):  # pydicom's, on assignment
