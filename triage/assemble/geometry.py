@@ -21,7 +21,6 @@ from triage.assemble.common import (
     ORIENTATION_TOLERANCE,
     SPACING_TOLERANCE,
     VolumeError,
-    _fmt,
 )
 from triage.assemble.headers import InstanceHeader, _normal
 from triage.config import AssemblySettings
@@ -231,16 +230,10 @@ class _Geometry:
 def _source_geometry(
     positions: np.ndarray, main: OrientationGroup, first: InstanceHeader, spacing: float, uid: str
 ) -> _Geometry:
+    # ``positions`` are the z profile's evenly spaced sample planes (triage.assemble.zprofile), on the
+    # line that line_of_positions already checked the source slices against: no second check here
     n_sl = positions.shape[0]
     step = (positions[-1] - positions[0]) / (n_sl - 1)
-    off = np.linalg.norm(positions - (positions[0] + np.outer(np.arange(n_sl), step)), axis=1)
-    if float(off.max()) > SPACING_TOLERANCE * spacing + 0.05:
-        worst = int(np.argmax(off))
-        raise VolumeError(
-            f"series {uid}: slice positions do not lie on a line (slice at {_fmt(positions[worst])} is "
-            f"{off[worst]:.2f} mm off)",
-            "geometry",
-        )
     iop = np.asarray(main.orientation, dtype=float)
     row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
     assert first.pixel_spacing is not None
