@@ -67,7 +67,7 @@ def test_chest_sr_names_the_procedure_and_site_and_is_valid(tmp_path: Path, vend
                   sop_instance_uid="1.2.3.4.100.1", content_datetime=WHEN)
     assert ("303653007", "Computed tomography of head") in _codes(ct)
     if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
+        pytest.fail("dciodvfy (dicom3tools) is not installed: scripts/bootstrap.sh installs it")
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     out = subprocess.run(["dciodvfy", "-new", str(tmp_path / "sr.dcm")], capture_output=True, text=True,
                          check=False)
