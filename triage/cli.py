@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triage.config import Config, ConfigError, check, load
+from triage.config import Config, check, load_or_exit
 
 if TYPE_CHECKING:
     from triage.model.registry import ModelSet
@@ -22,12 +22,7 @@ KIND_NAMES = {"ct": "head CT", "cxr": "chest radiograph"}  # what `status` calls
 
 
 def _config(args: argparse.Namespace) -> Config:
-    try:
-        return load(args.config)
-    except ConfigError as exc:
-        for line in exc.lines:
-            print(line, file=sys.stderr)
-        raise SystemExit(2) from None
+    return load_or_exit(args.config)
 
 
 def _configure_logs(cfg: Config, stream_json: bool = False) -> None:

@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import ssl
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,6 +471,17 @@ class ConfigError(Exception):
     def __init__(self, lines: list[str]):
         self.lines = lines
         super().__init__("\n".join(lines))
+
+
+def load_or_exit(path: str | os.PathLike[str] | None) -> Config:
+    """:func:`load` for command-line entry points: a bad file prints one line per problem (file and
+    key) on stderr and exits with status 2, the same for every command."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -76,7 +76,7 @@ from triage import __version__
 from triage.assemble.patient import patient_key, patient_key_of_file
 from triage.assemble.radiograph import RADIOGRAPH_PREPROCESSING_VERSION, load_assembled
 from triage.assemble.volume import PREPROCESSING_VERSION, VolumeError
-from triage.config import Config, ConfigError, load
+from triage.config import Config, load_or_exit
 from triage.model.calibrate import threshold_at_specificity
 from triage.model.glow import Glow, fit_to_shape
 from triage.model.modelset import load_reference_volumes, region_calibration
@@ -522,12 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the kind of set to retrain (ct: head CT, cxr: chest radiograph; default: each kind "
                         "with a current set, one after the other)")
     args = p.parse_args(argv)
-    try:
-        cfg = load(args.config)
-    except ConfigError as exc:
-        for line in exc.lines:
-            print(line, file=sys.stderr)
-        return 2
+    cfg = load_or_exit(args.config)
     from triage.ops.logs import configure
 
     configure(cfg.settings.logging.level, cfg.settings.logging.format)

@@ -13,7 +13,7 @@ import sys
 import threading
 from typing import Any
 
-from triage.config import Config, ConfigError, load
+from triage.config import Config, load_or_exit
 from triage.ops.logs import configure, get_logger
 from triage.receive.scp import Receiver, ReceiverError
 from triage.receive.workers import WorkerPool, apply_metric, worker_count
@@ -61,12 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m triage.receive.scp", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="config.toml (default: $GLOWTRIAGE_CONFIG or embedded defaults)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load(args.config)
-    except ConfigError as exc:
-        for line in exc.lines:
-            print(line, file=sys.stderr)
-        return 2
+    cfg = load_or_exit(args.config)
     try:
         serve_receiver(cfg)
     except StateDbError as exc:
