@@ -107,6 +107,7 @@ class Plan:
     branch_steps: int = 300  # M0 and M1 each go on this many steps from the trunk (see the docstring)
     m1_init: str = "trunk"  # "trunk": M0 and M1 branch from one trunk; "scratch": trained independently
     compare_scratch: bool = True  # with m1_init "trunk": also train M1 from scratch and report both
+    precision: str | None = None  # the coupling nets' "fp32" | "bf16"; None: the preset's
 
     def synth_seed(self, which: str) -> int:
         """Disjoint per-set seeds: no subject can appear in two sets (write_dataset draws study i of
@@ -252,7 +253,8 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
             forget_stale_warm_start(models / f"{name}.pt", init_from)
         t0 = time.perf_counter()
         res = train(data, plan.preset, models / f"{name}.pt", role=role, seed=plan.seed, steps=steps,
-                    resume=True, init_from=init_from, progress=False, log_every=25, checkpoint_every=50)
+                    resume=True, init_from=init_from, progress=False, log_every=25, checkpoint_every=50,
+                    precision=plan.precision)
         wall = timings.add(f"train_{name}", t0)
         s = res.summary()
         s["wall_seconds"] = round(wall, 3)
@@ -352,7 +354,7 @@ def ablation_scratch(out: Path, mixture: DicomVolumes, test: DicomVolumes, calib
     t0 = time.perf_counter()
     res = train(mixture, plan.preset, out / "work" / "m1-scratch.pt", role="mixture", seed=plan.seed,
                 steps=plan.steps + plan.branch_steps, resume=True, progress=False, log_every=25,
-                checkpoint_every=50)
+                checkpoint_every=50, precision=plan.precision)
     timings.add("train_m1_scratch", t0)
     pair = ModelPair.load(out / "work" / "m0.pt", out / "work" / "m1-scratch.pt", pick_device("auto"))
     rows = []
@@ -557,6 +559,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--branch-steps", type=int,
                    help=f"steps of M0 and of M1 from the trunk (default {d.branch_steps})")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="the coupling nets' compute type for every model trained (default: the preset's)")
     p.add_argument("--m1-init", choices=("trunk", "scratch"), default=d.m1_init,
                    help="M0 and M1 branch from one trunk trained on normals (default; see the module "
                         "docstring), or both from scratch")
@@ -602,7 +606,7 @@ def plan_from_args(a: argparse.Namespace) -> Plan:
         if v is not None:
             base[key] = v
     base.update(preset=a.preset, seed=a.seed, m1_init=a.m1_init, compare_scratch=a.compare_scratch,
-                distractors=a.distractors, slab_samples=a.slab_samples)
+                distractors=a.distractors, slab_samples=a.slab_samples, precision=a.precision)
     if a.workers is not None:
         base["workers"] = a.workers
     elif base["workers"] <= 0:  # the recipe's 0: every core of this machine
