@@ -244,7 +244,8 @@ def build_volume(
     smooth_first = len(stack) < profile_slices(positions, n, uid)
     if smooth_first:
         stack, sigmas = inplane_antialias(stack, first.pixel_spacing)
-    zp = canonical_z(stack, positions, n, uid, warnings)
+    thickness = np.array([s.header.slice_thickness or 0.0 for s in slices])
+    zp = canonical_z(stack, positions, n, uid, warnings, thickness)
     del stack
     profile = zp.stack
     if not smooth_first:

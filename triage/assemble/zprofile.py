@@ -32,12 +32,33 @@ A series does not hold the head's HU along z, it holds one average per slice. So
    follows adds u^2/6 on average, so discrete triangle plus interpolation have the continuous triangle's
    variance (2.5 u^2 + u^2/6 = 4.5^2/6).
 
+4. **It is brought to a reference z resolution** (assemble-5). What no reconstruction can do is put
+   back what a cell averaged away: a slice says nothing about where in its cell its content lies, so
+   every series keeps its cells' own box (cell^2/12) on top of ``K``: 0.03 mm^2 for 0.625 mm slices,
+   2.08 for 5 mm, 4.5 for the 7.4 mm stack. A model trained on 4-5 mm series learnt that blur, and its
+   score follows it (bench/assembly_bench.py --equivalence: a 0.625 mm series of the same head scored
+   41-56 nats below the 5 mm one, the two-stack one 50-68 above, against a repeat s.d. of 9-13). So
+   every sample is brought to ``K`` plus the box of ``REFERENCE_CELL_MM`` (5 mm: the commonest routine
+   head-CT thickness, and the thickest of the synthetic training series, 4.0/4.5/5.0 mm; the finer
+   ones are topped up to it too, the coarser cannot be sharpened): its own source blur is the
+   variance of the boxes of the cells under its ``K`` (each cell's box, or its SliceThickness where
+   that is wider: an overlapping reconstruction, thickness > spacing, already averages its thickness
+   and the cell reconstruction cannot undo it), and what it lacks of 5^2/12 mm^2 is added as a
+   discrete box on the 1.125 mm samples (a centred box of ``beta`` samples, its partial end samples
+   weighted by their overlap, ``beta`` solved so its variance is exactly the missing one; convolved
+   with the triangle into one kernel per sample). Its weights are non-negative and sum to 1: the mean
+   is kept, no new extrema, air stays air (all-air samples are exactly 0 in ``F``'s differences). A
+   5 mm series needs nothing and gets ``K`` alone, bit for bit the assemble-4 volume; a 0.625 mm
+   series gets a 4.8 mm box; the 4.2 mm lower stack of the two-stack protocol one of about 2 mm. Where the
+   source is coarser (the 7.4 mm stack) nothing is added or can be taken away: ``z_resolution_mm`` (in
+   ``describe()``, the volume's ``source_geometry.z_profile``) records the coarsest effective slice,
+   and one wider than ``COARSE_FACTOR`` (1.5) reference cells is a warning carried into the JSON and
+   the SR.
+
 Nothing here depends on the series being thin or thick: one rule for every spacing from 0.5 to 8 mm,
-uniform or not. What no rule can do is put back what a coarse cell averaged away: a 7.4 mm cell is
-reconstructed from its own and its neighbours' averages only, so a coarse series keeps its cells' own
-box (cell^2/12) on top of ``K``. Measured on the synthetic head (tests/unit/test_real_series.py): 0.625
-mm and two-stack series within 0.91 and 1.26 grey levels of the 5 mm one inside the head; a trained
-model's score still follows that remaining blur (bench/assembly_bench.py --equivalence).
+uniform or not. Measured on the synthetic head (tests/unit/test_real_series.py, noise-free): 0.625 mm
+and two-stack series within 0.40 and 1.19 grey levels of the 5 mm one inside the head (assemble-4,
+without step 4: 0.91 and 1.26); what remains of the two-stack one is its 7.4 mm cells' blur.
 
 The slab is 4.5 mm along a vertical line: along the line of positions (direction ``d``, the table's
 motion; slice normal ``n``) that is ``4.5 |n_z| / |d . n|`` (4.5 mm for a gantry tilt with the table
@@ -57,6 +78,11 @@ SLAB_SAMPLES = 4  # samples of the profile stack per slab width (every 1.125 mm 
 TRIANGLE = np.array([1.0, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0]) / 16.0  # a triangle of half-width 4 samples
 # variance along z (mm^2) of K as this module applies it, the final linear interpolation included
 PROFILE_VAR_MM2 = SLICE_MM**2 / 12.0 + (2.5 + 1.0 / 6.0) * (SLICE_MM / SLAB_SAMPLES) ** 2
+# the reference z resolution (module docstring, step 4): every sample's own blur is topped up to this
+# cell's box (REFERENCE_CELL_MM^2 / 12 on top of K) where the source is finer
+REFERENCE_CELL_MM = 5.0
+MIN_EXTRA_SAMPLES2 = 1e-4  # a top-up below this (samples^2; 1.3e-4 mm^2) is float noise: none
+COARSE_FACTOR = 1.5  # an effective slice wider than this many reference cells is warned about
 
 
 @dataclass(frozen=True)
@@ -69,13 +95,16 @@ class ZProfile:
     z_var: np.ndarray  # per profile slice: variance (mm^2, along a vertical line) of its z profile
     slab_slices: float  # the slab in source slices of the median step
     cells_mm: tuple[float, float]  # thinnest and thickest source cell along a vertical line (mm)
+    z_resolution_mm: float = 0.0  # the coarsest effective slice (mm along z): the reference cell or more
 
     def describe(self) -> dict[str, object]:
         return {
-            "rule": "cell averages -> PCHIP of the cumulative integral -> 4.5 mm box * 4.5 mm triangle",
+            "rule": "cell averages -> PPM-limited parabolas -> 4.5 mm box * 4.5 mm triangle, topped up to "
+            f"a {REFERENCE_CELL_MM:g} mm cell's box",
             "sample_mm": round(float(self.spacing), 4),
             "slab_source_slices": round(self.slab_slices, 3),
             "source_cells_mm": [round(v, 3) for v in self.cells_mm],
+            "z_resolution_mm": round(self.z_resolution_mm, 3),
         }
 
 
@@ -142,11 +171,20 @@ def profile_slices(positions: np.ndarray, normal: np.ndarray, uid: str) -> int:
 
 
 def canonical_z(
-    stack: np.ndarray, positions: np.ndarray, normal: np.ndarray, uid: str, warnings: list[str]
+    stack: np.ndarray,
+    positions: np.ndarray,
+    normal: np.ndarray,
+    uid: str,
+    warnings: list[str],
+    thickness: np.ndarray | None = None,
+    reference_cell_mm: float = REFERENCE_CELL_MM,
 ) -> ZProfile:
     """The stack (slices ordered along ``normal``, HU, float32; consumed: it holds HU + 1024 after) on
-    the canonical z profile (module docstring), sampled every 1.125 mm along z on the line of positions;
-    spacing warnings appended to ``warnings``."""
+    the canonical z profile at the reference z resolution (module docstring), sampled every 1.125 mm
+    along z on the line of positions; spacing warnings, and one for a series coarser than the
+    reference, appended to ``warnings``. ``thickness``: each slice's SliceThickness (mm along the
+    normal; 0 or NaN where unknown): an overlapping reconstruction's slice is blurred by its thickness,
+    not by its cell. ``reference_cell_mm`` 0 leaves every series its own blur (the assemble-4 profile)."""
     t, direction = line_of_positions(positions, uid)
     to_vertical, width, u, n_out = _sampling(t, direction, normal)
     length = float(t[-1] - t[0])
@@ -155,9 +193,22 @@ def canonical_z(
     edges = np.concatenate([[t[0] - steps[0] / 2], (t[:-1] + t[1:]) / 2, [t[-1] + steps[-1] / 2]])
     cells = np.diff(edges)
     warnings.extend(spacing_warnings(t, positions, u * to_vertical))
+    vert_cells = cells * to_vertical
+    blur = _source_blur_mm(vert_cells, thickness, normal)
 
-    # F is needed at start + (k - 5) u, k = 0 .. n_out + 9: the box around each sample of the triangle
-    pad = (len(TRIANGLE) - 1) // 2 + SLAB_SAMPLES // 2
+    # each sample's source blur (variance of the boxes of the cells its K covers), and the discrete
+    # box that tops it up to the reference cell's (module docstring, step 4)
+    pad0 = (len(TRIANGLE) - 1) // 2 + SLAB_SAMPLES // 2
+    x0 = start + (np.arange(n_out + 2 * pad0) - pad0) * u
+    cell_var = _under_k(_cell_at(blur, edges, x0) ** 2 / 12.0, n_out)
+    missing = np.maximum(reference_cell_mm**2 / 12.0 - cell_var, 0.0) / (SLICE_MM / SLAB_SAMPLES) ** 2
+    missing[missing < MIN_EXTRA_SAMPLES2] = 0.0
+    extra = [_box_weights(float(s)) for s in missing]
+    reach = max((len(e) - 1) // 2 for e in extra)
+
+    # F is needed at start + (k - 5 - reach) u, k = 0 .. n_out + 9 + 2 reach: the box around each
+    # sample of the triangle (and of the top-up box)
+    pad = pad0 + reach
     x = start + (np.arange(n_out + 2 * pad) - pad) * u
     profile = _CellProfile(stack, edges)
     f_x = [profile.integral(float(xk)) for xk in x]
@@ -168,27 +219,82 @@ def canonical_z(
     tri = [np.float32(v) for v in TRIANGLE]
     for q in range(n_out):
         acc = out[q]
-        np.multiply(box[q], tri[0], out=acc)
-        for m in range(1, len(tri)):
-            acc += tri[m] * box[q + m]
+        if len(extra[q]) == 1:  # at or coarser than the reference: K alone (the assemble-4 profile)
+            np.multiply(box[q + reach], tri[0], out=acc)
+            for m in range(1, len(tri)):
+                acc += tri[m] * box[q + reach + m]
+        else:
+            e = (len(extra[q]) - 1) // 2
+            weights = [np.float32(v) for v in np.convolve(TRIANGLE, extra[q])]
+            first = q + reach - e
+            np.multiply(box[first], weights[0], out=acc)
+            for m in range(1, len(weights)):
+                acc += weights[m] * box[first + m]
         acc += np.float32(AIR_HU)
     new_t = start + np.arange(n_out) * u
     new_positions = positions[0] + np.outer(new_t - t[0], direction)
     # the vertex is measured on a common profile (triage.assemble.head): K, plus the box of the source
-    # cell each sample lies in (cell^2 / 12: what a cell's average cannot say about where in the cell
-    # its content lies; 0.03 mm^2 for 0.625 mm slices, 4.5 for the 7.4 mm stack). Counting it puts the
-    # vertices of 0.625 mm, 5 mm and two-stack series of one head within 0.15 mm (without: 0.5 mm)
-    cell_at = cells[np.clip(np.searchsorted(edges, new_t, side="right") - 1, 0, len(cells) - 1)]
-    extra = (cell_at * to_vertical) ** 2 / 12.0
-    vert_cells = cells * to_vertical
+    # cells under each sample (cell^2 / 12: what a cell's average cannot say about where in the cell
+    # its content lies; 4.5 mm^2 for the 7.4 mm stack) or the reference cell's box that tops it up.
+    # Counting it puts the vertices of 0.625 mm, 5 mm and two-stack series of one head within 0.15 mm
+    effective = np.maximum(cell_var, reference_cell_mm**2 / 12.0)
+    z_resolution = float(np.sqrt(12.0 * effective.max()))
+    if reference_cell_mm > 0 and z_resolution > COARSE_FACTOR * reference_cell_mm:
+        warnings.append(
+            f"coarse z resolution: slices up to {z_resolution:.1f} mm (effective, along z), blurrier than "
+            f"the {reference_cell_mm:g} mm the models expect; nothing can restore what they averaged away"
+        )
     return ZProfile(
         stack=out,
         positions=new_positions,
         spacing=u * abs(float(direction @ normal)),
-        z_var=PROFILE_VAR_MM2 + extra,
+        z_var=PROFILE_VAR_MM2 + effective,
         slab_slices=float(width / np.median(steps)),
         cells_mm=(float(vert_cells.min()), float(vert_cells.max())),
+        z_resolution_mm=z_resolution,
     )
+
+
+def _source_blur_mm(
+    vert_cells: np.ndarray, thickness: np.ndarray | None, normal: np.ndarray
+) -> np.ndarray:
+    """Each source slice's own blur along a vertical line, as a box width (mm): its cell, or its
+    SliceThickness where that is wider (an overlapping reconstruction, thickness > spacing: each slice
+    already averages more than its cell, and the cell reconstruction cannot undo that)."""
+    if thickness is None:
+        return vert_cells
+    th = np.nan_to_num(np.asarray(thickness, dtype=float), nan=0.0)
+    return np.maximum(vert_cells, th / max(abs(float(normal[2])), 1e-6))
+
+
+def _cell_at(values: np.ndarray, edges: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``values`` (one per cell) at positions ``x`` along the line (the end cells beyond the ends)."""
+    return values[np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(values) - 1)]
+
+
+def _under_k(v: np.ndarray, n_out: int) -> np.ndarray:
+    """A quantity ``v`` at the ``n_out + 10`` points F is taken at, averaged with K's weights around
+    each of the ``n_out`` samples: over each box (trapezoid rule on its 5 points), then the triangle."""
+    trapezoid = np.array([0.5, 1.0, 1.0, 1.0, 0.5]) / SLAB_SAMPLES
+    return np.convolve(np.convolve(v, trapezoid, mode="valid"), TRIANGLE, mode="valid")[:n_out]
+
+
+def _box_weights(s: float) -> np.ndarray:
+    """Weights on consecutive samples of a box of ``beta`` samples (centred; its partial end samples
+    weighted by their overlap) whose variance is exactly ``s`` (samples^2): the discrete top-up box.
+    Non-negative, summing to 1: a convex combination (mean kept, no new extrema, air stays air).
+    Between ``beta = 2n - 1`` and ``2n + 1`` the variance is ``(A + n^2 (beta - 2n + 1)) / beta`` with
+    ``A = (n - 1) n (2n - 1) / 3``, solved for ``beta``; ``[1.0]`` for ``s = 0``."""
+    if s <= 0.0:
+        return np.ones(1)
+    n = 1
+    while s > ((n - 1) * n * (2 * n - 1) / 3.0 + 2 * n * n) / (2 * n + 1):
+        n += 1
+    a = (n - 1) * n * (2 * n - 1) / 3.0
+    beta = (n * n * (2 * n - 1) - a) / (n * n - s)
+    w = np.full(2 * n + 1, 1.0 / beta)
+    w[0] = w[-1] = (beta - (2 * n - 1)) / (2.0 * beta)
+    return w
 
 
 class _CellProfile:
