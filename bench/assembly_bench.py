@@ -17,7 +17,9 @@ canonical volumes within 2 grey levels inside the head and scores within the spr
 scoring of the 5 mm one. Repeated scoring: the 5 mm study written again with new UIDs and a new noise
 realisation (``noise_seed`` 1..N; the pixels never depend on a UID, so new UIDs alone give the
 identical score), and, as a second spread, re-acquired at other slice phases (the table 1-4 mm off).
-Scored with ``--m0/--m1`` (a trained set) or, without them, two tiny random-weight models.
+Scored with ``--m0/--m1`` (a trained set) or, without them, two tiny random-weight models. The JSON
+records the preprocessing version and each series' effective z resolution (``z_resolution_mm``: the
+5 mm reference cell, or the coarsest source cell where that is wider), since the scores follow it.
 
     python bench/assembly_bench.py --equivalence [--m0 M0.pt --m1 M1.pt] [--repeats 4] \
         [--out bench/results/assembly-equivalence.json]
@@ -42,7 +44,12 @@ sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 from realseries import same_head_series, thin_zs, write_series  # noqa: E402
 
-from triage.assemble.volume import assemble_study, group_studies, read_headers  # noqa: E402
+from triage.assemble.volume import (  # noqa: E402
+    PREPROCESSING_VERSION,
+    assemble_study,
+    group_studies,
+    read_headers,
+)
 
 N_SLICES = 238
 STEP_MM = 0.625
@@ -165,8 +172,11 @@ def equivalence(work: Path, repeats: int, m0: Path | None, m1: Path | None) -> d
         return lp0 - lp1
 
     vols: dict[str, np.ndarray] = {}
+    z_resolution: dict[str, float] = {}
     for name, files in same_head_series(work / "main", generate_uid(), noise="soft").items():
-        vols[name] = build_volume(files).data
+        vol = build_volume(files)
+        vols[name] = vol.data
+        z_resolution[name] = vol.source_geometry["z_profile"].get("z_resolution_mm", float("nan"))
     again = {f"noise seed {s}": {"noise_seed": s} for s in range(1, repeats + 1)}
     phases = (1.0, 2.0, 3.0, 4.0)
     again |= {f"phase +{p:g} mm": {"phase_mm": p, "noise_seed": 100 + i} for i, p in enumerate(phases)}
@@ -183,7 +193,13 @@ def equivalence(work: Path, repeats: int, m0: Path | None, m1: Path | None) -> d
     def spread(vals: list[float]) -> dict[str, float]:
         return {"min": min(vals), "max": max(vals), "sd": float(np.std(vals, ddof=1)), "n": len(vals)}
 
-    out: dict[str, Any] = {"models": models, "scores": scores, "repeats": repeats_out}
+    out: dict[str, Any] = {
+        "models": models,
+        "preprocessing_version": PREPROCESSING_VERSION,
+        "z_resolution_mm": z_resolution,
+        "scores": scores,
+        "repeats": repeats_out,
+    }
     out["spread_new_noise"] = spread(noise_rep)
     out["spread_new_noise_and_phase"] = spread(noise_rep + phase_rep[1:])
     out["mad_vs_5mm"] = {k: _head_mad(vols["5mm"], v) for k, v in vols.items() if k != "5mm"}
@@ -199,7 +215,8 @@ def equivalence(work: Path, repeats: int, m0: Path | None, m1: Path | None) -> d
 
 
 def print_equivalence(eq: dict[str, Any]) -> None:
-    print(f"models: {eq['models']}")
+    print(f"models: {eq['models']}; preprocessing {eq['preprocessing_version']}")
+    print("z resolution (mm): " + ", ".join(f"{k} {v:g}" for k, v in eq["z_resolution_mm"].items()))
     print(f"{'series':<22} {'score (nats)':>13} {'MAD vs 5 mm':>12}")
     for k, v in eq["scores"].items():
         print(f"{k:<22} {v:13.2f} {eq['mad_vs_5mm'].get(k, 0.0):12.2f}")
