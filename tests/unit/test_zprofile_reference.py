@@ -1,7 +1,8 @@
-"""The reference z resolution (assemble-5, :mod:`triage.assemble.zprofile` step 4): every series is
-brought to the canonical profile plus a 5 mm cell's box, so a 0.625 mm series is as blurred along z as
-a 5 mm one, a 5 mm series is untouched, and the top-up keeps the mean, makes no new extrema and
-leaves air as air.
+"""The reference z resolution (assemble-6, :mod:`triage.assemble.zprofile` step 4): every series is
+brought to the canonical profile plus a 7.5 mm cell's box (the coarsest routine protocol), so 0.625 mm
+and 5 mm series are as blurred along z as a 7.5 mm one, a 7.5 mm series is untouched, a 5 mm one gets
+exactly the variance it lacks, and the top-up keeps the mean, makes no new extrema and leaves air as
+air.
 
 The stacks here are one column of HU along z (cell averages of an analytic profile, as a scanner's
 reconstruction gives them), so each property is measured exactly and fast; the same head as DICOM
@@ -68,10 +69,12 @@ def test_box_weights_have_exactly_the_missing_variance() -> None:
 
 
 def test_a_thin_series_is_as_blurred_along_z_as_a_5mm_one() -> None:
-    """Measured: 5 mm 7.69 mm^2 (either way); 0.625 mm 7.07 (assemble-4: 5.02, 2.7 mm^2 sharper)."""
+    """Measured: 5 mm 10.30 mm^2 (own blur: 7.69); 0.625 mm 9.68 (own blur: 5.02, 2.7 mm^2 sharper)."""
     thick = _edge_variance(5.0)
     thin, thin_before = _edge_variance(0.625), _edge_variance(0.625, reference_cell_mm=0.0)
-    print(f"edge variance: 5 mm {thick:.2f}, 0.625 mm {thin:.2f} (before {thin_before:.2f}) mm^2")
+    thick_before = _edge_variance(5.0, reference_cell_mm=0.0)
+    print(f"edge variance: 5 mm {thick:.2f} (before {thick_before:.2f}), 0.625 mm {thin:.2f} "
+          f"(before {thin_before:.2f}) mm^2")
     assert thick - thin_before > 2.0  # what the rule is for
     assert abs(thick - thin) < 1.0
     # the stated model: K plus the reference cell's box (the samples lack the final interpolation's u^2/6)
@@ -80,12 +83,20 @@ def test_a_thin_series_is_as_blurred_along_z_as_a_5mm_one() -> None:
     assert abs(_edge_variance(4.0) - thick) < abs(_edge_variance(4.0, reference_cell_mm=0.0) - thick)
 
 
-def test_a_5mm_series_is_untouched() -> None:
+def test_a_series_at_the_reference_is_untouched() -> None:
+    """A 7.5 mm series gets K alone, bit for bit the profile without a reference."""
     for f in PHASES[:3]:
-        new, _, _, (zp, _) = _profile(5.0, _step(60.0 + f * 5.0))
-        old, _, _, _ = _profile(5.0, _step(60.0 + f * 5.0), reference_cell_mm=0.0)
+        new, _, warnings, (zp, _) = _profile(7.5, _step(60.0 + f * 7.5))
+        old, _, _, _ = _profile(7.5, _step(60.0 + f * 7.5), reference_cell_mm=0.0)
         np.testing.assert_array_equal(new, old)
-        assert zp.z_resolution_mm == pytest.approx(5.0)
+        assert zp.z_resolution_mm == pytest.approx(7.5) and not warnings
+
+
+def test_a_5mm_series_gets_exactly_the_variance_it_lacks() -> None:
+    """(7.5^2 - 5^2) / 12 = 2.60 mm^2 along z on top of its own blur; measured 2.604."""
+    added = _edge_variance(5.0) - _edge_variance(5.0, reference_cell_mm=0.0)
+    print(f"5 mm series: {added:.3f} mm^2 added")
+    assert added == pytest.approx((REFERENCE_CELL_MM**2 - 5.0**2) / 12.0, abs=0.05)
 
 
 def _bump(a: float, b: float) -> float:
@@ -110,9 +121,9 @@ def test_the_top_up_keeps_the_mean_makes_no_extrema_and_air_stays_air(step: floa
 
 
 def test_an_overlapping_reconstruction_counts_its_thickness() -> None:
-    """5 mm slices every 2.5 mm: each slice already averages 5 mm, so nothing is added."""
+    """7.5 mm slices every 2.5 mm: each slice already averages 7.5 mm, so nothing is added."""
     stack, pos = _cells(2.5, _step(61.3, hi=1000.0))
-    thick = np.full(len(stack), 5.0)
+    thick = np.full(len(stack), 7.5)
     a = canonical_z(stack.copy(), pos, UP, "t", [], thick)
     b = canonical_z(stack.copy(), pos, UP, "t", [], thick, reference_cell_mm=0.0)
     c = canonical_z(stack.copy(), pos, UP, "t", [])  # thickness unknown: its 2.5 mm cell is topped up
@@ -127,5 +138,9 @@ def test_a_coarse_series_is_left_as_it_is_and_warned_about() -> None:
     assert zp.z_resolution_mm == pytest.approx(10.0)
     assert any(w.startswith("coarse z resolution: slices up to 10.0 mm") for w in warnings), warnings
     assert not old_warnings
-    _, _, warnings, (zp, _) = _profile(7.38, _step(61.3))  # GE's upper stack: under 1.5 x 5 mm
-    assert zp.z_resolution_mm == pytest.approx(7.38) and not warnings
+    _, _, warnings, (zp, _) = _profile(7.38, _step(61.3))  # GE's upper stack: topped up to 7.5 mm
+    assert zp.z_resolution_mm == pytest.approx(REFERENCE_CELL_MM) and not warnings
+    g, _, warnings, (zp, _) = _profile(8.5, _step(61.3))  # coarser, but under 1.2 x 7.5 = 9 mm
+    old, _, _, _ = _profile(8.5, _step(61.3), reference_cell_mm=0.0)
+    np.testing.assert_array_equal(g, old)
+    assert zp.z_resolution_mm == pytest.approx(8.5) and not warnings

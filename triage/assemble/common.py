@@ -13,7 +13,7 @@ from pydicom.uid import UID
 
 from triage.ops.logs import get_logger
 
-PREPROCESSING_VERSION = "assemble-5"  # bump whenever a change here can change a voxel
+PREPROCESSING_VERSION = "assemble-6"  # bump whenever a change here can change a voxel
 TARGET_SHAPE: tuple[int, int, int] = (32, 128, 128)  # (z, y, x)
 FOV_MM = 220.0
 SLICE_MM = 4.5
