@@ -19,7 +19,7 @@ realisation (``noise_seed`` 1..N; the pixels never depend on a UID, so new UIDs 
 identical score), and, as a second spread, re-acquired at other slice phases (the table 1-4 mm off).
 Scored with ``--m0/--m1`` (a trained set) or, without them, two tiny random-weight models. The JSON
 records the preprocessing version and each series' effective z resolution (``z_resolution_mm``: the
-5 mm reference cell, or the coarsest source cell where that is wider), since the scores follow it.
+7.5 mm reference cell, or the coarsest source cell where that is wider), since the scores follow it.
 
     python bench/assembly_bench.py --equivalence [--m0 M0.pt --m1 M1.pt] [--repeats 4] \
         [--out bench/results/assembly-equivalence.json]

@@ -134,14 +134,14 @@ def _find_head(
     Blur-proof: the fraction saturates at 0 HU, so where bone (1000 HU, or the skull under a thin
     scalp) meets air the measured top rises with the z blur of the series, by about the mean absolute
     deviation of its slice profile: 7 mm slices put it 1 mm higher than 5 mm ones. So the vertex is
-    measured on common z profiles: a Gaussian along z adds what the series' own profile at the top
-    of the head lacks (``z_profile``: per slice its plane and profile variance,
+    measured on common z profiles: a Gaussian along z adds what the series' own profile at the top of the
+    head lacks (``z_profile``: per slice its plane and profile variance,
     :attr:`triage.assemble.zprofile.ZProfile.z_var`: the canonical profile plus the box of the source
-    cell) to reach ``VERTEX_Z_VAR_MM2`` (20 mm^2; 9.6 mm^2 in the 7.4 mm stack), and again twice
-    that. The rise is about linear in the profile's sigma, so the line through the two vertices,
-    taken at the sigma of the canonical slab (``CANONICAL_Z_VAR_MM2``), gives the vertex a series
-    with the canonical profile would have: the same (within 0.15 mm on the synthetic head) for
-    0.625 mm, 5 mm and two-stack 4/7 mm series.
+    cell, or of the reference cell it was topped up to) to reach ``VERTEX_Z_VAR_MM2`` (20 mm^2; 9.6 mm^2
+    in the 7.4 mm stack), and again twice that. The rise is about linear in the profile's sigma, so the
+    line through the two vertices, taken at the sigma of the canonical slab (``CANONICAL_Z_VAR_MM2``),
+    gives the vertex a series with the canonical profile would have: the same (within 0.15 mm on the
+    synthetic head) for 0.625 mm, 5 mm and two-stack 4/7 mm series.
 
     A dome's cross-section 2 mm below its top is a small fraction (about a tenth) of the one 20 mm
     below; a head cut by the top of the scan has nearly the same cross-section at both levels.

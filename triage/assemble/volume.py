@@ -32,9 +32,10 @@ Along z: one rule for every spacing (:mod:`triage.assemble.zprofile`)
     reconstructed conservatively and without new extrema (piecewise parabolas with the PPM limiter,
     edge values from PCHIP's weighted harmonic mean), and integrated over the slab every 1.125 mm
     along the line of positions, before anything else; where the source slices (or their
-    SliceThickness) are finer than a 5 mm reference cell, each sample's z blur is topped up to it. So
-    a 0.625 mm series, a 5 mm series and a two-stack 4/7 mm series of one head give the same volume
-    (measured on the synthetic head: within 0.4 and 1.2 grey levels of the 5 mm one inside the head),
+    SliceThickness) are finer than a 7.5 mm reference cell (the coarsest routine protocol), each
+    sample's z blur is topped up to it. So a 0.625 mm series, a 5 mm series and a two-stack 4/7 mm
+    series of one head give the same volume (measured on the synthetic head, noise-free: within 0.38
+    and 1.00 grey levels of the 5 mm one inside the head),
     and one 5 mm series at five slice phases within 0.5.
 
 Content
