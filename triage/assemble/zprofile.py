@@ -32,36 +32,35 @@ A series does not hold the head's HU along z, it holds one average per slice. So
    follows adds u^2/6 on average, so discrete triangle plus interpolation have the continuous triangle's
    variance (2.5 u^2 + u^2/6 = 4.5^2/6).
 
-4. **It is brought to a reference z resolution** (assemble-5; the 7.5 mm reference since assemble-6).
-   What no reconstruction can do is put back what a cell averaged away: a slice says nothing about
-   where in its cell its content lies, so every series keeps its cells' own box (cell^2/12) on top of
-   ``K``: 0.03 mm^2 for 0.625 mm slices, 2.08 for 5 mm, 4.5 for the 7.4 mm stack. A model trained on
-   4-5 mm series learnt one blur, and its score follows the blur (bench/assembly_bench.py
-   --equivalence: a 0.625 mm series of the same head scored 41-56 nats below the 5 mm one, the
-   two-stack one 50-68 above, against a repeat s.d. of 9-13). So every sample is brought to ``K``
-   plus the box of ``REFERENCE_CELL_MM``: 7.5 mm, the coarsest routine protocol (the upper stack of
-   GE's 4/7 mm two-stack protocol is 7.4 mm along z), not the commonest 5 mm. Coarse cells cannot be
-   sharpened, only fine ones blurred, so only the coarsest routine cell gives every series up to
-   7.5 mm one z resolution and a score that does not depend on the protocol: with the 5 mm reference
-   (assemble-5) the two-stack series still scored +46.6 nats against the 5 mm one (s.d. 13), "more
-   normal", its lesions under-flagged; with a 7.38 mm reference both scored -557.4 and -559.9, inside
-   the spread (bench/results/assembly-equivalence.json). The price: every study is a little blurrier
-   along z, the effective profile's variance 7.1 -> 9.8 mm^2 (on a grid of 4.5 mm slices anyway), and
-   the models are retrained on the new volumes. A sample's own source blur is the variance of the boxes
-   of the cells under its ``K`` (each cell's box, or its SliceThickness where that is wider: an
-   overlapping reconstruction, thickness > spacing, already averages its thickness and the cell
-   reconstruction cannot undo it), and what it lacks of 7.5^2/12 mm^2 is added as a discrete box on
-   the 1.125 mm samples (a centred box of ``beta`` samples, its partial end samples weighted by their
-   overlap, ``beta`` solved so its variance is exactly the missing one; convolved with the triangle
+4. **It is brought to a reference z resolution** (assemble-5; the 7.5 mm reference since assemble-6). What
+   no reconstruction can do is put back what a cell averaged away: a slice says nothing about where in its
+   cell its content lies, so every series keeps its cells' own box (cell^2/12) on top of ``K``: 0.03 mm^2
+   for 0.625 mm slices, 2.08 for 5 mm, 4.5 for the 7.4 mm stack. A model trained on 4-5 mm series learnt
+   one blur, and its score follows the blur (bench/assembly_bench.py --equivalence: a 0.625 mm series of
+   the same head scored 41-56 nats below the 5 mm one, the two-stack one 50-68 above, against a repeat s.d.
+   of 9-13). So every sample is brought to ``K`` plus the box of ``REFERENCE_CELL_MM``: 7.5 mm, the
+   coarsest routine protocol (the upper stack of GE's 4/7 mm two-stack protocol is 7.4 mm along z), not the
+   commonest 5 mm. Coarse cells cannot be sharpened, only fine ones blurred, so only the coarsest routine
+   cell gives every series up to 7.5 mm one z resolution and a score that does not depend on the protocol:
+   with the 5 mm reference (assemble-5) the two-stack series still scored +46.6 nats against the 5 mm one
+   (s.d. 13), "more normal", its lesions under-flagged; with a 7.38 mm reference both scored -557.4 and
+   -559.9, inside the spread (that fp32 model set; with a better-trained bf16 set a -167 nats gap remains,
+   which is not z blur but the vertex seen through 7.4 mm cells: README, "Same head, three series"). The
+   price: every study is a little blurrier along z, the effective profile's variance 7.1 -> 9.8 mm^2 (on a
+   grid of 4.5 mm slices anyway), and the models are retrained on the new volumes. A sample's own source
+   blur is the variance of the boxes of the cells under its ``K`` (each cell's box, or its SliceThickness
+   where that is wider: an overlapping reconstruction, thickness > spacing, already averages its thickness
+   and the cell reconstruction cannot undo it), and what it lacks of 7.5^2/12 mm^2 is added as a discrete
+   box on the 1.125 mm samples (a centred box of ``beta`` samples, its partial end samples weighted by
+   their overlap, ``beta`` solved so its variance is exactly the missing one; convolved with the triangle
    into one kernel per sample). Its weights are non-negative and sum to 1: the mean is kept, no new
-   extrema, air stays air (all-air samples are exactly 0 in ``F``'s differences). A 7.5 mm series
-   needs nothing and gets ``K`` alone; a 5 mm series gets (7.5^2 - 5^2)/12 = 2.60 mm^2 more (a 5.6 mm
-   box), a 0.625 mm series a 7.5 mm box, the 7.4 mm upper stack almost nothing. Where the source is
-   coarser than the reference nothing is added or can be taken away: ``z_resolution_mm`` (in
-   ``describe()``, the volume's ``source_geometry.z_profile``) records the coarsest effective slice;
-   such a series is blurrier along z than the models expect, and one wider than ``COARSE_FACTOR``
-   (1.2: 9 mm, beyond any routine protocol) reference cells is a warning carried into the JSON and the
-   SR.
+   extrema, air stays air (all-air samples are exactly 0 in ``F``'s differences). A 7.5 mm series needs
+   nothing and gets ``K`` alone; a 5 mm series gets (7.5^2 - 5^2)/12 = 2.60 mm^2 more (a 5.6 mm box), a
+   0.625 mm series a 7.5 mm box, the 7.4 mm upper stack almost nothing. Where the source is coarser than
+   the reference nothing is added or can be taken away: ``z_resolution_mm`` (in ``describe()``, the
+   volume's ``source_geometry.z_profile``) records the coarsest effective slice; such a series is blurrier
+   along z than the models expect, and one wider than ``COARSE_FACTOR`` (1.2: 9 mm, beyond any routine
+   protocol) reference cells is a warning carried into the JSON and the SR.
 
 Nothing here depends on the series being thin or thick: one rule for every spacing from 0.5 to 8 mm,
 uniform or not. Measured on the synthetic head (tests/unit/test_real_series.py, noise-free): 0.625 mm
