@@ -223,20 +223,16 @@ def canonical_z(
     box = [(f_x[k + SLAB_SAMPLES] - f_x[k]) / np.float32(width) for k in range(len(x) - SLAB_SAMPLES)]
     del f_x
     out = np.empty((n_out, *stack.shape[1:]), dtype=np.float32)
-    tri = [np.float32(v) for v in TRIANGLE]
     for q in range(n_out):
         acc = out[q]
-        if len(extra[q]) == 1:  # at or coarser than the reference: K alone (the assemble-4 profile)
-            np.multiply(box[q + reach], tri[0], out=acc)
-            for m in range(1, len(tri)):
-                acc += tri[m] * box[q + reach + m]
-        else:
-            e = (len(extra[q]) - 1) // 2
-            weights = [np.float32(v) for v in np.convolve(TRIANGLE, extra[q])]
-            first = q + reach - e
-            np.multiply(box[first], weights[0], out=acc)
-            for m in range(1, len(weights)):
-                acc += weights[m] * box[first + m]
+        # K's triangle convolved with the sample's top-up box ([1.0] at or coarser than the reference:
+        # K alone, exactly the assemble-4 profile)
+        e = (len(extra[q]) - 1) // 2
+        weights = [np.float32(v) for v in np.convolve(TRIANGLE, extra[q])]
+        first = q + reach - e
+        np.multiply(box[first], weights[0], out=acc)
+        for m in range(1, len(weights)):
+            acc += weights[m] * box[first + m]
         acc += np.float32(AIR_HU)
     new_t = start + np.arange(n_out) * u
     new_positions = positions[0] + np.outer(new_t - t[0], direction)
