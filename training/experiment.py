@@ -112,6 +112,7 @@ class Plan:
     m1_init: str = "trunk"  # "trunk": M0 and M1 branch from one trunk; "scratch": trained independently
     compare_scratch: bool = True  # with m1_init "trunk": also train M1 from scratch and report both
     precision: str | None = None  # the coupling nets' "fp32" | "bf16"; None: the preset's
+    protocol_mix: bool = False  # every set drawn from PROTOCOL_MIX's acquisitions (tilt, two-stack, thin)
 
     def synth_seed(self, which: str) -> int:
         """Disjoint per-set seeds: no subject can appear in two sets (write_dataset draws study i of
@@ -125,6 +126,16 @@ class Plan:
         n = self.mixture_train if which == "mixture" else self.test
         return n - n // 2, n // 2
 
+
+# The acquisition protocols a hospital's head CTs arrive in (issue 11), for every set alike: gantry tilt
+# (0-25 degrees is the routine range; half of the tilted stacks step along the table as real scanners
+# do), GE's two-stack series (4 mm posterior fossa, 7.4 mm above: a coarse slice at the vertex, at
+# whatever phase the head's height gives), and 0.625 mm thin series (at 256 px to keep synthesis
+# affordable; the canonical grid is 128 px). Label-free: the fractions say nothing about lesions, they
+# make the vertex and tilt variation of real protocols part of "normal" for both flows.
+PROTOCOL_MIX: dict[str, Any] = {
+    "tilt_fraction": 0.4, "tilt_range_deg": (5.0, 25.0), "tilt_shear_fraction": 0.5,
+    "two_stack_fraction": 0.15, "thin_fraction": 0.1, "thin_matrix": 256}
 
 QUICK = {"normal_train": 12, "mixture_train": 12, "test": 12, "steps": 40, "branch_steps": 20,
          "bootstrap": 200, "montage_k": 8,
@@ -158,14 +169,18 @@ def synthesize(out: Path, plan: Plan) -> dict[str, Path]:
     for which in SETS:
         folder = out / "data" / which
         n_norm, n_abn = plan.counts(which)
+        mix = PROTOCOL_MIX if plan.protocol_mix else {}
         params = {"normal": n_norm, "abnormal": n_abn, "seed": plan.synth_seed(which),
-                  "distractors": plan.distractors, "slab_samples": plan.slab_samples, "matrix": 256}
+                  "distractors": plan.distractors, "slab_samples": plan.slab_samples, "matrix": 256,
+                  **({"protocol_mix": {k: list(v) if isinstance(v, tuple) else v for k, v in mix.items()}}
+                     if mix else {})}
         done = folder / DONE
         if not (done.is_file() and json.loads(done.read_text()) == params):
             if folder.exists():
                 shutil.rmtree(folder)
             shutil.rmtree(out / SEALED / which, ignore_errors=True)
-            opts = SynthOptions(matrix=256, distractors=plan.distractors, slab_samples=plan.slab_samples)
+            opts = SynthOptions(matrix=256, distractors=plan.distractors, slab_samples=plan.slab_samples,
+                                **mix)
             write_dataset(folder, n_norm, n_abn, plan.synth_seed(which), opts)
             (folder / DONE).write_text(json.dumps(params))
             log.info("synth_done", set=which, normal=n_norm, abnormal=n_abn, seed=plan.synth_seed(which))
@@ -577,6 +592,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--distractors", action="store_true",
                    help="write localizer/bone/thin/reformat/dose series too (exercises series selection; "
                         "~3x slower synthesis)")
+    p.add_argument("--protocol-mix", action="store_true",
+                   help="draw every set from the acquisitions hospitals send (gantry tilt, two-stack "
+                        "4/7 mm series, 0.625 mm thin series; PROTOCOL_MIX) instead of untilted 4-5 mm")
     p.add_argument("--slab-samples", type=int, default=d.slab_samples)
     p.add_argument("--workers", type=int,
                    help=f"processes writing and decoding DICOM (default {d.workers}, or the preset's)")
@@ -610,7 +628,8 @@ def plan_from_args(a: argparse.Namespace) -> Plan:
         if v is not None:
             base[key] = v
     base.update(preset=a.preset, seed=a.seed, m1_init=a.m1_init, compare_scratch=a.compare_scratch,
-                distractors=a.distractors, slab_samples=a.slab_samples, precision=a.precision)
+                distractors=a.distractors, slab_samples=a.slab_samples, precision=a.precision,
+                protocol_mix=a.protocol_mix)
     if a.workers is not None:
         base["workers"] = a.workers
     elif base["workers"] <= 0:  # the recipe's 0: every core of this machine
