@@ -78,7 +78,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             res = scorer.score([VolumeInput(st.study_uid, st.series_uid, st.volume.data,
                                             st.volume.metadata())])[0]
             row = res.to_json()
-            row["warnings"] = st.warnings  # assembly's: content vs headers, resampling, sharp kernel
+            # assembly's (content vs headers, resampling, sharp kernel), then the scorer's (a set made on
+            # volumes of another preprocessing version)
+            row["warnings"] = [*st.warnings, *res.warnings]
             row["selection"] = st.selection  # the chosen series and the rule it won by
             if args.save_volumes:
                 from triage.assemble.volume import save_volume
@@ -98,7 +100,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                 + ("?" if row.get("region_center_mm") is None else
                    "[" + ", ".join(f"{v:.0f}" for v in row["region_center_mm"]) + "] mm"))
             print(f"{st.study_uid}  {row['log_posterior']:12.2f}  p{row['percentile']:5.1f}{where}  {flag}")
-            for w in st.warnings:
+            for w in row["warnings"]:
                 print(f"    warning: {w}")
     return 0
 

@@ -139,7 +139,8 @@ def score_assembled(store: Store, scorer: Scorer | Scorers, limit: int = 16) -> 
     for (asm, item), res in zip(items, results, strict=True):
         if res.region_map is not None and res.flagged:  # for the key images of the report stage
             _save_region_map(store, res, asm.generation, item.metadata)
-        store.record_score(res.study_uid, asm.generation, {**res.to_json(), "warnings": list(asm.warnings)})
+        warnings = [*asm.warnings, *res.warnings]  # assembly's, then the scorer's (another preprocessing)
+        store.record_score(res.study_uid, asm.generation, {**res.to_json(), "warnings": warnings})
         METRICS.study_scored(res.log_posterior, res.flagged, scorer.last_inference_s, scorer.device.type,
                              kind=volume_kind(item.volume))
         log.info("study_scored", study_uid=res.study_uid, series_uid=res.series_uid,

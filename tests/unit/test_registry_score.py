@@ -151,6 +151,23 @@ def test_scores_are_bit_identical_alone_or_among_others(tmp_path: Path) -> None:
     assert alone.log_posterior == among.log_posterior == again.log_posterior
 
 
+def test_a_volume_of_another_preprocessing_version_is_scored_with_a_warning(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "models")
+    s = make_set(reg, tmp_path)  # made on "test" volumes
+    reg.promote(s.version)
+    scorer = Scorer.from_registry(reg, device="cpu")
+    same, other, unknown = scorer.score([
+        VolumeInput("1.2.3", "1.2.3.1", canonical(0), {"preprocessing_version": "test"}),
+        VolumeInput("1.2.4", "1.2.4.1", canonical(0), {"preprocessing_version": "assemble-99"}),
+        VolumeInput("1.2.5", "1.2.5.1", canonical(0))])
+    assert same.warnings == [] and unknown.warnings == []
+    assert len(other.warnings) == 1
+    assert f"model set {s.version} was trained and calibrated on test volumes" in other.warnings[0]
+    assert "this volume is assemble-99" in other.warnings[0]
+    assert other.to_json()["warnings"] == other.warnings
+    assert other.log_posterior == same.log_posterior  # a warning, not another score
+
+
 def test_percentile() -> None:
     normals = [-5.0, -2.0, 0.0, 3.0]
     assert percentile_of(-10.0, normals) == 0.0

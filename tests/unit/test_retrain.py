@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+import training.train.retrain as retrain_mod
 from training.data.sources import VolumeSet
 from training.data.volumes import split_by_patient, volumes_from_dicom
 from training.train.loop import train
@@ -303,6 +304,21 @@ def test_too_few_volumes_skips_without_training(tmp_path: Path, models: dict[str
                                 "retrain.min_volumes = 13")
     assert "training" not in record and reg.current().version == before.version
     assert read_history(reg.root)[-1]["outcome"] == "skipped"
+
+
+def test_a_set_made_on_another_preprocessing_version_is_not_retrained(
+        tmp_path: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # an upgrade changed the assembly: the archive's new volumes would train an M1 that pairs with
+    # an M0 (and reference normals) of the old version, so the job says what to do instead
+    cfg, reg, before = make_site(tmp_path, models)
+    made_on = before.manifest["preprocessing_version"]
+    monkeypatch.setitem(retrain_mod.PREPROCESSING, "ct", made_on + "-next")
+    record = run(cfg, reg.root / ".retrain-test")
+    assert record["outcome"] == "skipped" and "training" not in record
+    assert f"made on {made_on} volumes" in record["reason"]
+    assert f"assembles {made_on}-next" in record["reason"]
+    assert "make a new set" in record["reason"]
+    assert reg.current().version == before.version and [s.version for s in reg.list()] == [before.version]
 
 
 def test_killed_retrain_leaves_the_current_set_serving(tmp_path: Path, models: dict[str, Path]) -> None:

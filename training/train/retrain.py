@@ -395,7 +395,7 @@ def _register(reg: Registry, current: ModelSet, new_m1: Path, gate: dict[str, An
                                 gate["_refs"], threshold, new_scores, reg.root)
     return reg.create(
         current.m0_path, new_m1, trunk=current.trunk_path, preset=str(current.manifest["preset"]),
-        preprocessing_version=str(current.manifest["preprocessing_version"]), threshold=threshold,
+        preprocessing_version=PREPROCESSING[current.kind], threshold=threshold,
         method=f"specificity={spec:g}", normal_scores=[float(s) for s in new_scores], provenance=provenance,
         software_version=__version__,
         calibration_extra={"reference_volumes": refs, "recalibrated_from": current.version,
@@ -442,6 +442,15 @@ def run(cfg: Config, workdir: Path, *, now: float | None = None, kind: str = DEF
             raise RetrainSkipped(f"no current {KIND_NAMES[kind]} model set under {reg.root} to retrain")
         record["previous"] = current.version
         current.verify()
+        made_on = str(current.manifest.get("preprocessing_version", ""))
+        if made_on != PREPROCESSING[kind]:
+            # The archive is assembled by this software's version; an M1 retrained on it would be paired
+            # with an M0 (and reference normals) of the old one, and the set labelled with either version
+            # would be wrong about half of itself.
+            raise RetrainSkipped(
+                f"model set {current.version} was made on {made_on or '(unknown)'} volumes, this software "
+                f"assembles {PREPROCESSING[kind]}: a new M1 cannot pair with its M0; make a new set "
+                f"(README, Training) instead of retraining M1 alone")
         g = gather(cfg, now=t0 if now is None else now, kind=kind)
         record["data"] = g.counts
         log.info("retrain_gathered", **g.counts)

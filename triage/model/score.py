@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from triage.assemble.radiograph import RADIOGRAPH_PREPROCESSING_VERSION
+from triage.assemble.volume import PREPROCESSING_VERSION
 from triage.model.glow import Glow, fit_to_shape
 from triage.model.registry import ModelSet, Registry, RegistryError, volume_kind
 from triage.model.results import ModelSetInfo, ScoreResult
@@ -41,6 +43,7 @@ from triage.model.voxelmap import (
     nearest_source_slice,
     search_mask,
 )
+from triage.ops.logs import get_logger
 
 __all__ = [
     "FLAG_POLICIES",
@@ -55,7 +58,23 @@ __all__ = [
     "pick_device",
 ]
 
+log = get_logger("models")
+
 FLAG_POLICIES = ("global", "region", "either")
+# What this software's assembly writes, per kind of set: a set calibrated on volumes of another version
+# still scores (refusing would stop triage after an upgrade) but says so in every result.
+CURRENT_PREPROCESSING = {"ct": PREPROCESSING_VERSION, "cxr": RADIOGRAPH_PREPROCESSING_VERSION}
+
+
+def preprocessing_warning(info: ModelSetInfo, volume_version: str | None) -> str | None:
+    """Why a score may be off its set's calibration: the set's models and operating point were made on
+    volumes of another preprocessing version than the one scored (an upgrade changed the assembly; the
+    set must be remade on volumes of the new version). None when they agree or either is unknown."""
+    if not volume_version or not info.preprocessing_version or volume_version == info.preprocessing_version:
+        return None
+    return (f"model set {info.version} was trained and calibrated on {info.preprocessing_version} volumes, "
+            f"this volume is {volume_version}: its score and percentile are off that calibration until a "
+            f"set is made on {volume_version} volumes")
 
 
 class ScoringError(Exception):
@@ -150,6 +169,11 @@ class Scorer:
         except ScoringError as exc:
             raise ScoringError(f"model set {model_set.version}: {exc}") from exc
         self._normals = model_set.calibration_scores
+        current = CURRENT_PREPROCESSING.get(self.info.kind)
+        if current and self.info.preprocessing_version != current:
+            log.warning("model_set_preprocessing_stale", model_version=self.info.version, kind=self.info.kind,
+                        set_preprocessing=self.info.preprocessing_version, software_preprocessing=current,
+                        action="make a new set on volumes of this version (README, Training)")
         # a set without a region calibration (made before it existed) flags by the global score
         self.flag_policy = flag_policy if self.region is not None else "global"
         self.last_inference_s = 0.0
@@ -200,6 +224,7 @@ class Scorer:
             post = lp0 - lp1
             global_flag = bool(post < self.info.threshold)
             where = self._region_fields(region, global_flag, it.metadata)
+            stale = preprocessing_warning(self.info, (it.metadata or {}).get("preprocessing_version"))
             out.append(
                 ScoreResult(
                     study_uid=it.study_uid,
@@ -214,6 +239,7 @@ class Scorer:
                     global_flagged=global_flag,
                     flag_policy=self.flag_policy,
                     extra={"zero_fraction": float(np.mean(it.volume == 0))},
+                    warnings=[stale] if stale else [],
                     **where,
                 )
             )
