@@ -276,18 +276,26 @@ def thick_zs(step: float = 5.0, n: int = 30, top: float = SKULL_TOP + 4.0) -> li
 
 
 def same_head_series(
-    base: Path, study_uid: str, *, noise: str = "", noise_seed: int = 0, phase_mm: float = 0.0
+    base: Path, study_uid: str, *, noise: str = "", noise_seed: int = 0, phase_mm: float = 0.0,
+    only: tuple[str, ...] | None = None,
 ) -> dict[str, list[Path]]:
-    """Issue 11's equivalence: one head written as a 5 mm series (``phase_mm`` higher), a 0.625 mm
-    series (8.5 degree tilt, one slice missing) and GE's two-stack series (18.5 degree tilt), each long
-    enough to cover the canonical grid under its tilt (so what differs is resampling, not coverage).
+    """Issue 11's equivalence: one head written as a 5 mm series, a 0.625 mm series (8.5 degree tilt,
+    one slice missing) and GE's two-stack series (18.5 degree tilt), each long enough to cover the
+    canonical grid under its tilt (so what differs is resampling, not coverage). ``phase_mm`` moves the
+    5 mm and the two-stack series' slices that much higher (the table placed otherwise: the slice phase
+    at the vertex, which a coarse series records differently); ``only`` writes just those series.
     Returns {"5mm" | "0.625mm" | "two-stack": files}."""
-    thin = thin_zs(length=165.0)
-    del thin[100]
-    zz, tt = two_stack(lower=18)
     kw = {"study_uid": study_uid, "noise": noise, "noise_seed": noise_seed}
-    return {
-        "5mm": write_series(base / "thick", thick_zs(top=SKULL_TOP + 4.0 + phase_mm), thickness=5.0, **kw),
-        "0.625mm": write_series(base / "thin", thin, thickness=0.625, tilt_deg=8.5, **kw),
-        "two-stack": write_series(base / "two", zz, thickness=tt, tilt_deg=18.5, **kw),
-    }
+    want = set(only or ("5mm", "0.625mm", "two-stack"))
+    out: dict[str, list[Path]] = {}
+    if "5mm" in want:
+        zs = thick_zs(top=SKULL_TOP + 4.0 + phase_mm)
+        out["5mm"] = write_series(base / "thick", zs, thickness=5.0, **kw)
+    if "0.625mm" in want:
+        thin = thin_zs(length=165.0)
+        del thin[100]
+        out["0.625mm"] = write_series(base / "thin", thin, thickness=0.625, tilt_deg=8.5, **kw)
+    if "two-stack" in want:
+        zz, tt = two_stack(top=SKULL_TOP + 6.0 + phase_mm, lower=18)
+        out["two-stack"] = write_series(base / "two", zz, thickness=tt, tilt_deg=18.5, **kw)
+    return out
