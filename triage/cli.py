@@ -113,9 +113,15 @@ def _model_set_status(s: ModelSet) -> dict[str, Any]:
     op = s.manifest["operating_point"]
     cal = s.manifest.get("calibration") or {}
     prov = (s.manifest.get("provenance") or {}).get("calibration") or {}
+    from triage.model.score import CURRENT_PREPROCESSING
+
+    made_on = str(s.manifest.get("preprocessing_version", ""))
     return {
         "version": s.version, "kind": s.kind, "preset": s.manifest.get("preset"),
         "created": s.manifest.get("created"),
+        # a set made on volumes of another assembly version scores off its calibration (README, nightly
+        # retrain): say so where an operator looks
+        "preprocessing": made_on, "preprocessing_current": made_on == CURRENT_PREPROCESSING.get(s.kind),
         "calibration": {
             "threshold": op["threshold"], "method": op["method"], "normals": len(s.calibration_scores),
             "region": bool(cal.get("region")), "reference_volumes": len(cal.get("reference_volumes") or []),
@@ -204,10 +210,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             current = {cs.version for cs in reg.currents().values()}  # one current set per kind
             for s in reg.list():
                 mark = "*" if s.version in current else " "
-                c = _model_set_status(s)["calibration"]
+                st = _model_set_status(s)
+                c = st["calibration"]
+                stale = "" if st["preprocessing_current"] else " (STALE: not this software's assembly)"
                 print(f"{mark} {s.version}  kind={s.kind}  preset={s.manifest['preset']}  "
                       f"threshold={c['threshold']:.3f} ({c['method']}, {c['normals']} normals"
-                      f"{', region' if c['region'] else ''})  device_uid={s.manifest['device_uid']}")
+                      f"{', region' if c['region'] else ''})  preprocessing={st['preprocessing']}{stale}  "
+                      f"device_uid={s.manifest['device_uid']}")
         elif args.action == "show":
             s = reg.get(args.version) if args.version else reg.current(args.kind)
             if s is None:

@@ -60,6 +60,12 @@ def test_both_kinds_are_current_and_old_registries_still_read(world: dict, tmp_p
     listing = run("models", "list", "--models", str(reg.root)).stdout.splitlines()
     assert sum(line.startswith("*") for line in listing) == 2
     assert any("kind=cxr" in line and line.startswith("*") for line in listing)
+    # the head set was made on assemble-2 volumes, which this software no longer writes; the chest set
+    # on the current radiograph version
+    ct_line = next(line for line in listing if world["ct"] in line)
+    cxr_line = next(line for line in listing if world["cxr"] in line)
+    assert "preprocessing=assemble-2 (STALE" in ct_line
+    assert "preprocessing=radiograph-1  " in cxr_line and "STALE" not in cxr_line
     # a set made before kinds existed (no "kind" in its manifest) is a head-CT set
     old = tmp_path / "old"
     shutil.copytree(reg.root / world["ct"], old / world["ct"])
