@@ -64,6 +64,7 @@ from triage.store.schema import (
     series_row,
     study_row,
 )
+from triage.store.soplock import SopLocks
 from triage.store.spool import GroupSync, Spool, fsync_file
 from triage.store.stages import StageOutputsMixin
 
@@ -88,7 +89,7 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
         self._lock = threading.RLock()  # the connection (and so every transaction)
         self._pending_lock = threading.Lock()
         self._pending: list[IndexJob] = []
-        self._sop_locks = [threading.Lock() for _ in range(64)]
+        self._sop_locks = SopLocks(self.root)  # one writer per SOP UID, across worker processes too
         self._db = sqlite3.connect(
             self.root / "state.db", isolation_level=None, check_same_thread=False, timeout=30.0
         )
@@ -121,6 +122,7 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._sop_locks.close()
         if self._dir_pool is not None:
             self._dir_pool.shutdown(wait=True)
 
@@ -233,9 +235,10 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
         if not synced:
             fsync_file(tmp_path)
         sha, size = dataset_sha256(tmp_path)
-        # Same SOP Instance UID: one at a time (duplicate decision, replacement). Different ones run
-        # their renames and directory fsyncs in parallel, which lets the filesystem batch them.
-        with self._sop_locks[hash(sop_uid) % len(self._sop_locks)]:
+        # Same SOP Instance UID: one at a time, in every worker process (duplicate decision,
+        # replacement). Different ones run their renames and directory fsyncs in parallel, which lets
+        # the filesystem batch them.
+        with self._sop_locks.hold(sop_uid):
             with self._lock:
                 old = self._db.execute(
                     "SELECT path, sha256 FROM instances WHERE sop_uid = ?", (sop_uid,)
