@@ -259,7 +259,6 @@ def dataset_cases(
 ) -> dict[str, Any]:
     """``n`` mutated instances sent raw over pynetdicom; statuses counted, and whether each failure came
     with an error comment (a refusal with a reason)."""
-    from pydicom.filereader import read_file_meta_info
     from pynetdicom import AE, _config
 
     rng = random.Random(seed)
@@ -269,7 +268,8 @@ def dataset_cases(
     previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes as they are, never decoded
     try:
-        done = 0
+        done = 0  # instances offered to the daemon (an association that died mid-batch leaves the
+        # rest of its batch for the next one: "sent" counts what was sent, not what was planned)
         while done < n:
             batch = []
             for i in range(min(per_association, n - done)):
@@ -288,6 +288,7 @@ def dataset_cases(
                 continue
             try:
                 for f in batch:
+                    done += 1
                     try:
                         rsp = assoc.send_c_store(f)
                     except (ValueError, RuntimeError, OSError):
@@ -306,12 +307,10 @@ def dataset_cases(
             finally:
                 if assoc.is_established:
                     assoc.release()
-            done += len(batch)
-            _ = read_file_meta_info  # imported for callers that check the meta
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
     return {
-        "sent": n,
+        "sent": done,
         "statuses": dict(statuses),
         "failures_without_reason": silent_failures,
         "without_status": no_status,

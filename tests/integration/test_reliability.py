@@ -130,6 +130,7 @@ def test_fuzzed_pdus_and_datasets_leave_the_daemon_serving_with_every_refusal_ex
     assert pdus["structured_total"] == 60
     sources = tools.write_ct_series(tmp_path / "ct", 3, 32, seed=11)
     datasets = fuzz.dataset_cases(rx.port, sources, 60, tmp_path / "mut", seed=2)
+    assert datasets["sent"] == 60  # every mutation offered (a dead association hands its rest on)
     assert datasets["without_status"] == 0 and datasets["failures_without_reason"] == 0, datasets
     assert rx.running
     assert tools.echo(rx.port) == 0
