@@ -15,7 +15,9 @@ The region score (:mod:`triage.model.voxelmap`) is calibrated here too, on the s
 log-ratio voxel maps give per-position statistics and leave-one-out region scores, kept as a
 content-addressed ``<models>/region/<sha256>.npz`` named in ``calibration.region``; its threshold keeps
 the specificity the global operating point has on those normals. The nightly retrain calls
-:func:`region_calibration` with its new M1 on the reference volumes.
+:func:`region_calibration` with its new M1 on the reference volumes. Chest sets get one too, by the
+radiograph form of the rule (:mod:`triage.model.radiomap`: windows as fractions of the image side, the
+image without its padding as the search mask).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from triage.config import Config
 from triage.model import labels as labels_csv
 from triage.model.calibrate import threshold_at_specificity, youden
 from triage.model.glow import Glow
+from triage.model.radiomap import FORMAT_2D, WINDOWS_SIDE, model_spacing_side
 from triage.model.registry import ModelSet, Registry, RegistryError, volume_kind, write_once
 from triage.model.score import ModelPair, pick_device
 from triage.model.voxelmap import (
@@ -98,18 +101,23 @@ def region_calibration(pair: ModelPair, volumes: list[np.ndarray], global_thresh
 
     The region threshold keeps the specificity the global threshold has on the normals' global scores
     (so "either" flags each score at the same specificity). None (logged) when there are fewer than 3
-    normals or the model is not a 3-D model on the canonical grid: the set then flags by the global
-    score alone. ``maps`` (the volumes' log-ratio maps, when the caller has them) saves a pass.
+    normals: the set then flags by the global score alone. A 3-D model gets the head-CT rule (windows in
+    mm on the canonical grid), a 2-D one the radiograph rule (:mod:`triage.model.radiomap`). ``maps``
+    (the volumes' log-ratio maps, when the caller has them) saves a pass.
     """
     shape = tuple(pair.m0.cfg.image_shape)
-    if len(volumes) < 3 or len(shape) != 3:
+    if len(volumes) < 3 or len(shape) not in (2, 3):
         log.warning("region_not_calibrated", normals=len(volumes), image_shape=list(shape))
         return None
     if maps is None:
         maps = [pair.log_likelihood_maps(v)[2].cpu().numpy() for v in volumes]
     spec = specificity_on(global_normal_scores, global_threshold)
     masks = [search_mask(v, shape) for v in volumes]
-    cal = fit_region_calibration(maps, model_spacing_mm(shape), specificity=max(spec, 1e-9), masks=masks)
+    if len(shape) == 3:
+        cal = fit_region_calibration(maps, model_spacing_mm(shape), specificity=max(spec, 1e-9), masks=masks)
+    else:
+        cal = fit_region_calibration(maps, model_spacing_side(shape), specificity=max(spec, 1e-9),
+                                     masks=masks, windows_mm=WINDOWS_SIDE, fmt=FORMAT_2D)
     if spec <= 0.0:
         cal.threshold = math.inf  # the global threshold flags every normal: so does the region's
     entry = save_region_calibration(models_root, cal)
@@ -174,12 +182,6 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
         if volume_kind(st.volume.data) != kind:
             rejected[st.study_uid] = f"not a {'chest radiograph' if kind == 'cxr' else 'head CT'}"
             continue
-        if kind == "cxr":  # no region score for radiographs (yet): the global score only
-            posteriors[st.study_uid] = float(np.subtract(*pair.log_likelihoods(st.volume.data)))
-            if lab is None or lab.get(st.study_uid, ("",))[0] == "normal":  # the nightly retrain's gate
-                references[st.study_uid] = save_reference_volume(reg.root, st.volume.data,
-                                                                 posteriors[st.study_uid])
-            continue
         is_normal = lab is None or lab.get(st.study_uid, ("",))[0] == "normal"  # the ones calibrate() keeps
         if is_normal:  # their voxel maps calibrate the region score; the global score is the maps' total
             lp0, lp1, dmap = pair.log_likelihood_maps(st.volume.data)
@@ -193,8 +195,7 @@ def create_model_set(cfg: Config, reg: Registry, m0: Path, m1: Path, data: Path,
     threshold, method, normals, details = calibrate(posteriors, lab, spec)
     log.info("calibrated", studies=len(posteriors), rejected=len(rejected), method=method,
              threshold=threshold)
-    region = (region_calibration(pair, normal_volumes, threshold, normals, reg.root, maps=normal_maps)
-              if kind == "ct" else None)
+    region = region_calibration(pair, normal_volumes, threshold, normals, reg.root, maps=normal_maps)
     provenance = {
         "m0": getattr(g0, "extra_info", {}),
         "m1": getattr(g1, "extra_info", {}),

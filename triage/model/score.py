@@ -8,7 +8,8 @@ abnormal. The likelihood alone is *not* used: it rewards simple images (paper, A
 Where: when the model set keeps a region calibration, both models' voxel maps are computed instead
 (``Glow.log_prob_map``: the same forward pass, its terms kept per location; the global score is the
 maps' total) and the most abnormal lesion-sized window of ``map0 - map1`` gives the region score, its
-percentile and its centre in patient coordinates (:mod:`triage.model.voxelmap`). ``flag_policy``
+percentile and its centre in patient coordinates (:mod:`triage.model.voxelmap`; a radiograph's: a
+point on its image, :mod:`triage.model.radiomap`). ``flag_policy``
 says which score flags: global, region, or either at its own calibrated threshold.
 
 Determinism: the flow sees the bin midpoint of each 7-bit voxel (no noise), models are in eval mode,
@@ -32,6 +33,7 @@ import torch
 from triage.assemble.radiograph import RADIOGRAPH_PREPROCESSING_VERSION
 from triage.assemble.volume import PREPROCESSING_VERSION
 from triage.model.glow import Glow, fit_to_shape
+from triage.model.radiomap import radiograph_fields
 from triage.model.registry import ModelSet, Registry, RegistryError, volume_kind
 from triage.model.results import ModelSetInfo, ScoreResult
 from triage.model.voxelmap import (
@@ -238,7 +240,7 @@ class Scorer:
                     model_version=self.info.version,
                     global_flagged=global_flag,
                     flag_policy=self.flag_policy,
-                    extra={"zero_fraction": float(np.mean(it.volume == 0))},
+                    extra={"zero_fraction": float(np.mean(it.volume == 0)), **where.pop("extra", {})},
                     warnings=[stale] if stale else [],
                     **where,
                 )
@@ -262,6 +264,9 @@ class Scorer:
             "region_window_mm": region.window_mm,
             "flagged": flagged[self.flag_policy],
         }
+        if len(self.pair.m0.cfg.image_shape) == 2:  # a radiograph: a point on its image (radiomap)
+            return out | radiograph_fields(region.index_zyx[1:], region.window_mm, region.zmap,
+                                           self.pair.m0.cfg.image_shape, metadata)
         canon = model_index_to_canonical(region.index_zyx, self.pair.m0.cfg.image_shape)
         if metadata and metadata.get("grid"):
             centre = grid_index_to_patient(metadata["grid"], canon)

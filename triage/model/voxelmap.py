@@ -39,6 +39,11 @@ The region score, a rule fixed in advance (no value in it is fitted to any kind 
    the threshold keeps the same specificity as the global operating point.
 
 Everything here is label-free: the normals calibrate, nothing is fitted to any kind of lesion.
+
+Chest radiographs (2-D models) follow the same rule with their own windows, search mask and location
+(:mod:`triage.model.radiomap`, format ``glowtriage.region-2d/1``): windows as fractions of the canonical
+image side instead of millimetres, the image without its padding instead of the cranial cavity, and a
+point on the source image instead of patient coordinates.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from torch import Tensor
 
 from triage.assemble.common import PIXEL_MM, SLICE_MM, TARGET_SHAPE
 from triage.model.calibrate import threshold_at_specificity
+from triage.model.radiomap import FORMAT_2D, content_mask
 from triage.model.registry import write_once
 from triage.ops.logs import get_logger
 
@@ -134,8 +140,8 @@ def search_mask(volume: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
     of the skull only where its edge lies, which differs from head to head; searched, the skull held
     65 % of the region centres of a whole test set (normal and abnormal alike) on 2026-11-30. No
     closed ring anywhere (phantoms, craniectomy, tiny test grids): the tissue (grey >
-    ``TISSUE_GREY``), and when that is empty too, everything. A 2-D image (radiograph) is searched
-    everywhere."""
+    ``TISSUE_GREY``), and when that is empty too, everything. A 2-D image (radiograph): the image
+    without its padding (:func:`triage.model.radiomap.content_mask`)."""
     from scipy import ndimage
 
     shape = tuple(int(v) for v in image_shape)
@@ -145,7 +151,7 @@ def search_mask(volume: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
         v = v.reshape(*[x for t, k in zip(shape, f, strict=True) for x in (t, k)]).mean(
             axis=tuple(range(1, 2 * len(shape), 2)))
     if len(shape) != 3:
-        return np.ones(shape, dtype=bool)
+        return content_mask(volume, shape)
     ring = ndimage.generate_binary_structure(2, 1)
     bone = v >= BONE_GREY
     mask = np.zeros(shape, dtype=bool)
@@ -175,6 +181,13 @@ class RegionCalibration:
     normal_scores: list[float]  # sorted
     threshold: float
     specificity: float
+    # FORMAT (3-D, windows and spacing in mm) or FORMAT_2D (radiographs: both as fractions of the
+    # canonical image side, triage.model.radiomap)
+    format: str = FORMAT
+
+    @property
+    def is_2d(self) -> bool:
+        return self.format == FORMAT_2D
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -187,7 +200,7 @@ class RegionCalibration:
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         np.savez_compressed(
-            buf, format=np.array(FORMAT), windows_mm=np.asarray(self.windows_mm, dtype=float),
+            buf, format=np.array(self.format), windows_mm=np.asarray(self.windows_mm, dtype=float),
             spacing_mm=np.asarray(self.spacing_mm, dtype=float), mean=self.mean.astype(np.float32),
             sd=self.sd.astype(np.float32), min_mean=np.asarray(self.min_mean, dtype=float),
             min_sd=np.asarray(self.min_sd, dtype=float),
@@ -201,15 +214,16 @@ class RegionCalibration:
     def from_bytes(cls, raw: bytes) -> RegionCalibration:
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             fmt = str(z["format"])
-            if fmt != FORMAT:
-                raise RegionFormatError(f"region calibration format {fmt!r}, this version reads {FORMAT!r}")
+            if fmt not in (FORMAT, FORMAT_2D):
+                raise RegionFormatError(f"region calibration format {fmt!r}, this version reads {FORMAT!r} "
+                                        f"and {FORMAT_2D!r}")
             return cls(
                 windows_mm=tuple(float(v) for v in z["windows_mm"]),
                 spacing_mm=tuple(float(v) for v in z["spacing_mm"]),
                 mean=z["mean"].astype(np.float32), sd=z["sd"].astype(np.float32),
                 min_mean=z["min_mean"].astype(float), min_sd=z["min_sd"].astype(float),
                 normal_scores=sorted(float(v) for v in z["normal_scores"]),
-                threshold=float(z["threshold"]), specificity=float(z["specificity"]),
+                threshold=float(z["threshold"]), specificity=float(z["specificity"]), format=fmt,
             )
 
     def sha256(self) -> str:
@@ -217,6 +231,17 @@ class RegionCalibration:
 
     def summary(self) -> dict[str, Any]:
         """What the manifest says about it (the arrays live in the .npz)."""
+        if self.is_2d:
+            return {"format": self.format, "windows_side": list(self.windows_mm),
+                    "spacing_side": list(self.spacing_mm), "levels": self.levels,
+                    "threshold": _num(self.threshold), "specificity": self.specificity,
+                    "normal_scores": list(self.normal_scores), "sd_floor": SD_FLOOR,
+                    "minima_mean": [float(v) for v in self.min_mean],
+                    "minima_sd": [float(v) for v in self.min_sd],
+                    "method": "per level standardized window means (windows as fractions of the canonical "
+                              "image side), summed over levels; minimum inside the image without its "
+                              "padding per window size, standardized by the normals' minima; most negative "
+                              "size"}
         return {"format": FORMAT, "windows_mm": list(self.windows_mm), "spacing_mm": list(self.spacing_mm),
                 "levels": self.levels, "threshold": _num(self.threshold), "specificity": self.specificity,
                 "normal_scores": list(self.normal_scores), "sd_floor": SD_FLOOR,
@@ -301,11 +326,13 @@ def _region_of(z: Tensor, mask: Tensor, t_s: Tensor, windows_mm: Sequence[float]
 def fit_region_calibration(
     maps: Sequence[np.ndarray] | np.ndarray, spacing_mm: Sequence[float], *, specificity: float,
     masks: Sequence[np.ndarray | None] | None = None, windows_mm: Sequence[float] = WINDOWS_MM,
+    fmt: str = FORMAT,
 ) -> RegionCalibration:
     """Per-position, per-level statistics of the calibration normals' log-ratio maps (each (L, *spatial)
     or (*spatial)), the statistics of their (leave-one-out) minima inside ``masks`` (their
     :func:`search_mask`; None: everywhere), and their leave-one-out region scores. Needs at least 3
-    normals (a leave-one-out s.d. of 2)."""
+    normals (a leave-one-out s.d. of 2). ``fmt``: FORMAT_2D for a radiograph set, whose ``windows_mm``
+    and ``spacing_mm`` are fractions of the canonical image side (:mod:`triage.model.radiomap`)."""
     nd = len(spacing_mm)
     d = torch.stack([as_levels(np.asarray(m, dtype=np.float64), nd) for m in maps])  # (n, L, *spatial)
     n = d.shape[0]
@@ -340,7 +367,7 @@ def fit_region_calibration(
         mean=torch.stack(means).float().numpy(), sd=torch.stack(sds).float().numpy(),
         min_mean=minima.mean(1).numpy(), min_sd=minima.std(1).clamp_min(1e-12).numpy(),
         normal_scores=scores, threshold=threshold_at_specificity(scores, specificity),
-        specificity=float(specificity),
+        specificity=float(specificity), format=fmt,
     )
 
 
