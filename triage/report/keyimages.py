@@ -13,14 +13,22 @@ patient coordinates by its slice's ImagePositionPatient / ImageOrientationPatien
 through the canonical grid (``grid``: origin, spacing, direction) to the model grid, and sampled there
 (trilinear). So the overlay sits where the map is, whatever the source geometry (tilt, field of view).
 
+A chest radiograph (``region_map["kind"] == "cxr"``) gets one key image: the scored frontal image
+itself (displayed values: modality and VOI LUT, MONOCHROME1 inverted, its 1st-99th percentiles as the
+grey range), block-averaged to at most ``MAX_SIDE`` pixels on its longer side, the map sampled at each
+pixel through the canonical image's content box (:mod:`triage.model.radiomap`) and the ring around the
+region's centre, whose place on the image is ``region_center_mm`` divided by the image's pixel spacing.
+
 Determinism: the caller supplies every UID and the content date/time; nothing reads the clock.
 Nothing here logs patient data.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +37,10 @@ from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, TM
 from scipy.ndimage import map_coordinates
 
-from triage.assemble.common import TARGET_SHAPE
+from triage.assemble.common import TARGET_SHAPE, VolumeError
+from triage.assemble.radiograph import _spacing as radiograph_spacing  # the spacing the assembly honoured
+from triage.assemble.radiograph import displayed_values
+from triage.model.radiomap import source_to_model_index
 from triage.model.results import ModelSetInfo, ScoreResult
 from triage.report.codes import ReportError, check_uid
 
@@ -41,6 +52,7 @@ Z_FULL = 6.0  # full colour at 6 s.d.
 ALPHA_MAX = 0.6
 WINDOW_CENTER, WINDOW_WIDTH = 40.0, 80.0
 MAX_SLICES = 5
+MAX_SIDE = 1024  # a radiograph key image's longer side at most (a 3000-pixel RGB image is 27 MB)
 
 
 def _slice_frame(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
@@ -69,11 +81,13 @@ def sample_map_on_slice(ds: Dataset, zmap: np.ndarray, grid: dict[str, Any]) -> 
     return vals.reshape(rows, cols)
 
 
-def overlay_rgb(hu: np.ndarray, z: np.ndarray, ring: tuple[float, float, float] | None = None) -> np.ndarray:
+def overlay_rgb(hu: np.ndarray, z: np.ndarray, ring: tuple[float, float, float] | None = None,
+                window: tuple[float, float] = (WINDOW_CENTER, WINDOW_WIDTH)) -> np.ndarray:
     """Brain-windowed grey image with the negative part of the z-map blended in (uint8 RGB, rows x
-    cols x 3); ``ring`` = (row, col, radius in pixels) draws a cyan ring around the region's centre."""
-    lo = WINDOW_CENTER - WINDOW_WIDTH / 2
-    grey = np.clip((hu - lo) / WINDOW_WIDTH, 0.0, 1.0)
+    cols x 3); ``ring`` = (row, col, radius in pixels) draws a cyan ring around the region's centre.
+    ``window`` (centre, width) of ``hu``: the brain window for CT, (0.5, 1) for a grey range 0..1."""
+    lo = window[0] - window[1] / 2
+    grey = np.clip((hu - lo) / window[1], 0.0, 1.0)
     rgb = np.repeat(grey[..., None], 3, axis=2)
     strength = np.clip((-z - Z_SHOW) / (Z_FULL - Z_SHOW), 0.0, 1.0)
     alpha = np.where(-z > Z_SHOW, 0.25 + (ALPHA_MAX - 0.25) * strength, 0.0)[..., None]
@@ -108,7 +122,12 @@ def _hu(ds: Dataset) -> np.ndarray:
 
 def choose_slices(source: Sequence[Dataset], centre_mm: Sequence[float], window_mm: float) -> list[Dataset]:
     """The source slices whose planes lie within half a window of the region's centre (at least the
-    nearest one, at most MAX_SLICES, nearest first then in z order)."""
+    nearest one, at most MAX_SLICES, nearest first then in z order). Radiographs (images without a
+    patient plane, ImageOrientationPatient) are all kept, up to MAX_SLICES: the region is on the scored
+    image, which :func:`build_key_images` picks by ``region_sop_instance_uid``."""
+    flat = [ds for ds in source if "ImageOrientationPatient" not in ds]
+    if flat:
+        return flat[:MAX_SLICES]
     planes = []
     c = np.asarray(centre_mm, dtype=float)
     for ds in source:
@@ -139,6 +158,14 @@ def build_key_images(
     if result.region_center_mm is None or result.region_window_mm is None:
         return []
     check_uid(series_instance_uid, "series_instance_uid")
+    if region_map.get("kind") == "cxr":
+        image = next((ds for ds in source if str(ds.SOPInstanceUID) == result.region_sop_instance_uid), None)
+        if image is None:
+            return []
+        sc = _radiograph_key_image(result, image, region_map, model, series_instance_uid=series_instance_uid,
+                                   sop_instance_uid=sop_instance_uid(1), series_number=series_number)
+        _finish(sc, image, result, model, content_datetime, "radiograph")
+        return [sc]
     zmap = np.asarray(region_map["zmap"], dtype=np.float64)
     centre = np.asarray(result.region_center_mm, dtype=float)
     picked = choose_slices(source, centre, float(result.region_window_mm))
@@ -166,23 +193,87 @@ def build_key_images(
             patient_orientation=_patient_orientation(row_dir, col_dir),
             transfer_syntax_uid="1.2.840.10008.1.2.1",
         )
-        when = content_datetime
-        sc.SeriesDescription = KEY_IMAGES_DESCRIPTION
-        sc.ImageType = ["DERIVED", "SECONDARY"]
-        sc.ConversionType = "WSD"
-        sc.ContentDate, sc.ContentTime = DA(when.date()), TM(when.time())
-        sc.SeriesDate, sc.SeriesTime = DA(when.date()), TM(when.time())
-        sc.InstanceCreationDate, sc.InstanceCreationTime = DA(when.date()), TM(when.time())
-        sc.DerivationDescription = (
-            f"Source CT slice with the glowtriage region map (model set {model.version}): colour where a "
-            f"{result.region_window_mm:g} mm window is more than {Z_SHOW:g} normal s.d. below normal"
-        )[:1024]
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = ds.SOPClassUID
-        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        sc.SourceImageSequence = [ref]
-        sc.BurnedInAnnotation = "NO"
-        if "Laterality" not in sc and "ImageLaterality" not in sc:
-            sc.Laterality = ""  # General Series type 2C: empty, the head is not a paired structure
+        _finish(sc, ds, result, model, content_datetime, "CT slice")
         out.append(sc)
     return out
+
+
+def _finish(sc: Dataset, ds: Dataset, result: ScoreResult, model: ModelSetInfo, when: datetime,
+            what: str) -> None:
+    """The attributes every key image shares: series description, derivation, dates, the source."""
+    sc.SeriesDescription = KEY_IMAGES_DESCRIPTION
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ConversionType = "WSD"
+    sc.ContentDate, sc.ContentTime = DA(when.date()), TM(when.time())
+    sc.SeriesDate, sc.SeriesTime = DA(when.date()), TM(when.time())
+    sc.InstanceCreationDate, sc.InstanceCreationTime = DA(when.date()), TM(when.time())
+    sc.DerivationDescription = (
+        f"Source {what} with the glowtriage region map (model set {model.version}): colour where a "
+        f"{result.region_window_mm:g} mm window is more than {Z_SHOW:g} normal s.d. below normal"
+    )[:1024]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = ds.SOPClassUID
+    ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
+    sc.BurnedInAnnotation = "NO"
+    if "Laterality" not in sc and "ImageLaterality" not in sc:
+        sc.Laterality = ""  # General Series type 2C: empty, neither the head nor the chest is paired
+
+
+_ORIENTATION_LETTERS = set("APRLHF")
+
+
+def _radiograph_orientation(ds: Dataset) -> tuple[str, str]:
+    """The source's Patient Orientation when it is a valid pair, else a frontal chest as displayed
+    (rows toward the patient's left, columns toward the feet)."""
+    po = ds.get("PatientOrientation")
+    try:
+        if po is not None and len(po) == 2 and all(str(v) and set(str(v)) <= _ORIENTATION_LETTERS
+                                                   for v in po):
+            return str(po[0]), str(po[1])
+    except TypeError:
+        pass
+    return "L", "F"
+
+
+def _radiograph_key_image(result: ScoreResult, ds: Dataset, region_map: dict[str, Any], model: ModelSetInfo,
+                          *, series_instance_uid: str, sop_instance_uid: str, series_number: int) -> Dataset:
+    """One SC image: the scored radiograph (reduced to MAX_SIDE) with the map and the region's ring."""
+    if "PixelData" not in ds:
+        raise ReportError(f"study {result.study_uid}: key images need the source pixels "
+                          f"(instance {ds.SOPInstanceUID} was read without them)")
+    geometry = region_map.get("geometry")
+    if not geometry:
+        raise ReportError(f"study {result.study_uid}: the region map keeps no image geometry")
+    try:
+        values = displayed_values(ds, Path(str(ds.SOPInstanceUID)))
+    except VolumeError as exc:
+        raise ReportError(f"study {result.study_uid}: key image: {exc.reason}") from None
+    rows, cols = values.shape
+    if [rows, cols] != [int(v) for v in geometry["source_shape"]]:
+        raise ReportError(f"study {result.study_uid}: image {ds.SOPInstanceUID} is {rows}x{cols}, the region "
+                          f"was found on a {geometry['source_shape']} image")
+    k = max(1, math.ceil(max(rows, cols) / MAX_SIDE))
+    padded = np.pad(values, ((0, -rows % k), (0, -cols % k)), mode="edge")
+    small = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k).mean(axis=(1, 3))
+    lo, hi = np.percentile(values, [1.0, 99.0])
+    grey = (small - lo) / max(float(hi - lo), 1e-9)
+    rr, cc = np.meshgrid(np.arange(small.shape[0]) * k + (k - 1) / 2.0,
+                         np.arange(small.shape[1]) * k + (k - 1) / 2.0, indexing="ij")
+    zmap = np.asarray(region_map["zmap"], dtype=np.float64)
+    mr, mc = source_to_model_index(rr, cc, geometry, zmap.shape)
+    z = map_coordinates(zmap, [mr.ravel(), mc.ravel()], order=1, mode="constant", cval=0.0)
+    z = z.reshape(small.shape)
+    dr, dc = radiograph_spacing(ds)
+    assert result.region_center_mm is not None and result.region_window_mm is not None
+    col, row = result.region_center_mm[0] / dc, result.region_center_mm[1] / dr  # SCOORD: corner origin
+    ring = (row / k - 0.5, col / k - 0.5, float(result.region_window_mm) / 2 / (dc * k))
+    rgb = overlay_rgb(grey, z, ring, window=(0.5, 1.0))
+    check_uid(sop_instance_uid, "sop_instance_uid")
+    return SCImage.from_ref_dataset(
+        ref_dataset=ds, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", series_instance_uid=series_instance_uid, series_number=series_number,
+        sop_instance_uid=sop_instance_uid, instance_number=1, manufacturer=model.manufacturer,
+        pixel_spacing=(dr * k, dc * k), patient_orientation=_radiograph_orientation(ds),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )

@@ -33,14 +33,18 @@ from highdicom.sr import (
     Comprehensive3DSR,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
+    GraphicTypeValues,
+    ImageRegion,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     SourceImageForSegmentation,
     TrackingIdentifier,
     VolumeSurface,
@@ -51,6 +55,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM
 
+from triage.assemble.radiograph import _spacing as radiograph_spacing  # the spacing the assembly honoured
 from triage.model.registry import UID_PREFIX
 from triage.model.results import ModelSetInfo, ScoreResult
 from triage.report.codes import (
@@ -78,6 +83,7 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SERIES_DESCRIPTION = "AI triage aid (not a diagnosis): head CT normality"
 TRACKING_IDENTIFIER = "head CT triage"
 REGION_TRACKING_IDENTIFIER = "head CT triage: most abnormal region"
+CXR_REGION_TRACKING_IDENTIFIER = "chest radiograph triage: most abnormal region"
 # The region score (triage.model.voxelmap): the most abnormal lesion-sized window of the voxel map of
 # log p(normal|x), in normal-study standard deviations; private code like the other flow concepts.
 REGION_SCORE = CodedConcept("REGION", SCHEME, "Region score, most abnormal window of log p(normal|x)")
@@ -196,19 +202,13 @@ def _measurements(result: ScoreResult) -> list[Measurement]:
     return items
 
 
-def _region_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetInfo, sop_instance_uid: str,
-                  key_images: Sequence[Dataset]) -> VolumetricROIMeasurementsAndQualitativeEvaluations | None:
-    """TID 1411 group for the region: its score, percentile and threshold (the score referencing the
-    key images), a SCOORD3D point at its centre in the source's frame of reference, referencing the
-    source slice nearest to it, and its own normality call. None without a located region or a
-    frame of reference to put the point in."""
-    centre = result.region_center_mm
-    frame = str(ordered[0].get("FrameOfReferenceUID", "") or "")
-    if result.region_score is None or centre is None or not frame:
-        return None
+_VolumeGroup = VolumetricROIMeasurementsAndQualitativeEvaluations  # TID 1411 (head CT)
+_PlanarGroup = PlanarROIMeasurementsAndQualitativeEvaluations  # TID 1410 (a radiograph)
+
+
+def _region_measurements(result: ScoreResult, key_images: Sequence[Dataset]) -> list[Measurement]:
+    """The region's score (referencing the key images), threshold and percentile."""
     uid = result.study_uid
-    nearest = next((ds for ds in ordered if str(ds.SOPInstanceUID) == result.region_sop_instance_uid),
-                   ordered[0])
     refs = [SourceImageForMeasurement.from_source_image(ds) for ds in key_images]
     items = [Measurement(REGION_SCORE, finite(result.region_score, "region_score", uid), STANDARD_DEVIATIONS,
                          referenced_images=refs or None)]
@@ -216,6 +216,56 @@ def _region_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetIn
         items.append(Measurement(THRESHOLD, float(result.region_threshold), STANDARD_DEVIATIONS))
     if result.region_percentile is not None and math.isfinite(result.region_percentile):
         items.append(Measurement(PERCENTILE, float(result.region_percentile), PERCENT))
+    return items
+
+
+def _image_region_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetInfo,
+                        sop_instance_uid: str, key_images: Sequence[Dataset]) -> _PlanarGroup | None:
+    """TID 1410 group for a radiograph's region: the same measurements as the CT group, the region's
+    centre as an SCOORD POINT on the scored image (a projection has no patient point: the radiograph
+    form of ``region_center_mm`` is [x, y] mm from the image's top-left corner, so the pixel
+    (column, row) is that over the image's pixel spacing). None when the scored image is not among the
+    sources."""
+    uid = result.study_uid
+    image = next((ds for ds in ordered if str(ds.SOPInstanceUID) == result.region_sop_instance_uid), None)
+    if image is None or result.region_center_mm is None:
+        return None
+    dr, dc = radiograph_spacing(image)
+    x, y = (finite(v, "region_center_mm", uid) for v in result.region_center_mm)
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=generate_uid(prefix=UID_PREFIX,
+                             entropy_srcs=["glowtriage-region-tracking", sop_instance_uid]),
+            identifier=CXR_REGION_TRACKING_IDENTIFIER,
+        ),
+        referenced_region=ImageRegion(
+            graphic_type=GraphicTypeValues.POINT, graphic_data=np.asarray([[x / dc, y / dr]], dtype=float),
+            source_image=SourceImageForRegion.from_source_image(image),
+        ),
+        algorithm_id=_algorithm(model),
+        finding_sites=[FindingSite(_site(model))],
+        measurements=_region_measurements(result, key_images),
+        qualitative_evaluations=[
+            QualitativeEvaluation(NORMALITY, ABNORMAL if result.region_flagged else NORMAL)],
+    )
+
+
+def _region_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetInfo, sop_instance_uid: str,
+                  key_images: Sequence[Dataset]) -> _VolumeGroup | _PlanarGroup | None:
+    """TID 1411 group for the region: its score, percentile and threshold (the score referencing the
+    key images), a SCOORD3D point at its centre in the source's frame of reference, referencing the
+    source slice nearest to it, and its own normality call. None without a located region or a
+    frame of reference to put the point in. A chest radiograph's region: :func:`_image_region_group`."""
+    centre = result.region_center_mm
+    if result.region_score is not None and centre is not None and model.kind == "cxr":
+        return _image_region_group(result, ordered, model, sop_instance_uid, key_images)
+    frame = str(ordered[0].get("FrameOfReferenceUID", "") or "")
+    if result.region_score is None or centre is None or not frame:
+        return None
+    uid = result.study_uid
+    nearest = next((ds for ds in ordered if str(ds.SOPInstanceUID) == result.region_sop_instance_uid),
+                   ordered[0])
+    items = _region_measurements(result, key_images)
     point = [finite(v, "region_center_mm", uid) for v in centre]
     return VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
@@ -275,7 +325,8 @@ def build_sr(
     never the definitive report.
 
     With a region score (``result.region_*``), a second group (TID 1411) gives the region's score,
-    threshold and percentile, a SCOORD3D point at its centre and the source slice nearest to it;
+    threshold and percentile, a SCOORD3D point at its centre and the source slice nearest to it (a
+    chest radiograph: TID 1410, an SCOORD point on the scored image);
     ``key_images`` (``triage.report.keyimages``, same study) are referenced from its score and listed
     in the evidence.
 
