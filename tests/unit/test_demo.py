@@ -108,24 +108,28 @@ def test_quick_chest_demo_sends_radiographs_through_the_chest_set_and_reuses_its
     out = first.stdout
     n_test = CXR_QUICK.test_normal + CXR_QUICK.test_abnormal
     assert "synthetic chest radiographs, CR and DX" in out and "(preset test-tiny-2d, --quick)" in out
-    assert "region score: none for chest radiograph sets yet" in out
+    assert "region score: flag when" in out and "1/32, 1/16, 1/8, 1/4 of the image side" in out
     truth_file = tmp_path / "demo-out-cxr/data/test/truth.jsonl"
     truth = [json.loads(x) for x in truth_file.read_text().splitlines()]
     names = {Path(t["study_dir"]).name: t for t in truth}
     assert all(t["kind"] == "cxr" for t in truth)
-    # no region score for a chest set: its columns (score, percentile, centre) are "-"
-    row = r"^\s+(\d+)\s+(study_\d{4})\s+(-?[0-9.]+)\s+(\d+)\s+-\s+-\s+(FLAG|-)\s+(global|-)\s+-\s+(\S+)"
+    # a chest set has a region score too (triage.model.radiomap): its centre is a point on the image
+    row = (r"^\s+(\d+)\s+(study_\d{4})\s+(-?[0-9.]+)\s+(\d+)\s+(-?[0-9.]+)\s+(\d+)\s+(FLAG|-)\s+"
+           r"(global|region|both|-)\s+(\(-?\d+,-?\d+\))\s+(\S+)")
     table = re.findall(row, out, re.M)
     assert sorted(r[1] for r in table) == sorted(names), out
-    for _rank, name, _score, _pct, _flag, _by, label in table:
+    for _rank, name, _score, _pct, _region, _rpct, flag, by, _centre, label in table:
         assert label.startswith(names[name]["lesion"] or "normal")
+        assert (flag == "FLAG") == (by != "-")
     auc = r"(0|1)\.\d{3}"
-    assert re.search(rf"on these {n_test} studies .*: log p\(normal\|x\) {auc}; region score n/a", out)
+    assert re.search(rf"on these {n_test} studies .*: log p\(normal\|x\) {auc}; region score {auc}", out)
     assert f"SRs: {n_test} of {n_test} studies" in out and f"HL7: {n_test} ORU^R01 acknowledged" in out
     summary = json.loads((tmp_path / "demo-out-cxr/demo.json").read_text())
     assert summary["plan"]["kind"] == "cxr" and summary["plan"]["preset"] == "test-tiny-2d"
     assert len(summary["rows"]) == n_test and all(r["state"] == "sent" for r in summary["rows"])
-    assert all(r["region_score"] is None for r in summary["rows"])
+    for r in summary["rows"]:
+        assert r["region_score"] is not None and len(r["region_center_mm"]) == 2  # [x, y] mm on the image
+        assert r["region_sop_instance_uid"] and bool(r["key_images"]) == r["flagged"], r
     reg = Registry(tmp_path / "demo-out-cxr/var/models")
     assert reg.current("cxr").version == summary["model_set"] and reg.current() is None  # chest set only
     srs = sorted((tmp_path / "demo-out-cxr/var/results").glob("*/sr-*.dcm"))

@@ -184,13 +184,12 @@ def run(args: argparse.Namespace) -> int:
     region = ms.manifest["calibration"].get("region")
     if region:
         thr = "(infinite threshold)" if region["threshold"] is None else f"< {region['threshold']:.2f}"
-        wins = "/".join(f"{w:.0f}" for w in region["windows_mm"])
+        wins = ("/".join(f"{w:.0f}" for w in region["windows_mm"]) + " mm" if "windows_mm" in region
+                else ", ".join(f"1/{1 / w:.0f}" for w in region["windows_side"]) + " of the image side")
         say(
-            f"  region score: flag when {thr} (normal s.d., windows {wins} mm; same "
+            f"  region score: flag when {thr} (normal s.d., windows {wins}; same "
             f"specificity on the calibration normals); flag_policy {dc.cfg.settings.scoring.flag_policy}"
         )
-    elif plan.kind != "ct":
-        say("  region score: none for chest radiograph sets yet: the global score flags alone")
     else:
         say("  region score: not calibrated (needs >= 3 calibration normals): the global score flags alone")
     _print_config(dc, out)

@@ -146,9 +146,9 @@ def install_model_set(cfg: Any, m0: Path, m1: Path, calibration: Path, plan: Pla
         and cur.manifest["m1_sha256"] == sha256_file(m1)
         and cur.manifest["operating_point"]["method"] == want_method
         and cur.manifest["provenance"]["calibration"]["data"] == str(calibration)
-        # a head-CT set made before the region score existed is redone, so the demo shows it
-        and (plan.calibration < MIN_REGION_NORMALS or plan.kind != "ct"
-             or "region" in cur.manifest["calibration"])
+        # a set made before the region score existed (head CT, or chest before 2026-11-30) is redone,
+        # so the demo shows it
+        and (plan.calibration < MIN_REGION_NORMALS or "region" in cur.manifest["calibration"])
     ):
         say(f"  reusing model set {cur.version}")
         return cur
