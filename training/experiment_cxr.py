@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = CxrPlan(a.preset, a.normal_train, a.mixture_train, a.test, a.steps, a.branch_steps, 0.2, a.seed,
                    a.synth_scale, a.bootstrap)  # fmt: skip
     if a.quick:
-        plan = CxrPlan("test-tiny-2d", 10, 10, 10, 20, 10, 0.2, a.seed, 8.0, 200)
+        plan = CxrPlan("test-tiny-2d", 15, 10, 10, 20, 10, 0.2, a.seed, 8.0, 200)  # 3 region normals
     if a.reuse is not None:
         if a.reuse.resolve() == a.out.resolve():
             raise SystemExit("--reuse DIR must differ from --out (the earlier run is only read)")
