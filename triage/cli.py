@@ -80,7 +80,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             row = res.to_json()
             # assembly's (content vs headers, resampling, sharp kernel), then the scorer's (a set made on
             # volumes of another preprocessing version)
-            row["warnings"] = [*st.warnings, *res.warnings]
+            row["warnings"] = list(dict.fromkeys([*st.warnings, *res.warnings]))
             row["selection"] = st.selection  # the chosen series and the rule it won by
             if args.save_volumes:
                 from triage.assemble.volume import save_volume

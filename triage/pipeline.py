@@ -104,10 +104,13 @@ def _assemble_study(store: Store, cfg: Config, study_uid: str, all_series: list)
     save_volume(vol, out)
     if not store.set_series_state(uid, "assembled", expected_generation=gen):
         return  # re-opened meanwhile: a newer assembly will follow
-    store.record_assembly(study_uid, uid, gen, out, complete_at=complete_at, warnings=vol.warnings)
+    # the selection's warnings (main orientation group, view chosen by content) and the volume's, once
+    # each: what `triage score` reports for the same study, and what the SR carries
+    warnings = list(dict.fromkeys([*sel.warnings, *vol.warnings]))
+    store.record_assembly(study_uid, uid, gen, out, complete_at=complete_at, warnings=warnings)
     METRICS.series_assembled()
     log.info("study_assembled", study_uid=study_uid, series_uid=uid, generation=gen,
-             coverage_mm=round(vol.coverage_mm, 1), warnings=[*sel.warnings, *vol.warnings])
+             coverage_mm=round(vol.coverage_mm, 1), warnings=warnings)
 
 
 # ------------------------------------------------------------------------------------------ score
@@ -139,7 +142,7 @@ def score_assembled(store: Store, scorer: Scorer | Scorers, limit: int = 16) -> 
     for (asm, item), res in zip(items, results, strict=True):
         if res.region_map is not None and res.flagged:  # for the key images of the report stage
             _save_region_map(store, res, asm.generation, item.metadata)
-        warnings = [*asm.warnings, *res.warnings]  # assembly's, then the scorer's (another preprocessing)
+        warnings = list(dict.fromkeys([*asm.warnings, *res.warnings]))  # assembly's, then the scorer's
         store.record_score(res.study_uid, asm.generation, {**res.to_json(), "warnings": warnings})
         METRICS.study_scored(res.log_posterior, res.flagged, scorer.last_inference_s, scorer.device.type,
                              kind=volume_kind(item.volume))

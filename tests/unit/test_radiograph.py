@@ -39,7 +39,8 @@ def _assemble(folder: Path) -> tuple:  # (series, SelectionResult, AssembledVolu
 
 @pytest.mark.parametrize("vi", range(len(CXR_VENDORS)))
 def test_every_vendor_gives_the_frontal_canonical_image(tmp_path: Path, vi: int) -> None:
-    series, sel, vol = _assemble(_study(tmp_path, vi))
+    folder = _study(tmp_path, vi)
+    series, sel, vol = _assemble(folder)
     assert study_kind(series) == "cxr"
     assert vol is not None and sel.chosen == vol.series_uid
     assert vol.data.shape == RADIOGRAPH_SHAPE and vol.data.dtype == np.uint8 and int(vol.data.max()) == 127
@@ -50,6 +51,9 @@ def test_every_vendor_gives_the_frontal_canonical_image(tmp_path: Path, vi: int)
         assert len(sel.skipped) == 1
     if not CXR_VENDORS[vi].view_position:
         assert any("by image content" in w for w in vol.warnings)
+    (st,) = folder_studies([folder], AssemblySettings())  # what `triage score` reports: each warning once
+    assert len(st.warnings) == len(set(st.warnings))
+    assert sum("by image content" in w for w in st.warnings) == (0 if CXR_VENDORS[vi].view_position else 1)
 
 
 def test_monochrome1_is_inverted_to_the_same_image(tmp_path: Path) -> None:

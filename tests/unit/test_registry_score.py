@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from pathlib import Path
@@ -166,6 +167,17 @@ def test_a_volume_of_another_preprocessing_version_is_scored_with_a_warning(tmp_
     assert "this volume is assemble-99" in other.warnings[0]
     assert other.to_json()["warnings"] == other.warnings
     assert other.log_posterior == same.log_posterior  # a warning, not another score
+
+
+def test_a_non_finite_region_threshold_is_null_in_the_json() -> None:
+    # the global operating point flagged every calibration normal: the region threshold is +inf
+    from triage.model.results import ScoreResult
+
+    r = ScoreResult("1.2.3", "1.2.3.1", -1.0, 0.0, -1.0, 0.0, True, 0.0, "v", region_score=-2.5,
+                    region_threshold=math.inf, region_flagged=True)
+    out = r.to_json()
+    assert out["region_threshold"] is None and out["region_score"] == -2.5
+    json.dumps(out, allow_nan=False)  # strict JSON, as SQLite's json functions read it
 
 
 def test_percentile() -> None:

@@ -83,5 +83,5 @@ def folder_studies(paths: Sequence[str | Path], rules: AssemblySettings) -> Iter
         if vol is None or sel.chosen is None:
             yield FolderStudy(study_uid, None, None, sel.reason or "no usable series")
         else:
-            warnings = [*sel.warnings, *vol.warnings]
+            warnings = list(dict.fromkeys([*sel.warnings, *vol.warnings]))  # one line per warning
             yield FolderStudy(study_uid, sel.chosen, vol, warnings=warnings, selection=sel.why)

@@ -5,6 +5,7 @@ Kept apart so that registry and score do not import each other.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,7 +47,9 @@ class ScoreResult:
     region_threshold: float | None = None
     region_flagged: bool | None = None  # region_score < region_threshold
     region_window_mm: float | None = None  # side of the winning window
-    region_center_mm: list[float] | None = None  # [x, y, z] patient LPS mm of the window's centre
+    # head CT: [x, y, z] patient LPS mm of the window's centre; radiograph: [x, y] mm on the image from
+    # its top-left corner (triage.model.radiomap)
+    region_center_mm: list[float] | None = None
     region_sop_instance_uid: str | None = None  # the source slice nearest to that centre
     global_flagged: bool | None = None  # log_posterior < threshold, whatever the policy
     flag_policy: str = "global"  # which of the two decided ``flagged``: global, region or either
@@ -59,8 +62,11 @@ class ScoreResult:
     region_map: Any = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON fields; a non-finite number becomes null. Why: a region threshold is +inf when the
+        global operating point flags every calibration normal, and JSON has no Infinity (Python writes
+        it anyway, and SQLite's JSON functions, ``triage status`` among their users, reject the row)."""
         d = asdict(self)
         d.pop("extra")
         d.pop("region_map")
         d.update(self.extra)
-        return d
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in d.items()}
