@@ -83,6 +83,17 @@ def test_writes_scores_report_and_experiment_json(done, capsys: pytest.CaptureFi
     assert "posterior AUC" in text and "likelihood AUC" in text and "seconds per volume" in text
 
 
+def test_every_set_is_drawn_from_the_protocol_mix_by_default(done) -> None:
+    out, exp, _ = done
+    assert exp["plan"]["protocol_mix"] is True
+    for which in ex.SETS:
+        params = json.loads((out / "data" / which / ex.DONE).read_text())
+        assert params["protocol_mix"]["two_stack_fraction"] == ex.PROTOCOL_MIX["two_stack_fraction"]
+        assert params["protocol_mix"]["tilt_range_deg"] == list(ex.PROTOCOL_MIX["tilt_range_deg"])
+    off = ex.plan_from_args(ex._parser().parse_args(["--out", "x", "--no-protocol-mix"]))
+    assert off.protocol_mix is False
+
+
 def test_mixture_labels_are_sealed_before_training_and_never_used(done) -> None:
     out, res, _ = done
     mixture = out / "data" / "mixture"
