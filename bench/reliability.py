@@ -67,6 +67,8 @@ FULL = {
     "fuzz_dataset": 10_000,
     "fuzz_tls": 2_000,
     "fuzz_atheris": 26_000,
+    # concurrent fuzzing clients over the network (most of a case is the daemon waiting for ARTIM)
+    "fuzz_workers": 8,
     "load": (20, 500),
     "outage": (50, 600.0),
     "outage_backoff": (60.0, 5.0),  # outbox.backoff_max_s, scrape/evaluation interval (s)
@@ -79,6 +81,7 @@ SMALL = {
     "fuzz_dataset": 200,
     "fuzz_tls": 30,
     "fuzz_atheris": 2_000,
+    "fuzz_workers": 2,
     "load": (4, 25),
     "outage": (2, 15.0),
     "outage_backoff": (10.0, 1.0),
@@ -182,8 +185,9 @@ def run_fuzz(work: Path, size: dict[str, Any]) -> dict[str, Any]:
         assert d.proc.proc is not None
         rss0 = ingest.rss_kb(d.proc.proc.pid)
         t0 = time.perf_counter()
-        pdus = fuzz.pdu_cases(d.port, size["fuzz_pdu"])
-        datasets = fuzz.dataset_cases(d.port, sources, size["fuzz_dataset"], work / "mut")
+        workers = int(size.get("fuzz_workers", 1))
+        pdus = fuzz.pdu_cases(d.port, size["fuzz_pdu"], workers=workers)
+        datasets = fuzz.dataset_cases(d.port, sources, size["fuzz_dataset"], work / "mut", workers=workers)
         seconds = time.perf_counter() - t0
         rss1 = ingest.rss_kb(d.proc.proc.pid)
         alive = d.proc.running

@@ -17,6 +17,7 @@ import struct
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -174,9 +175,13 @@ def fixed_pdu_cases() -> list[tuple[str, Callable[[int], str]]]:
     return cases
 
 
-def hypothesis_rq_cases(port: int, n: int, seed: int = 0) -> collections.Counter[str]:
+def hypothesis_rq_cases(port: int, n: int, seed: int = 0, workers: int = 1) -> collections.Counter[str]:
     """``n`` structurally mutated A-ASSOCIATE-RQs (hypothesis): items of random type, length fields that
-    lie, truncations, junk, fields of the fixed part changed. Returns outcome label -> count."""
+    lie, truncations, junk, fields of the fixed part changed. Returns outcome label -> count.
+
+    The requests are drawn first, then sent by ``workers`` concurrent clients: most of a case's time is
+    the daemon waiting (correctly) for bytes a lying length promised, until ARTIM, so one client at a
+    time spends the run idle; several at once also load the handshake path as a network would."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import seed as hseed
     from hypothesis import strategies as st
@@ -210,6 +215,8 @@ def hypothesis_rq_cases(port: int, n: int, seed: int = 0) -> collections.Counter
         declared = draw(st.one_of(st.just(len(body)), st.integers(0, len(body) + 64)))
         return struct.pack(">BBL", 1, 0, declared) + bytes(body)
 
+    drawn: list[bytes] = []
+
     @hseed(seed)
     @settings(
         max_examples=n,
@@ -220,11 +227,14 @@ def hypothesis_rq_cases(port: int, n: int, seed: int = 0) -> collections.Counter
     )
     @given(mutated())
     def run(pdu: bytes) -> None:
-        outcomes[exchange(port, [pdu], wait_s=1.0)] += 1
+        drawn.append(pdu)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for label in pool.map(lambda pdu: exchange(port, [pdu], wait_s=1.0), drawn):
+            outcomes[label] += 1
     return outcomes
 
 
@@ -255,74 +265,98 @@ def mutate_dataset(raw: bytes, rng: random.Random) -> bytes:
 
 
 def dataset_cases(
-    port: int, sources: Sequence[Path], n: int, out_dir: Path, seed: int = 0, per_association: int = 50
+    port: int, sources: Sequence[Path], n: int, out_dir: Path, seed: int = 0, per_association: int = 50,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """``n`` mutated instances sent raw over pynetdicom; statuses counted, and whether each failure came
-    with an error comment (a refusal with a reason)."""
-    from pynetdicom import AE, _config
+    """``n`` mutated instances sent raw over pynetdicom by ``workers`` concurrent associations (each its
+    own share, mutations and files); statuses counted, and whether each failure came with an error
+    comment (a refusal with a reason)."""
+    from pynetdicom import _config
 
-    rng = random.Random(seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    statuses: collections.Counter[str] = collections.Counter()
-    silent_failures = no_status = 0
+    workers = max(1, min(workers, n)) if n else 1
+    shares = [n // workers + (1 if k < n % workers else 0) for k in range(workers)]
     previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes as they are, never decoded
     try:
-        done = 0  # instances offered to the daemon (an association that died mid-batch leaves the
-        # rest of its batch for the next one: "sent" counts what was sent, not what was planned)
-        while done < n:
-            batch = []
-            for i in range(min(per_association, n - done)):
-                src = rng.choice(list(sources))
-                f = out_dir / f"m{i}.dcm"
-                f.write_bytes(mutate_dataset(src.read_bytes(), rng))
-                batch.append(f)
-            ae = AE(ae_title="FUZZSCU")
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-            ae.add_requested_context(CT_IMAGE, EXPLICIT_LE)
-            assoc = ae.associate("127.0.0.1", port, ae_title="GLOWTRIAGE")
-            if not assoc.is_established:
-                statuses["no association"] += len(batch)
-                no_status += len(batch)
-                done += len(batch)
-                continue
-            try:
-                for f in batch:
-                    done += 1
-                    try:
-                        rsp = assoc.send_c_store(f)
-                    except (ValueError, RuntimeError, OSError):
-                        statuses["not sent (sender refused its own bytes)"] += 1
-                        continue
-                    if rsp is None or "Status" not in rsp:
-                        no_status += 1
-                        statuses["no status"] += 1
-                        if not assoc.is_established:
-                            break
-                        continue
-                    code = int(rsp.Status)
-                    statuses[f"0x{code:04X}"] += 1
-                    if code != 0 and not str(rsp.get("ErrorComment", "")).strip():
-                        silent_failures += 1
-            finally:
-                if assoc.is_established:
-                    assoc.release()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(
+                lambda k: _send_mutations(port, sources, shares[k], out_dir / f"w{k}",
+                                          random.Random(seed if workers == 1 else 1000 * seed + k),
+                                          per_association),
+                range(workers)))
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
+    statuses: collections.Counter[str] = collections.Counter()
+    for p in parts:
+        statuses.update(p["statuses"])
     return {
-        "sent": done,
+        "sent": sum(p["sent"] for p in parts),
         "statuses": dict(statuses),
-        "failures_without_reason": silent_failures,
-        "without_status": no_status,
+        "failures_without_reason": sum(p["failures_without_reason"] for p in parts),
+        "without_status": sum(p["without_status"] for p in parts),
+        "workers": workers,
     }
 
 
-def pdu_cases(port: int, n_structured: int, seed: int = 0) -> dict[str, Any]:
-    """The named faults once each, then ``n_structured`` hypothesis-mutated requests."""
+def _send_mutations(port: int, sources: Sequence[Path], n: int, out_dir: Path, rng: random.Random,
+                    per_association: int) -> dict[str, Any]:
+    """One sender's share of :func:`dataset_cases`."""
+    from pynetdicom import AE
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    statuses: collections.Counter[str] = collections.Counter()
+    silent_failures = no_status = 0
+    done = 0  # instances offered to the daemon (an association that died mid-batch leaves the rest of
+    # its batch for the next one: "sent" counts what was sent, not what was planned)
+    while done < n:
+        batch = []
+        for i in range(min(per_association, n - done)):
+            src = rng.choice(list(sources))
+            f = out_dir / f"m{i}.dcm"
+            f.write_bytes(mutate_dataset(src.read_bytes(), rng))
+            batch.append(f)
+        ae = AE(ae_title="FUZZSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(CT_IMAGE, EXPLICIT_LE)
+        assoc = ae.associate("127.0.0.1", port, ae_title="GLOWTRIAGE")
+        if not assoc.is_established:
+            statuses["no association"] += len(batch)
+            no_status += len(batch)
+            done += len(batch)
+            continue
+        try:
+            for f in batch:
+                done += 1
+                try:
+                    rsp = assoc.send_c_store(f)
+                except (ValueError, RuntimeError, OSError):
+                    statuses["not sent (sender refused its own bytes)"] += 1
+                    continue
+                if rsp is None or "Status" not in rsp:
+                    no_status += 1
+                    statuses["no status"] += 1
+                    if not assoc.is_established:
+                        break
+                    continue
+                code = int(rsp.Status)
+                statuses[f"0x{code:04X}"] += 1
+                if code != 0 and not str(rsp.get("ErrorComment", "")).strip():
+                    silent_failures += 1
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return {"sent": done, "statuses": dict(statuses), "failures_without_reason": silent_failures,
+            "without_status": no_status}
+
+
+def pdu_cases(port: int, n_structured: int, seed: int = 0, workers: int = 1) -> dict[str, Any]:
+    """The named faults once each (one at a time: each checks its own answer), then ``n_structured``
+    hypothesis-mutated requests from ``workers`` concurrent clients."""
     named = {}
     for name, case in fixed_pdu_cases():
         with contextlib.suppress(OSError):
             named[name] = "error"
             named[name] = case(port)
-    structured = hypothesis_rq_cases(port, n_structured, seed) if n_structured else collections.Counter()
+    structured = (hypothesis_rq_cases(port, n_structured, seed, workers) if n_structured
+                  else collections.Counter())
     return {"named": named, "structured": dict(structured), "structured_total": sum(structured.values())}

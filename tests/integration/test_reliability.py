@@ -118,7 +118,7 @@ def test_fuzzed_pdus_and_datasets_leave_the_daemon_serving_with_every_refusal_ex
     from reliability_cases import fuzz
 
     rx = receiver_factory(artim_timeout_s=0.5)
-    pdus = fuzz.pdu_cases(rx.port, 60, seed=1)
+    pdus = fuzz.pdu_cases(rx.port, 60, seed=1, workers=2)  # two clients at once, as the bench runs 8
     named = pdus["named"]
     # refusals at the PDU level come as an A-ABORT with its PS3.8 reason, before any association
     assert named["zero-length A-ASSOCIATE-RQ"] == "A-ABORT 2/6", named
@@ -129,7 +129,7 @@ def test_fuzzed_pdus_and_datasets_leave_the_daemon_serving_with_every_refusal_ex
     assert named["a valid C-ECHO (control)"] == "P-DATA", named
     assert pdus["structured_total"] == 60
     sources = tools.write_ct_series(tmp_path / "ct", 3, 32, seed=11)
-    datasets = fuzz.dataset_cases(rx.port, sources, 60, tmp_path / "mut", seed=2)
+    datasets = fuzz.dataset_cases(rx.port, sources, 60, tmp_path / "mut", seed=2, workers=2)
     assert datasets["sent"] == 60  # every mutation offered (a dead association hands its rest on)
     assert datasets["without_status"] == 0 and datasets["failures_without_reason"] == 0, datasets
     assert rx.running
