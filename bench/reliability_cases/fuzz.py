@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from reliability_cases.sockets import IMPLICIT_LE, VERIFICATION, associate_rq
+from reliability_cases.sockets import IMPLICIT_LE, VERIFICATION, _item, associate_rq
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -170,9 +170,37 @@ def fixed_pdu_cases() -> list[tuple[str, Callable[[int], str]]]:
                 wait_s=0.5,
             ),
         ),
+        (  # refused when pynetdicom decodes the PDU (A-ABORT)
+            "abstract syntax longer than a UID may be (70 characters)",
+            lambda p: exchange(p, [associate_rq(contexts=((VERIFICATION, (IMPLICIT_LE,)),
+                                                          ("1." + "2" * 68, (IMPLICIT_LE,))))]),
+        ),
+        ("even presentation context ID (2)", lambda p: exchange(p, [_even_context_id(rq)])),
+        (  # decoded, then pynetdicom's acceptor negotiation raised TypeError in the association thread
+            # (a traceback, found at 10^4 mutations): now refused before it with a reason
+            "presentation context without an abstract syntax",
+            lambda p: exchange(p, [_no_abstract_syntax_rq()]),
+        ),
         ("a valid C-ECHO (control)", lambda p: in_association(p, [_pdata(1, 0x03, _echo_command())])),
     ]
     return cases
+
+
+def _no_abstract_syntax_rq() -> bytes:
+    """An A-ASSOCIATE-RQ whose one presentation context has a transfer syntax but no abstract syntax."""
+    body = struct.pack(">HH", 1, 0) + b"GLOWTRIAGE".ljust(16) + b"FUZZSCU".ljust(16) + bytes(32)
+    body += _item(0x10, b"1.2.840.10008.3.1.1.1")
+    body += _item(0x20, bytes([1, 0, 0, 0]) + _item(0x40, IMPLICIT_LE.encode()))
+    body += _item(0x50, _item(0x51, struct.pack(">L", 16384)) + _item(0x52, b"1.2.826.0.1.3680043.9.7433.1"))
+    return struct.pack(">BBL", 0x01, 0, len(body)) + body
+
+
+def _even_context_id(rq: bytes) -> bytes:
+    """``rq`` with its first presentation context's ID set to 2 (PS3.8: odd, 1-255)."""
+    out = bytearray(rq)
+    i = out.index(b"\x20\x00", 6 + 68)  # the first presentation context item after the fixed part
+    out[i + 4] = 2
+    return bytes(out)
 
 
 def hypothesis_rq_cases(port: int, n: int, seed: int = 0, workers: int = 1) -> collections.Counter[str]:

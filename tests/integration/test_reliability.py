@@ -127,6 +127,12 @@ def test_fuzzed_pdus_and_datasets_leave_the_daemon_serving_with_every_refusal_ex
     assert named["P-DATA before association"] == "A-ABORT 2/2", named
     assert named["slow sender (RQ 1 byte per 2 ms)"] == "A-ASSOCIATE-AC", named
     assert named["a valid C-ECHO (control)"] == "P-DATA", named
+    # contexts pynetdicom cannot decode: its A-ABORT; one it decodes but its negotiation raised on
+    # (inside the acceptor thread, a traceback): A-ASSOCIATE-RJ rejected-permanent / service-user /
+    # no reason given, the reason logged
+    assert named["abstract syntax longer than a UID may be (70 characters)"] == "A-ABORT 0/0", named
+    assert named["even presentation context ID (2)"] == "A-ABORT 2/0", named
+    assert named["presentation context without an abstract syntax"] == "A-ASSOCIATE-RJ 1/1/1", named
     assert pdus["structured_total"] == 60
     sources = tools.write_ct_series(tmp_path / "ct", 3, 32, seed=11)
     datasets = fuzz.dataset_cases(rx.port, sources, 60, tmp_path / "mut", seed=2, workers=2)
@@ -138,6 +144,8 @@ def test_fuzzed_pdus_and_datasets_leave_the_daemon_serving_with_every_refusal_ex
     assert set(tools.send_files(rx.port, valid).statuses.values()) == {0}
     assert "Traceback" not in rx.log_text()
     assert any(e.get("event") == "association_refused" for e in rx.log_events())
+    assert any(e.get("event") == "association_rejected" and "presentation context" in e.get("reason", "")
+               for e in rx.log_events())
 
 
 @integration
