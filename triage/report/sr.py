@@ -233,11 +233,7 @@ def _image_region_group(result: ScoreResult, ordered: list[Dataset], model: Mode
     dr, dc = radiograph_spacing(image)
     x, y = (finite(v, "region_center_mm", uid) for v in result.region_center_mm)
     return PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=generate_uid(prefix=UID_PREFIX,
-                             entropy_srcs=["glowtriage-region-tracking", sop_instance_uid]),
-            identifier=CXR_REGION_TRACKING_IDENTIFIER,
-        ),
+        tracking_identifier=_region_tracking(sop_instance_uid, CXR_REGION_TRACKING_IDENTIFIER),
         referenced_region=ImageRegion(
             graphic_type=GraphicTypeValues.POINT, graphic_data=np.asarray([[x / dc, y / dr]], dtype=float),
             source_image=SourceImageForRegion.from_source_image(image),
@@ -245,9 +241,22 @@ def _image_region_group(result: ScoreResult, ordered: list[Dataset], model: Mode
         algorithm_id=_algorithm(model),
         finding_sites=[FindingSite(_site(model))],
         measurements=_region_measurements(result, key_images),
-        qualitative_evaluations=[
-            QualitativeEvaluation(NORMALITY, ABNORMAL if result.region_flagged else NORMAL)],
+        qualitative_evaluations=[_region_call(result)],
     )
+
+
+def _region_tracking(sop_instance_uid: str, identifier: str) -> TrackingIdentifier:
+    """The region group's tracking identifier: a UID derived from the SR's own SOP Instance UID, so the
+    same report always names its region the same way (CT volume and radiograph alike)."""
+    return TrackingIdentifier(
+        uid=generate_uid(prefix=UID_PREFIX, entropy_srcs=["glowtriage-region-tracking", sop_instance_uid]),
+        identifier=identifier,
+    )
+
+
+def _region_call(result: ScoreResult) -> QualitativeEvaluation:
+    """The region's own normality call."""
+    return QualitativeEvaluation(NORMALITY, ABNORMAL if result.region_flagged else NORMAL)
 
 
 def _region_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetInfo, sop_instance_uid: str,
@@ -268,11 +277,7 @@ def _region_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetIn
     items = _region_measurements(result, key_images)
     point = [finite(v, "region_center_mm", uid) for v in centre]
     return VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=generate_uid(prefix=UID_PREFIX,
-                             entropy_srcs=["glowtriage-region-tracking", sop_instance_uid]),
-            identifier=REGION_TRACKING_IDENTIFIER,
-        ),
+        tracking_identifier=_region_tracking(sop_instance_uid, REGION_TRACKING_IDENTIFIER),
         referenced_volume_surface=VolumeSurface(
             graphic_type="POINT", graphic_data=np.asarray([point], dtype=float), frame_of_reference_uid=frame,
             source_images=[SourceImageForSegmentation.from_source_image(nearest)],
@@ -280,8 +285,7 @@ def _region_group(result: ScoreResult, ordered: list[Dataset], model: ModelSetIn
         algorithm_id=_algorithm(model),
         finding_sites=[FindingSite(_site(model))],
         measurements=items,
-        qualitative_evaluations=[
-            QualitativeEvaluation(NORMALITY, ABNORMAL if result.region_flagged else NORMAL)],
+        qualitative_evaluations=[_region_call(result)],
     )
 
 
