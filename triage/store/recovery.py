@@ -7,6 +7,7 @@ stamps its events with the Store's clock, so it needs the Store's connection, lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -17,8 +18,34 @@ from typing import TYPE_CHECKING
 from triage.ops.logs import get_logger
 from triage.store.part10 import dataset_sha256
 from triage.store.schema import IndexJob, RecoveryReport, StoreError
+from triage.store.structure import Malformed, check_file
 
 log = get_logger("store")
+
+# Rows received this many seconds (store clock) before the newest row get their file hashed at start-up,
+# not only its size compared: the instances that may have been in flight when the power went.
+VERIFY_RECENT_S = 10.0
+
+
+def _file_problem(row: sqlite3.Row, verify_after: float) -> str:
+    """Why an indexed instance's file cannot be kept ("" when it can)."""
+    path = row["path"]
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "not found"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if size != int(row["size"]):
+        return f"is {size} bytes, not the {int(row['size'])} indexed"
+    if float(row["received_at"]) >= verify_after:
+        try:
+            sha, _ = dataset_sha256(Path(path))
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+        if sha != row["sha256"]:
+            return "does not hash to its indexed sha256"
+    return ""
 
 
 class RecoveryMixin:
@@ -47,10 +74,15 @@ class RecoveryMixin:
         """Run once at start-up, before the listener opens.
 
         * tmp/ leftovers are deleted: they never got a success status.
-        * spool files without a row (crash between rename and commit) are re-indexed from their
-          headers; they were complete and fsync'd before the rename, so keeping them is safe and
-          idempotent.
-        * rows whose file vanished are dropped with an event (the assembler could not use them).
+        * spool files without a row (crash before the commit) are re-indexed from their headers, once
+          their dataset is walked to its end: the store renames a file into the spool while its fsync
+          runs (:meth:`~triage.store.db.Store.adopt_instance`), so after a power cut a file that was
+          never answered may be cut short; such a file is quarantined, not indexed.
+        * rows whose file vanished are dropped with an event (the assembler could not use them), and
+          so are rows whose file is not the size the row recorded, or, for rows received in the last
+          :data:`VERIFY_RECENT_S` seconds before the newest, does not hash to the row's sha256 (bytes
+          not yet on disk when the power went, on a filesystem that shows the size first): never
+          answered, so the sender sends them again. The file goes with the row.
         Quiet series need nothing: the normal ``series_due`` query picks them up.
         """
         tmp_removed = self.sweep_tmp(0.0)
@@ -69,11 +101,14 @@ class RecoveryMixin:
                 self.quarantine_file(path, f"unreadable spool file at recovery: {exc}", "", path.stem)
         missing = 0
         with self._lock:
-            rows = self._db.execute("SELECT sop_uid, study_uid, series_uid, path FROM instances").fetchall()
-            gone = [r for r in rows if not os.path.exists(r["path"])]
+            rows = self._db.execute(
+                "SELECT sop_uid, study_uid, series_uid, path, size, sha256, received_at FROM instances"
+            ).fetchall()
+            newest = max((float(r["received_at"]) for r in rows), default=0.0)
+            gone = [(r, why) for r in rows if (why := _file_problem(r, newest - VERIFY_RECENT_S))]
             if gone:
                 self._db.execute("BEGIN IMMEDIATE")
-                for r in gone:
+                for r, why in gone:
                     self._db.execute("DELETE FROM instances WHERE sop_uid = ?", (r["sop_uid"],))
                     self._db.execute(
                         "UPDATE series SET instance_count = (SELECT COUNT(*) FROM instances"
@@ -81,8 +116,12 @@ class RecoveryMixin:
                         (r["series_uid"], r["series_uid"]),
                     )
                     self._event(self.clock(), r["study_uid"], r["series_uid"], "instance missing",
-                                sop_uid=r["sop_uid"], reason=f"file {r['path']} not found at recovery")
+                                sop_uid=r["sop_uid"], reason=f"file {r['path']} {why} at recovery")
                 self._db.execute("COMMIT")
+                for r, why in gone:
+                    if why != "not found":
+                        with contextlib.suppress(OSError):
+                            os.unlink(r["path"])
                 missing = len(gone)
         reclaimed = self._release_claims()
         report = RecoveryReport(tmp_removed, reindexed, quarantined, missing, reclaimed)
@@ -136,6 +175,10 @@ class RecoveryMixin:
             raise StoreError(f"header UIDs do not match the spool location {path}")
         ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
         source = str(ds.file_meta.get("SourceApplicationEntityTitle", "")) if hasattr(ds, "file_meta") else ""
+        try:
+            check_file(path, ts)  # cut short by a power cut before its fsync ended: never answered
+        except Malformed as exc:
+            raise StoreError(exc.reason) from None
         sha, size = dataset_sha256(path)
         self._commit_index(
             IndexJob(
