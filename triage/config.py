@@ -214,6 +214,9 @@ class ScoringSettings(_Section):
     # which score flags a study: the paper's whole-volume log p(normal|x) ("global"), the most abnormal
     # lesion-sized window of its voxel map ("region"), or "either", each at its own calibrated threshold
     flag_policy: Literal["global", "region", "either"] = "either"
+    # at start, before the stages run: the whole data path once on a synthetic study (triage.warmup), so
+    # the first real study pays no first-call costs; seconds at start (model sets x first inference)
+    warmup: bool = True
 
 
 class PacsSettings(_Section):

@@ -36,6 +36,7 @@ from triage.receive.scp import Receiver
 from triage.receive.workers import WorkerPool, apply_metric, worker_count
 from triage.store.db import Store
 from triage.store.rebuild import StateDbError, check_or_raise
+from triage.warmup import warm_up
 
 log = get_logger("daemon")
 
@@ -190,6 +191,8 @@ class Daemon:
         else:
             self.receiver = Receiver(self.cfg, self.store, on_stored=self.instance_stored)
             self.receiver.start(block=False)
+        if self.cfg.settings.scoring.warmup:
+            self.warmup()
         sender = Sender(self.store, self.cfg)
         for name, step, wake_next, sleep_s in (
             ("assemble", self._assemble_step, "score", self._assemble_sleep),
@@ -208,6 +211,28 @@ class Daemon:
         systemd.notify(f"READY=1\nSTATUS=receiving on port {port}")
         log.info("serving", dicom_port=port, storage_root=str(self.cfg.storage_root),
                  receiver_workers=workers)
+
+    def warmup(self) -> dict | None:
+        """The data path once on a synthetic study (:mod:`triage.warmup`), logged as ``warmup_done``
+        with seconds per part; returns what it logged, None when it failed as a whole.
+
+        Where it runs, and why there: after the DICOM port listens and before the stage threads start
+        and the daemon reports ready (``READY=1``, ``serving``). Listening first keeps a restart from
+        refusing any modality: what arrives meanwhile is stored (durably, as always) and assembled as
+        soon as the stages start. Before the stages, because in the background it would compete with
+        the first real studies for the same cores (the cost it exists to remove, moved, not removed),
+        and before ``serving`` because ready should mean "results at full speed"; the start-up takes
+        the warm-up's seconds longer, said in ``warmup_done``. It loads the current model sets (what the
+        first scoring round does anyway). Any failure is logged and the daemon serves regardless."""
+        t0 = time.perf_counter()
+        try:
+            out = warm_up(self.cfg, self._current_scorer())
+        except Exception as exc:  # an optimisation must never stop the daemon
+            log.exception("warmup_failed", reason=f"{type(exc).__name__}: {exc}")
+            return None
+        out["total_s"] = round(time.perf_counter() - t0, 3)
+        log.info("warmup_done", **out)
+        return out
 
     def stop(self) -> None:
         systemd.notify("STOPPING=1")
