@@ -7,10 +7,11 @@ the first storescu start to the last storescu exit; every peer must then hold ev
 
 Peers, each with its storage on a temp folder of the same disk:
 
-* glowtriage: ``python -m triage.receive.scp`` (fsync of file and directory plus a SQLite commit per
-  instance before the success status) with ``dicom.workers`` at its default (half the cores, at least
-  1), ``glowtriage-1proc`` with ``workers = 1`` (the listener in one process) and ``glowtriage-2proc``
-  with two receiver processes;
+* glowtriage: ``python -m triage.receive.scp`` (fsync of file and directory plus a SQLite commit with
+  its log fsync'd per instance before the success status; the three run at once after the rename, the
+  directory's and the log's shared by concurrent instances) with ``dicom.workers`` at its default
+  (half the cores, at least 1), ``glowtriage-1proc`` with ``workers = 1`` (the listener in one
+  process) and ``glowtriage-2proc`` with two receiver processes;
 * storescp: ``storescp --fork`` (one process per association; it does not fsync);
 * Orthanc: temporary configuration, ``SyncStorageArea`` true (its default: fsync per instance).
 
@@ -210,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         "instance_bytes": instance_bytes,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "durability": {"glowtriage (and -1proc)": (
-                           "fsync file, then rename + directory fsync and a SQLite WAL commit fsync'd, the "
-                           "last two shared by concurrent instances (and worker processes) and run at the "
-                           "same time, all before each success status"),
+                           "rename into the spool, then fsync of the file, directory fsync and a SQLite "
+                           "WAL commit fsync'd, all three at the same time (the last two shared by "
+                           "concurrent instances and worker processes), all before each success status; "
+                           "start-up recovery drops or quarantines a file a crash caught before its fsync"),
                        "storescp": "no fsync", "orthanc": "SyncStorageArea=true (fsync per instance)"},
         "fsync_probe_ms": {"before": round(probe_before, 3), "after": round(probe_after, 3)},
         "results": rows,

@@ -3,9 +3,10 @@
 Why it is built this way:
 
 * **Durable before success.** A PACS forgets an instance once it gets 0x0000, so the handler answers
-  only after :meth:`Store.adopt_instance` has the file fsync'd, renamed, the directory fsync'd and
-  the row committed. Concurrent associations may share one database commit (group commit), but no
-  instance is answered before the commit holding its own row is on disk.
+  only after :meth:`Store.adopt_instance` has the file renamed into the spool and, at the same time,
+  the file fsync'd, the directory fsync'd and the row committed with its log fsync'd. Concurrent
+  associations may share one database commit (group commit) and one directory fsync, but no
+  instance is answered before its own bytes, name and row are on disk.
 * **Bytes as they arrived.** The dataset is never decoded and re-encoded: pynetdicom's chunked
   receive (``_config.STORE_RECV_CHUNKED_DATASET``) streams each dataset into a Part-10 file under
   the store's ``tmp/`` (each accepted association's DUL thread is told that folder, see

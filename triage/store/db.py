@@ -1,9 +1,10 @@
 """The Store: the spool and the one SQLite database, the only thing that writes pipeline state.
 
 Why this shape: a PACS that got a C-STORE success status deletes or forgets its copy, so an instance
-must be on disk (file fsync'd, renamed into place, directory fsync'd) and indexed before the status
-goes back. Every later stage (assemble, score, report, send) reads its input from here and records
-its progress here, so a crash anywhere resumes where it was and nothing is processed twice:
+must be on disk (its bytes fsync'd, its name in the spool made durable by a directory fsync) and
+indexed (its row committed and the log fsync'd) before the status goes back. Every later stage
+(assemble, score, report, send) reads its input from here and records its progress here, so a crash
+anywhere resumes where it was and nothing is processed twice:
 
 * files: ``spool/<study_uid>/<series_uid>/<sop_uid>.dcm``, written through ``tmp/`` (same filesystem,
   so ``os.replace`` is atomic), bad instances in ``quarantine/`` with a ``.reason.json`` beside each;
@@ -13,13 +14,15 @@ its progress here, so a crash anywhere resumes where it was and nothing is proce
 
 One connection guarded by a lock serves every thread (pynetdicom runs a thread per association):
 SQLite serialises writers anyway, and a single connection cannot deadlock against itself. Writing
-and fsyncing the file happen outside that lock, and the two fsyncs that parallel associations would
+and fsyncing the file happen outside that lock, and the fsyncs that parallel associations would
 otherwise queue for are shared: one directory fsync covers every rename made in that folder before
-it started, and one commit (group commit) carries the rows of every put waiting for the lock. The folder's
-fsync and the log's fsync run at the same time (on ext4 they share one journal commit), so an
-instance costs two waits on the disk (its file, then rename + row) instead of three, and the fsync
-of the log is shared across threads and processes (several receiver workers write one database).
-Each put still returns only after its own file, rename and row are durable.
+it started, and one commit (group commit) carries the rows of every put waiting for the lock, its log
+fsync shared across threads and processes (several receiver workers write one database). The file's
+fsync, the folder's and the log's run at the same time, after the rename (on ext4 they share one
+journal commit), so an instance costs one wait on the disk instead of two or three (issue 15: 14.8 ->
+5.7 ms per instance on one association, ``bench/ingest_stages.py``); start-up recovery is what makes
+that order safe for the instances a crash caught half-way (see :meth:`Store.adopt_instance`). Each put
+still returns only after its own bytes, name and row are durable.
 
 ``sha256`` of an instance is the hash of its *dataset* bytes (everything after the File Meta group):
 those are the bytes the sender put on the wire, so a test or an audit can compare them with the

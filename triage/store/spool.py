@@ -1,11 +1,12 @@
 """The spool's files, made durable: tmp/ writes, atomic placement, directory fsyncs, quarantine.
 
 Why this shape: a PACS forgets an instance once it gets a success status, so a file must be
-fsync'd, renamed into place and its directory fsync'd before the store indexes it. Everything is
-written through ``tmp/`` (same filesystem as the spool, so ``os.replace`` is atomic), refused bytes
-go to ``quarantine/`` with a ``.reason.json`` beside each. Nothing here touches the database; the
-:class:`~triage.store.db.Store` pairs these file steps with its rows, and passes in the time (its
-injectable clock) wherever a file's name or age depends on it.
+fsync'd, renamed into place and its directory fsync'd before it is answered (the store runs the
+file's fsync beside the folder's and its commit, see :meth:`triage.store.db.Store.adopt_instance`).
+Everything is written through ``tmp/`` (same filesystem as the spool, so ``os.replace`` is atomic),
+refused bytes go to ``quarantine/`` with a ``.reason.json`` beside each. Nothing here touches the
+database; the :class:`~triage.store.db.Store` pairs these file steps with its rows, and passes in
+the time (its injectable clock) wherever a file's name or age depends on it.
 
 The directory fsyncs that parallel associations would otherwise queue for are shared
 (:class:`GroupSync`): one fsync of a folder covers every rename made in it before it started. The
