@@ -42,7 +42,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -263,24 +263,29 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
                 fsync_file(tmp_path)  # a replacement: bytes on disk before the name (see above)
                 synced = True
             group = self.files.rename_into(tmp_path, final)
-            pool = self._dir_syncer()
-            waits = [pool.submit(group.sync)]
-            if not synced:
-                waits.append(pool.submit(fsync_file, final))
             old_path = Path(old["path"]) if old is not None else None
             committed = False
+            waits: list[Future[None]] = []
             try:
                 if old_path is not None and old_path != final:
                     self.files.remove(old_path)  # the same SOP instance re-sent under other UIDs
+                job = IndexJob(
+                    (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, final, size, sha,
+                     calling_aet, modality, self.clock()),
+                    {"replaced": old is not None},
+                )
                 try:
-                    reopened = self._commit_index(
-                        IndexJob(
-                            (sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, final, size,
-                             sha, calling_aet, modality, self.clock()),
-                            {"replaced": old is not None},
-                        )
-                    )
+                    # Rows first (written to the log, not yet flushed), then the three fsyncs at once:
+                    # every change they cover is then in the filesystem's running journal transaction
+                    # before any of them commits it, so they tend to share one journal commit.
+                    self._write_rows(job)
                     committed = True
+                    pool = self._dir_syncer()
+                    waits.append(pool.submit(group.sync))
+                    if not synced:
+                        waits.append(pool.submit(fsync_file, final))
+                    self._wal.sync()
+                    reopened = job.reopened
                 finally:
                     for w in waits:  # every wait ends before we decide (one may have failed)
                         with contextlib.suppress(BaseException):
@@ -317,6 +322,14 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
         the ``-wal`` file afterwards is a :class:`GroupSync`: one flush covers every commit made
         before it started, this process's and other workers' alike.
         """
+        self._write_rows(job)
+        self._wal.sync()
+        return job.reopened
+
+    def _write_rows(self, job: IndexJob) -> None:
+        """The first half of :meth:`_commit_index`: ``job``'s rows committed (in a batch with every job
+        waiting for the lock), written to the log but not yet flushed; ``self._wal.sync()`` is the
+        second half."""
         with self._pending_lock:
             self._pending.append(job)
         with self._lock:
@@ -326,8 +339,6 @@ class Store(StageOutputsMixin, OutboxMixin, RecoveryMixin):
                 self._run_batch(batch)
         if job.error is not None:
             raise job.error
-        self._wal.sync()
-        return job.reopened
 
     def _run_batch(self, batch: list[IndexJob]) -> None:
         db = self._db
