@@ -24,6 +24,7 @@ import os
 import queue
 import select
 import ssl
+import struct
 import tempfile
 import threading
 import time
@@ -31,8 +32,10 @@ import weakref
 from pathlib import Path
 from typing import IO, Any, cast
 
+import pydicom.filewriter as _filewriter
 import pynetdicom
 import pynetdicom.dimse_messages as _dimse_messages
+import pynetdicom.dsutils as _dsutils
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import LOGGER as _DUL_LOGGER
@@ -322,6 +325,68 @@ def _named_temporary_file(*args: Any, **kwargs: Any) -> IO[bytes]:
     return _STOCK_NAMED_TEMPORARY_FILE(*args, **kwargs)
 
 
+# pynetdicom 3.0's decode_msg writes each received dataset's File Meta with pydicom:
+# ``write_file_meta_info(file, create_file_meta(...))``, both module globals of dimse_messages. That builds
+# and validates a FileMetaDataset element by element, about a tenth of the receiver's CPU per instance.
+# On a marked DUL thread the two names below write the same bytes directly (seven elements, explicit VR
+# little endian; tests/unit/test_receive_filemeta.py compares them with pydicom's); anywhere else, or
+# called any other way, they are pydicom's and pynetdicom's own.
+_STOCK_CREATE_FILE_META = _dsutils.create_file_meta
+_STOCK_WRITE_FILE_META_INFO = _filewriter.write_file_meta_info
+
+
+class FastFileMeta:
+    """The File Meta pynetdicom asks for, as bytes (group 0002 after the preamble and ``DICM``)."""
+
+    def __init__(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                 implementation_uid: str, implementation_version: str) -> None:
+        body = b"".join((
+            b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01",  # (0002,0001) version 00 01
+            _element(0x0002, b"UI", sop_class_uid, b"\x00"),
+            _element(0x0003, b"UI", sop_instance_uid, b"\x00"),
+            _element(0x0010, b"UI", transfer_syntax, b"\x00"),
+            _element(0x0012, b"UI", implementation_uid, b"\x00"),
+            _element(0x0013, b"SH", implementation_version, b" "),
+        ))
+        self.encoded = b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(body)) + body
+
+
+def _element(elem: int, vr: bytes, value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    if len(raw) % 2:
+        raw += pad
+    return struct.pack("<HH", 0x0002, elem) + vr + struct.pack("<H", len(raw)) + raw
+
+
+def _fast_meta_ok(*values: Any) -> bool:
+    """Plain ASCII strings of at most 64 characters without a backslash: what the fast path encodes
+    exactly as pydicom would (anything else goes to pydicom, which validates and warns as it does)."""
+    return all(isinstance(v, str) and len(v) <= 64 and v.isascii() and "\\" not in v for v in values)
+
+
+def _create_file_meta(*, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any,
+                      **kwargs: Any) -> Any:
+    """``pynetdicom.dsutils.create_file_meta``, as :class:`FastFileMeta` on a marked DUL thread."""
+    impl_uid = kwargs.get("implementation_uid", _dsutils.PYNETDICOM_IMPLEMENTATION_UID)
+    impl_version = kwargs.get("implementation_version", _dsutils.PYNETDICOM_IMPLEMENTATION_VERSION)
+    if (getattr(threading.current_thread(), _TMP_DIR_ATTR, None) is not None
+            and set(kwargs) <= {"implementation_uid", "implementation_version"}
+            and _fast_meta_ok(sop_class_uid, sop_instance_uid, transfer_syntax, impl_uid)
+            and _fast_meta_ok(impl_version) and len(impl_version) <= 16):
+        return FastFileMeta(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax), str(impl_uid),
+                            str(impl_version))
+    return _STOCK_CREATE_FILE_META(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                                   transfer_syntax=transfer_syntax, **kwargs)
+
+
+def _write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
+    """``pydicom.filewriter.write_file_meta_info``, direct for a :class:`FastFileMeta`."""
+    if isinstance(file_meta, FastFileMeta):
+        fp.write(file_meta.encoded)
+        return
+    _STOCK_WRITE_FILE_META_INFO(fp, file_meta, *args, **kwargs)
+
+
 def receive_error(request: Any) -> OSError | None:
     """The write error of a C-STORE request's received dataset file, if the disk refused it."""
     return getattr(getattr(request, "_dataset_file", None), "glow_error", None)
@@ -331,6 +396,10 @@ def receive_into(assoc: Association, folder: Path) -> None:
     """Have pynetdicom write the datasets this (not yet started) association receives under ``folder``."""
     if getattr(_dimse_messages, "NamedTemporaryFile", None) is not _named_temporary_file:
         _dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[attr-defined]
+    if getattr(_dimse_messages, "create_file_meta", None) is _STOCK_CREATE_FILE_META:
+        _dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
+    if getattr(_dimse_messages, "write_file_meta_info", None) is _STOCK_WRITE_FILE_META_INFO:
+        _dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
     setattr(assoc.dul, _TMP_DIR_ATTR, str(folder))
 
 
@@ -359,6 +428,9 @@ UPSTREAM_SOURCE_SHA256: dict[str, str] = {
         "ed8bbbe3b3d6ddaee3e8673ba25b2ab2a4c45f25bc1d8ae7b48ebafd09499e6d",
     "pynetdicom.dimse_messages.DIMSEMessage.decode_msg":
         "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+    # FastFileMeta writes what these two would, for decode_msg's one call of them
+    "pynetdicom.dsutils.create_file_meta":
+        "035ed415f5aeea15543cca3b0b7b2b6d5a3189bc807a0211f5c633bb356ab9e3",
     # GuardedFile: the file reaches the handler as C_STORE._dataset_file and is closed after it
     "pynetdicom.service_class.StorageServiceClass.SCP":
         "63afca7fc6c6e7ee6e6eb303dd6aa72c1e69dbfcb94dd91c9e90ea6d900a4c40",
