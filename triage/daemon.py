@@ -31,7 +31,7 @@ from triage.model.score import Scorer, Scorers, ScoringError
 from triage.ops import systemd
 from triage.ops.logs import get_logger
 from triage.ops.metrics import METRICS, start_http
-from triage.pipeline import Sender, assemble_due, report_scored, score_assembled
+from triage.pipeline import HeaderCache, Sender, assemble_due, report_scored, score_assembled
 from triage.receive.scp import Receiver
 from triage.receive.workers import WorkerPool, apply_metric, worker_count
 from triage.store.db import Store
@@ -65,6 +65,7 @@ class Daemon:
         self.scorer_error: str | None = None
         self.threads: list[threading.Thread] = []
         self.scheduler = None
+        self.headers = HeaderCache()  # what the assembler parsed, for the report (no second parse)
 
     # -- stages ----------------------------------------------------------------------------------
     def _loop(self, name: str, step: Callable[[], int], wake_next: str | None,
@@ -90,7 +91,7 @@ class Daemon:
                 event.wait(timeout)
 
     def _assemble_step(self) -> int:
-        return assemble_due(self.store, self.cfg)
+        return assemble_due(self.store, self.cfg, headers=self.headers)
 
     def _assemble_sleep(self) -> float:
         """Until the first receiving series is due (its quiet period or force time ends)."""
@@ -172,7 +173,7 @@ class Daemon:
         # next is scored: the scorer takes volumes one at a time anyway, and a study scored first
         # must not wait for the rest of a batch before its results go out.
         n = score_assembled(self.store, scorer, limit=1)
-        n += report_scored(self.store, scorer, self.cfg)
+        n += report_scored(self.store, scorer, self.cfg, headers=self.headers)
         if n:
             self.wake["send"].set()
         return n

@@ -21,8 +21,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from triage.assemble.headers import read_header_dataset
 from triage.assemble.radiograph import assemble_by_kind, load_assembled
-from triage.assemble.volume import VolumeError, read_header, save_volume
+from triage.assemble.volume import VolumeError, save_volume
 from triage.config import Config
 from triage.model.registry import UID_PREFIX, volume_kind
 from triage.model.results import ModelSetInfo, ScoreResult
@@ -50,10 +51,60 @@ def _uid(*parts: str) -> str:
     return generate_uid(prefix=UID_PREFIX, entropy_srcs=["glowtriage", *parts])
 
 
+# ------------------------------------------------------------------------------------------ headers
+
+
+class HeaderCache:
+    """The pixel-free datasets the assembler parsed, kept for the same study's report stage.
+
+    The report needs every instance header of the scored series (the SR's evidence, its patient and
+    study modules, the planes key images are chosen by); the assembler has just parsed exactly those
+    files, so the report takes them from here instead of parsing each file again (about 0.3 ms a slice:
+    40 ms of a 125-slice study). A dataset is used only while its file is the one it was read from
+    (same inode, size and mtime; a re-sent instance is a new file), so what the report sees is what
+    reading the file would give. Bounded (``max_series``, oldest dropped): a miss just reads the file.
+    Thread-safe enough for one assembler and one reporter (dict operations under the GIL).
+    """
+
+    def __init__(self, max_series: int = 16):
+        self.max_series = max_series
+        self._series: dict[str, dict[str, tuple[tuple[int, int, int], Dataset]]] = {}
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def put(self, series_uid: str, path: Path, ds: Dataset) -> None:
+        stamp = self._stamp(Path(path))
+        if stamp is None:
+            return
+        entry = self._series.pop(series_uid, None) or {}
+        entry[str(path)] = (stamp, ds)
+        self._series[series_uid] = entry  # most recent last
+        while len(self._series) > self.max_series:
+            self._series.pop(next(iter(self._series)))
+
+    def headers(self, series_uid: str, paths: list[Path]) -> list[Dataset]:
+        """The datasets of ``paths`` (a series' files), parsed only where not kept; the series' entry
+        is dropped afterwards (a report is built once per assembly)."""
+        kept = self._series.pop(series_uid, {})
+        out = []
+        for p in paths:
+            hit = kept.get(str(p))
+            out.append(hit[1] if hit is not None and hit[0] == self._stamp(Path(p))
+                       else dcmread(p, stop_before_pixels=True))
+        return out
+
+
 # ------------------------------------------------------------------------------------------ assemble
 
 
-def assemble_due(store: Store, cfg: Config, now: float | None = None) -> int:
+def assemble_due(store: Store, cfg: Config, now: float | None = None, headers: HeaderCache | None = None
+                 ) -> int:
     """Assemble every study whose series are all quiet (or forced); returns studies handled."""
     rules = cfg.settings.assembly
     now = store.clock() if now is None else now
@@ -67,12 +118,13 @@ def assemble_due(store: Store, cfg: Config, now: float | None = None) -> int:
         waiting = [s for s in all_series if s.state == "receiving" and s.series_uid not in due_uids]
         if waiting:
             continue  # another series of the study is still arriving: select among all of them later
-        _assemble_study(store, cfg, study_uid, all_series)
+        _assemble_study(store, cfg, study_uid, all_series, headers)
         handled += 1
     return handled
 
 
-def _assemble_study(store: Store, cfg: Config, study_uid: str, all_series: list) -> None:
+def _assemble_study(store: Store, cfg: Config, study_uid: str, all_series: list,
+                    cache: HeaderCache | None = None) -> None:
     rules = cfg.settings.assembly
     generations = {s.series_uid: s.assembly_generation for s in all_series}
     complete_at = store.clock()
@@ -85,10 +137,14 @@ def _assemble_study(store: Store, cfg: Config, study_uid: str, all_series: list)
         hs = []
         for inst in store.series_instances(s.series_uid):
             try:
-                hs.append(read_header(inst.path))
+                h, ds = read_header_dataset(inst.path)
             except VolumeError as exc:
                 log.warning("header_unreadable", study_uid=study_uid, series_uid=s.series_uid,
                             sop_instance_uid=inst.sop_uid, reason=str(exc))
+                continue
+            hs.append(h)
+            if cache is not None:
+                cache.put(s.series_uid, inst.path, ds)
         headers[s.series_uid] = hs
     sel, vol = assemble_by_kind(headers, rules)  # head CT or chest radiograph, by the study's images
     for uid, why in sel.skipped.items():
@@ -246,7 +302,8 @@ class _Report:
         return build[payload]()
 
 
-def report_scored(store: Store, scorer: Scorer | Scorers, cfg: Config, limit: int = 16) -> int:
+def report_scored(store: Store, scorer: Scorer | Scorers, cfg: Config, limit: int = 16,
+                  headers: HeaderCache | None = None) -> int:
     """Build SR and HL7 payloads for scored studies and put them in the outbox, then -> reported.
 
     Each planned route becomes one outbox row (kind, destination name, payload files, target); the
@@ -254,6 +311,7 @@ def report_scored(store: Store, scorer: Scorer | Scorers, cfg: Config, limit: in
     payload, is a bug: the config admits neither), never dispatched on.
     """
     s = cfg.settings
+    cache = headers if headers is not None else HeaderCache(0)
     n = 0
     for study in store.studies_in_state("scored", limit=limit):
         asm = store.assembly(study.study_uid)
@@ -265,7 +323,7 @@ def report_scored(store: Store, scorer: Scorer | Scorers, cfg: Config, limit: in
         paths = [i.path for i in store.series_instances(asm.series_uid)]
         report = _Report(
             store, cfg, result, scorer.info_for(result.model_version), paths,
-            [dcmread(p, stop_before_pixels=True) for p in paths], asm.generation,
+            cache.headers(asm.series_uid, paths), asm.generation,
             (study.study_uid, asm.series_uid, str(asm.generation), result.model_version),
             score["scored_at"],
         )

@@ -192,6 +192,15 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
     return _header_from_dataset(_dcmread(p, pixels=False), p)
 
 
+def read_header_dataset(path: str | os.PathLike[str]) -> tuple[InstanceHeader, Dataset]:
+    """:func:`read_header` and the pixel-free dataset it was read from: a caller that needs the
+    dataset later (the daemon's report stage: the SR's evidence and patient module) keeps it instead of
+    parsing the file a second time."""
+    p = Path(path)
+    ds = _dcmread(p, pixels=False)
+    return _header_from_dataset(ds, p), ds
+
+
 def read_headers(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[InstanceHeader], dict[Path, str]]:
     """Headers of many files; a file that cannot be read is reported, not raised (one bad file in a
     folder must not lose the study)."""

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from highdicom.sc import SCImage
 from pydicom.dataset import Dataset
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DT, TM
 from scipy.ndimage import map_coordinates
 
 from triage.assemble.common import TARGET_SHAPE, VolumeError
@@ -207,6 +207,12 @@ def _finish(sc: Dataset, ds: Dataset, result: ScoreResult, model: ModelSetInfo, 
     sc.ContentDate, sc.ContentTime = DA(when.date()), TM(when.time())
     sc.SeriesDate, sc.SeriesTime = DA(when.date()), TM(when.time())
     sc.InstanceCreationDate, sc.InstanceCreationTime = DA(when.date()), TM(when.time())
+    # highdicom stamps the capture date/time and its own Contributing Equipment item from the clock: a
+    # rebuilt key image (after a crash before its SR) must be byte-identical to the first, as the SR is
+    sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(when.date()), TM(when.time())
+    for item in sc.get("ContributingEquipmentSequence") or []:
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = DT(when)
     sc.DerivationDescription = (
         f"Source {what} with the glowtriage region map (model set {model.version}): colour where a "
         f"{result.region_window_mm:g} mm window is more than {Z_SHOW:g} normal s.d. below normal"
