@@ -648,17 +648,20 @@ class Receiver:
 
     # ------------------------------------------------------------------------------- C-STORE
     def _materialize(self, event: evt.Event) -> Path:
-        """A Part-10 file of the received bytes under tmp/, owned by us from here on."""
-        dst = self.store.new_tmp_path()
+        """A Part-10 file of the received bytes under tmp/, owned by us from here on.
+
+        pynetdicom streamed them into a file under the store's tmp/ (:func:`receive_into`) and deletes
+        that name after the handler, ignoring a name that is already gone. The handler moves or deletes
+        the file on every path before it returns, so it takes pynetdicom's file as it is: no second
+        name, no link and unlink per instance (issue 15)."""
         src: Path | None = None
         with contextlib.suppress(AttributeError):
             src = event.dataset_path
-        if src is not None:
-            # pynetdicom deletes its own name after the handler; a second link keeps the inode.
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
+        if src is not None and Path(src).parent == self.store.tmp:
+            return Path(src)
+        dst = self.store.new_tmp_path()
+        if src is not None:  # elsewhere (an upstream change moved it): a copy on the spool's filesystem
+            shutil.copyfile(src, dst)
             return dst
         with open(dst, "wb") as f:  # memory mode (if someone turns chunked receiving off)
             f.write(event.encoded_dataset(include_meta=True))
