@@ -24,7 +24,17 @@ time a flow takes does not depend on its weights, so no training is needed to me
 scores themselves mean nothing here). It keeps a region calibration (issue 12:
 ``triage.model.modelset.region_calibration`` on those volumes, as ``create_model_set`` does on the
 calibration normals), so the daemon runs the path a real set runs: both voxel maps, the region score,
-and key images for the studies it flags (``flag_policy`` "either", the shipped default). Beside the
+and key images for the studies it flags (``flag_policy`` "either", the shipped default).
+
+Which studies it flags is the bench's choice, said in the table and the JSON (``flag_calibration``):
+random weights score the bench's studies like the calibration volumes, so the share flagged is set by
+the operating point alone. The thresholds are set at ``--specificity`` (default 0.9, an operating
+point a real set is made at) on ``--calibration-volumes`` (10) of the bench's volumes, global and region
+alike (``region_calibration`` keeps the global threshold's specificity), so "either" flags about
+1 - 0.9^2 = 19% (a real set on a clinical mix: its false positives plus the abnormal studies it finds).
+Key images are built only for flagged studies and make their report several times slower, so this
+share moves the report stage's tail. ``--specificity 0.5`` is the earlier bench: the median of 4
+volumes as the threshold, about 3 in 4 studies flagged. Beside the
 latency the table gives the model's own inference time per study: the daemon's
 ``glowtriage_inference_seconds`` (mean), a direct ``ModelPair.log_likelihoods`` timing, and the cost of
 the map: ``Scorer.score`` on the same volumes in this process, with the region calibration (maps,
@@ -35,7 +45,11 @@ Before the daemon runs, the bench also times the assembly of issue 11's thin ser
 512x512, 0.625 mm, JPEG Lossless, 8.5 degree tilt, one slice missing) in this process, with
 ``bench/assembly_bench.py``'s code (``--thin-runs``, 0 to skip): p50 and p95 in the table and the JSON.
 
+The daemon warms up at start (``[scoring] warmup``, :mod:`triage.warmup`) before it reports ready; its
+``warmup_done`` seconds are in the JSON (``daemon_warmup``).
+
     python bench/e2e_bench.py [--studies 24] [--out bench/results/e2e.json] [--work DIR] [--thin-runs 3]
+        [--specificity 0.9] [--calibration-volumes 10] [--note TEXT]
 """
 
 from __future__ import annotations
@@ -104,11 +118,15 @@ def make_studies(work: Path, n: int) -> dict[str, Path]:
     return sets
 
 
-def random_model_set(work: Path, root: Path, samples: list[Path]) -> tuple[Any, Any, list[Any]]:
-    """A cpu-small M0/M1 pair with random weights, ActNorm initialised on the volumes of ``samples``
-    (study folders), registered twice under ``root/models``: with a region calibration on those volumes
+def random_model_set(work: Path, root: Path, samples: list[Path], specificity: float = 0.9,
+                     calibration_volumes: int = 10) -> tuple[Any, Any, list[Any], dict[str, Any]]:
+    """A cpu-small M0/M1 pair with random weights, ActNorm initialised on the first 4 volumes of
+    ``samples`` (study folders), registered twice under ``root/models``: with a region calibration
     (promoted: the daemon's) and without one (the global score alone, for the scoring-time comparison).
-    Returns (the region set, the global-only set, the assembled volumes)."""
+    Both thresholds are calibrated on the first ``calibration_volumes`` volumes: the global one keeps
+    ``specificity`` of them (``threshold_at_specificity``, what ``triage models create`` does without
+    labels), the region one the same specificity; 0.5 keeps the earlier bench (the median of 4).
+    Returns (the region set, the global-only set, the ActNorm volumes, the calibration as recorded)."""
     import torch
 
     from training.presets import config_from_preset
@@ -116,12 +134,16 @@ def random_model_set(work: Path, root: Path, samples: list[Path]) -> tuple[Any, 
     from triage.assemble.folders import folder_studies
     from triage.assemble.volume import PREPROCESSING_VERSION
     from triage.config import AssemblySettings
+    from triage.model.calibrate import threshold_at_specificity
     from triage.model.glow import Glow, fit_to_shape
     from triage.model.modelset import region_calibration
     from triage.model.registry import Registry
     from triage.model.score import ModelPair, pick_device
 
-    vols = [st.volume for st in folder_studies(samples, AssemblySettings()) if st.volume is not None][:4]
+    n_cal = 4 if specificity == 0.5 else calibration_volumes
+    all_vols = [st.volume for st in folder_studies(samples[:max(4, n_cal)], AssemblySettings())
+                if st.volume is not None]
+    vols = all_vols[:4]
     cfg = config_from_preset(PRESET)
     x = torch.cat([fit_to_shape(torch.from_numpy(v.data)[None, None], cfg.image_shape) for v in vols])
     paths = []
@@ -135,20 +157,25 @@ def random_model_set(work: Path, root: Path, samples: list[Path]) -> tuple[Any, 
         g.save(p, extra={"preset": PRESET, "note": "random weights (e2e benchmark)"})
         paths.append(p)
     pair = ModelPair.load(paths[0], paths[1], pick_device("cpu"))
-    post = sorted(float(np.subtract(*pair.log_likelihoods(v.data))) for v in vols)
-    threshold = post[len(post) // 2]
+    cal_vols = all_vols[:n_cal]
+    post = sorted(float(np.subtract(*pair.log_likelihoods(v.data))) for v in cal_vols)
+    if specificity == 0.5:  # the earlier bench, kept comparable: the median of the 4 ActNorm volumes
+        threshold, rule = post[len(post) // 2], "median of 4 volumes (earlier bench)"
+    else:
+        threshold = threshold_at_specificity(post, specificity)
+        rule = f"threshold_at_specificity({specificity:g}) on {len(post)} volumes"
     reg = Registry(root / "models")
     common: dict[str, Any] = {
         "preset": PRESET,
         "preprocessing_version": PREPROCESSING_VERSION,
         "threshold": threshold,
-        "method": "bench: random weights",
+        "method": f"bench: random weights; {rule}",
         "normal_scores": post,
         "software_version": __version__,
     }
-    region = region_calibration(pair, [v.data for v in vols], threshold, post, reg.root)
+    region = region_calibration(pair, [v.data for v in cal_vols], threshold, post, reg.root)
     if region is None:
-        raise SystemExit(f"no region calibration on {len(vols)} volumes (needs >= 3): use more --studies")
+        raise SystemExit(f"no region calibration on {len(cal_vols)} volumes (needs >= 3): use more --studies")
     with_region = reg.create(
         paths[0], paths[1], provenance={"note": "random weights; speed only; region calibration"},
         calibration_extra={"region": region}, **common,
@@ -157,7 +184,18 @@ def random_model_set(work: Path, root: Path, samples: list[Path]) -> tuple[Any, 
         paths[0], paths[1], provenance={"note": "random weights; speed only; global score alone"}, **common
     )
     reg.promote(with_region.version, reason="e2e benchmark")
-    return with_region, global_only, vols
+    calibration = {
+        "specificity": specificity,
+        "rule": rule,
+        "calibration_volumes": len(cal_vols),
+        "global_threshold": threshold,
+        "global_specificity_on_them": float(np.mean(np.asarray(post) >= threshold)),
+        "region_threshold": region.get("threshold"),
+        "flag_policy": "either",
+        "note": "random weights: the bench's studies score like these volumes, so the share flagged "
+                "follows the operating point; key images only for flagged studies",
+    }
+    return with_region, global_only, vols, calibration
 
 
 def scoring_with_and_without_map(with_region: Any, global_only: Any, vols: list[Any],
@@ -263,7 +301,7 @@ def latencies(root: Path, uids: list[str]) -> list[dict[str, float]]:
     with _db(root) as con:
         rows = con.execute(
             f"""SELECT a.study_uid, a.complete_at, a.created_at AS assembled_at, s.scored_at,
-                       o.created_at AS queued_at, o.sent_at, o.attempts
+                       o.created_at AS queued_at, o.sent_at, o.attempts, s.result
                 FROM assemblies a JOIN scores s ON s.study_uid = a.study_uid
                 JOIN outbox o ON o.study_uid = a.study_uid AND o.generation = a.generation
                 WHERE o.kind = 'dicom' AND o.destination = 'PACS' AND o.state = 'sent'
@@ -280,6 +318,7 @@ def latencies(root: Path, uids: list[str]) -> list[dict[str, float]]:
                 "report": r["queued_at"] - r["scored_at"],
                 "send": r["sent_at"] - r["queued_at"],
                 "attempts": r["attempts"],
+                "flagged": float(bool(json.loads(r["result"]).get("flagged"))),
             }
         )
     return out
@@ -332,9 +371,9 @@ def direct_inference(work: Path, vols: list[np.ndarray], repeat: int = 5) -> flo
 
 def measure(
     work: Path, sets: dict[str, Path], ports: dict[str, int]
-) -> tuple[dict[str, list[dict[str, float]]], dict[str, Any] | None]:
-    """Daemon, PACS and RIS up; the sequential then the burst pattern through them; per-study latencies
-    and the daemon's own inference figures."""
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, Any] | None, dict[str, Any] | None]:
+    """Daemon, PACS and RIS up; the sequential then the burst pattern through them; per-study latencies,
+    the daemon's own inference figures and its ``warmup_done`` event (None when it logged none)."""
     root = work / "var"
     cfg = bench_config(work, ports["dicom"], ports["metrics"], ports["pacs"], ports["hl7"])
     mllp = MLLPListener(ports["hl7"])
@@ -342,9 +381,11 @@ def measure(
     daemon = TriageProcess(cfg, work / "daemon.log", cwd=work)
     results: dict[str, list[dict[str, float]]] = {}
     inference_daemon = None
+    warmup = None
     try:
         orthanc.start()
         daemon.start()
+        warmup = next((ev for ev in daemon.log_events() if ev.get("event") == "warmup_done"), None)
         uids = study_uids(sets["sequential"])
         print(f"  sequential: {len(uids)} studies, one at a time ...", flush=True)
         for i in range(len(uids)):
@@ -362,7 +403,9 @@ def measure(
         inference_daemon = scrape_inference(ports["metrics"])
     finally:
         stop_all(mllp, orthanc, daemon)
-    return results, inference_daemon
+    if warmup is not None:
+        warmup = {k: v for k, v in warmup.items() if k in ("seconds", "total_s", "failed", "skipped")}
+    return results, inference_daemon, warmup
 
 
 def summarize(results: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
@@ -373,6 +416,7 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]
             "pattern": pattern,
             "studies": len(lat),
             "retries": sum(int(r["attempts"]) - 1 for r in lat),
+            "flagged": int(sum(r.get("flagged", 0) for r in lat)),
         }
         for k in ("total", *STAGES):
             row[k] = percentiles([r[k] for r in lat])
@@ -388,12 +432,13 @@ def print_results(
 ) -> None:
     print()
     print(
-        f"{'pattern':<11} {'n':>3} {'p50 s':>7} {'p95 s':>7} {'max s':>7}   "
+        f"{'pattern':<11} {'n':>3} {'flag':>4} {'p50 s':>7} {'p95 s':>7} {'max s':>7}   "
         + "  ".join(f"{s + ' p50':>12}" for s in STAGES)
     )
     for r in rows:
         print(
-            f"{r['pattern']:<11} {r['studies']:>3} {r['total']['p50']:>7.2f} {r['total']['p95']:>7.2f} "
+            f"{r['pattern']:<11} {r['studies']:>3} {r['flagged']:>4} {r['total']['p50']:>7.2f} "
+            f"{r['total']['p95']:>7.2f} "
             f"{r['total']['max']:>7.2f}   " + "  ".join(f"{r[s]['p50']:>12.2f}" for s in STAGES)
         )
     inf_d = "n/a"
@@ -429,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thin-runs", type=int, default=3, help="assemblies of the 238-slice series (0: skip)")
     ap.add_argument("--thin-data", type=Path, default=Path("/tmp/glowtriage-assembly-bench"),
                     help="where the thin series is written once and kept")
+    ap.add_argument("--specificity", type=float, default=0.9,
+                    help="operating point of both thresholds on the calibration volumes (0.5: the earlier "
+                         "bench, the median of 4 volumes)")
+    ap.add_argument("--calibration-volumes", type=int, default=10,
+                    help="bench volumes the thresholds are calibrated on (>= 10 for a 0.9 specificity)")
+    ap.add_argument("--note", default="", help="recorded in the JSON (e.g. other load on the machine)")
     args = ap.parse_args(argv)
 
     from triage.ops.logs import configure
@@ -449,11 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     sets = make_studies(work, args.studies)
     print(f"  synthetic studies written in {time.perf_counter() - t0:.0f} s", flush=True)
     root = work / "var"
-    samples = sorted(p for d in sets.values() for p in d.glob("study_*"))[:4]
-    with_region, global_only, volumes = random_model_set(work, root, samples)
+    samples = sorted(p for d in sets.values() for p in d.glob("study_*"))[:max(4, args.calibration_volumes)]
+    with_region, global_only, volumes, flag_cal = random_model_set(
+        work, root, samples, args.specificity, args.calibration_volumes
+    )
     version = with_region.version
     ports = {k: free_port() for k in ("dicom", "metrics", "pacs", "hl7", "http")}
-    results, inference_daemon = measure(work, sets, ports)
+    load_daemon = round(os.getloadavg()[0], 2)
+    results, inference_daemon, warmup = measure(work, sets, ports)
     vols = [v.data for v in volumes]
     inference_direct = direct_inference(work, vols)
     map_cost = scoring_with_and_without_map(with_region, global_only, volumes)
@@ -462,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(results)
     print_results(rows, inference_daemon, inference_direct, map_cost)
     print(f"key images written by the daemon for its flagged studies: {key_images}")
+    shares = ", ".join(f"{r['pattern']} {r['flagged']} of {r['studies']}" for r in rows)
+    print(f"flagged: thresholds at specificity {flag_cal['specificity']:g} ({flag_cal['rule']}), "
+          f"flag_policy either; {shares}")
+    if warmup is not None:
+        print(f"daemon warm-up before ready: {warmup.get('total_s')} s {warmup.get('seconds')}")
     if thin is not None:
         print("\nassembly of issue 11's thin series (bench/assembly_bench.py, in this process):")
         print_thin_table(thin)
@@ -473,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
         "region_calibration": True,
         "flag_policy": "either (shipped default)",
         "key_images_written": key_images,
+        "flag_calibration": flag_cal,
+        "flagged": {r["pattern"]: f"{r['flagged']} of {r['studies']}" for r in rows},
+        "daemon_warmup": warmup,
         "weights": "random (ActNorm initialised); speed does not depend on training",
         "studies_per_pattern": args.studies,
         "config": {
@@ -495,8 +557,10 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "load_avg_1m_start": load_start,
+            "load_avg_1m_daemon_start": load_daemon,
             "load_avg_1m_end": round(os.getloadavg()[0], 2),
         },
+        "note": args.note,
         "seconds": round(time.perf_counter() - t0, 1),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -92,7 +92,7 @@ def test_warmup_runs_every_part_and_leaves_nothing(tmp_path: Path, models: Path,
         with capture_logs() as logs:
             out = daemon.warmup()
         assert out is not None and "failed" not in out and "skipped" not in out, out
-        assert set(out["seconds"]) == {"assemble", "score_ct", "score_cxr", "report"}
+        assert set(out["seconds"]) == {"load_model_sets", "assemble", "score_ct", "score_cxr", "report"}
         done = [e for e in logs if e["event"] == "warmup_done"]
         assert len(done) == 1 and done[0]["seconds"] == out["seconds"] and done[0]["total_s"] > 0
         # nothing stored, queued or scored; no study in any log line; the temporary folder is gone
