@@ -119,6 +119,8 @@ class Plan:
     compare_scratch: bool = True  # with m1_init "trunk": also train M1 from scratch and report both
     precision: str | None = None  # the coupling nets' "fp32" | "bf16"; None: the preset's
     protocol_mix: bool = True  # every set drawn from PROTOCOL_MIX's acquisitions (tilt, two-stack, thin)
+    augment: str | None = None  # "on" | "off": mirror/shift (training.train.augment); None: the preset's
+    augment_trunk: bool = True  # False: augment M0's and M1's branches only (a finished trunk is kept)
 
     def synth_seed(self, which: str) -> int:
         """Disjoint per-set seeds: no subject can appear in two sets (write_dataset draws study i of
@@ -263,9 +265,15 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
     from training.train.loop import forget_stale_warm_start, train
 
     models = out / "work"
-    same = {k: v for k, v in plan.__dict__.items() if k not in _NOT_TRAINING}
+    same = {k: v for k, v in plan.__dict__.items() if k not in _NOT_TRAINING
+            and not (k in _AUGMENT_KEYS and plan.augment is None)}  # as stamped before augmentation
     stamp = models / "plan.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) != same:
+    old = json.loads(stamp.read_text()) if stamp.is_file() else same
+    if old != same and _trunk_identity(old) == _trunk_identity(same):
+        for f in [*models.glob("m0.pt*"), *models.glob("m1.pt*"), *models.glob("m1-scratch.pt*")]:
+            f.unlink()
+        log.info("branches_restarted", reason="the plan changed for the branches only; the trunk is kept")
+    elif old != same:
         shutil.rmtree(models)
         log.info("training_restarted", reason="the plan changed since the checkpoints were written")
     models.mkdir(parents=True, exist_ok=True)
@@ -277,9 +285,10 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
             init_from = models / f"{start}.pt"
             forget_stale_warm_start(models / f"{name}.pt", init_from)
         t0 = time.perf_counter()
+        aug = plan.augment if (name != "trunk" or plan.augment_trunk) else None
         res = train(data, plan.preset, models / f"{name}.pt", role=role, seed=plan.seed, steps=steps,
                     resume=True, init_from=init_from, progress=False, log_every=25, checkpoint_every=50,
-                    precision=plan.precision)
+                    precision=plan.precision, augment=aug)
         wall = timings.add(f"train_{name}", t0)
         s = res.summary()
         s["wall_seconds"] = round(wall, 3)
@@ -289,6 +298,17 @@ def train_models(out: Path, normal: DicomVolumes, mixture: DicomVolumes, plan: P
         log.info("model_trained", model=name, role=role, steps=res.steps, final_bpd=s["final_bpd"],
                  seconds=s["seconds"])
     return results
+
+
+_AUGMENT_KEYS = ("augment", "augment_trunk")
+
+
+def _trunk_identity(stamp: dict[str, Any]) -> dict[str, Any]:
+    """What the trunk of a stamped plan depends on: every training key, with the augmentation the
+    trunk itself got (none when only the branches were augmented)."""
+    out = {k: v for k, v in stamp.items() if k not in _AUGMENT_KEYS}
+    out["trunk_augment"] = stamp.get("augment") if stamp.get("augment_trunk", True) else None
+    return out
 
 
 def register_models(out: Path, calib: DicomVolumes, plan: Plan, trained: dict[str, Any]) -> Any:
@@ -379,7 +399,7 @@ def ablation_scratch(out: Path, mixture: DicomVolumes, test: DicomVolumes, calib
     t0 = time.perf_counter()
     res = train(mixture, plan.preset, out / "work" / "m1-scratch.pt", role="mixture", seed=plan.seed,
                 steps=plan.steps + plan.branch_steps, resume=True, progress=False, log_every=25,
-                checkpoint_every=50, precision=plan.precision)
+                checkpoint_every=50, precision=plan.precision, augment=plan.augment)
     timings.add("train_m1_scratch", t0)
     pair = ModelPair.load(out / "work" / "m0.pt", out / "work" / "m1-scratch.pt", pick_device("auto"))
     rows = []
@@ -439,6 +459,9 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
     ms = register_models(out, calib, plan, trained)
     held_out = spread(ms.manifest["calibration"]["normal_scores"])
     timings.add("calibrate", t0)
+    t0 = time.perf_counter()
+    memo = memorization(out, m0_data, calib)
+    timings.add("memorization", t0)
     rows, s_per_volume = score_test(out, sets["test"], timings)
 
     t0 = time.perf_counter()
@@ -478,6 +501,7 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
         "training": trained,
         **summary,
         "posterior_on_held_out_normals": held_out,
+        "memorization": memo,
         "ablation_m1_scratch": None,
         "seconds_per_volume": {"score": round(s_per_volume, 4),
                                "assemble": round(assemble_s / max(1, n_vol), 4)},
@@ -500,6 +524,32 @@ def run(out: Path, plan: Plan, command: str) -> dict[str, Any]:
         result["timings_s"]["total"] = round(time.perf_counter() - t_all, 3)
         (out / "experiment.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     return result
+
+
+def memorization(out: Path, m0_data: DicomVolumes, calib: DicomVolumes, k: int = 64) -> dict[str, Any]:
+    """How much better the models know their own training normals than new normals of the same kind:
+    mean log p(x|M0) and posterior of (up to ``k``, evenly spaced) M0 training normals against the
+    held-out calibration normals. Label-free; a gap far above the held-out spread says the models
+    memorized their volumes (what :mod:`training.train.augment` is against)."""
+    import torch
+
+    from triage.model.score import ModelPair, pick_device
+
+    pair = ModelPair.load(out / "work" / "m0.pt", out / "work" / "m1.pt", pick_device("auto"))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+    def stats(vols: Sequence[Any]) -> dict[str, float]:
+        lp = np.array([pair.log_likelihoods(v) for v in vols], dtype=float)  # (n, 2)
+        post = lp[:, 0] - lp[:, 1]
+        return {"n": len(vols), "log_p_m0_mean": float(lp[:, 0].mean()),
+                "posterior_mean": float(post.mean()), "posterior_sd": float(post.std(ddof=1))}
+
+    step = max(1, len(m0_data) // k)
+    train_part = stats(list(m0_data.volumes)[::step][:k])
+    held = stats(list(calib.volumes))
+    return {"m0_training_normals": train_part, "held_out_normals": held,
+            "log_p_m0_gap": train_part["log_p_m0_mean"] - held["log_p_m0_mean"],
+            "posterior_gap": train_part["posterior_mean"] - held["posterior_mean"]}
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -602,6 +652,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="draw every set from the acquisitions hospitals send (gantry tilt, two-stack "
                         "4/7 mm series, 0.625 mm thin series; PROTOCOL_MIX; the default), or "
                         "(--no-protocol-mix) from untilted 4-5 mm series only, as before 2026-11-30")
+    p.add_argument("--augment", choices=("on", "off"),
+                   help="mirror left-right and shift in-plane every training volume, label-free "
+                        "(training/train/augment.py: against memorizing a few hundred volumes; "
+                        "default: the preset's augment_* keys)")
+    p.add_argument("--augment-branches-only", dest="augment_trunk", action="store_false",
+                   help="with --augment: augment M0's and M1's branches only, keeping a trunk already "
+                        "trained by this folder's plan (an ablation of augmentation at the same trunk)")
     p.add_argument("--slab-samples", type=int, default=d.slab_samples)
     p.add_argument("--workers", type=int,
                    help=f"processes writing and decoding DICOM (default {d.workers}, or the preset's)")
@@ -636,6 +693,7 @@ def plan_from_args(a: argparse.Namespace) -> Plan:
             base[key] = v
     base.update(preset=a.preset, seed=a.seed, m1_init=a.m1_init, compare_scratch=a.compare_scratch,
                 distractors=a.distractors, slab_samples=a.slab_samples, precision=a.precision,
+                augment=a.augment, augment_trunk=a.augment_trunk,
                 protocol_mix=a.protocol_mix)
     if a.workers is not None:
         base["workers"] = a.workers

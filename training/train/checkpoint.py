@@ -129,6 +129,13 @@ def atomic_save(payload: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _meta_value(meta: Mapping[str, Any], key: str) -> Any:
+    """A run's identity by ``key``; checkpoints written before augmentation existed did none."""
+    if key == "augment":
+        return meta.get(key) or {"mirror_x": False, "shift_voxels": 0}
+    return meta.get(key)
+
+
 def load_checkpoint(path: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -136,8 +143,8 @@ def load_checkpoint(path: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
         raise TrainingError(f"{path}: cannot read checkpoint: {exc}") from exc
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
         raise TrainingError(f"{path}: not a glowtriage training checkpoint")
-    for key in ("role", "preset", "seed", "ids_sha256", "init_from"):
-        if ck["meta"].get(key) != meta.get(key):
+    for key in ("role", "preset", "seed", "ids_sha256", "init_from", "augment"):
+        if _meta_value(ck["meta"], key) != _meta_value(meta, key):
             raise TrainingError(
                 f"{path}: checkpoint is of another run ({key} {ck['meta'].get(key)!r}, "
                 f"this run {meta.get(key)!r}); remove it or drop --resume"

@@ -49,6 +49,7 @@ from training.data.sources import VolumeSet, as_volume_set, ids_digest, prepare_
 from training.errors import TrainingError
 from training.presets import config_from_preset
 from training.train import ddp as ddp_mod
+from training.train.augment import augment_of
 from training.train.checkpoint import (
     CKPT_FORMAT,
     atomic_save,
@@ -154,6 +155,7 @@ class _Loop:
         self.opt = torch.optim.Adam(glow.parameters(), lr=s.base_lr)
         self.order = _Order(data.shape[0], _derived_generator(s.seed, 1))
         self.noise_g = _derived_generator(s.seed, 2)
+        self.aug_g = _derived_generator(s.seed, 4)  # drawn only when the run augments
         self.losses: list[float] = []
         self.lrs: list[float] = []
         self.last_grad_norm: float | None = None
@@ -171,7 +173,11 @@ class _Loop:
         idx = self.order.take(s.batch)
         u_all = torch.rand((s.batch, *self.data.shape[1:]), generator=self.noise_g)
         sl = slice(self.ddp.rank * s.local, (self.ddp.rank + 1) * s.local)
-        xb = self.data[idx[sl]].to(self.dev, non_blocking=True)
+        xb = self.data[idx[sl]]
+        if s.augment.active:
+            flips, shifts = s.augment.draw(s.batch, self.aug_g)
+            xb = s.augment.apply(xb, flips[sl], shifts[sl])
+        xb = xb.to(self.dev, non_blocking=True)
         ub = u_all[sl].to(self.dev, non_blocking=True)
         if hook is not None:
             hook(step, self.glow, ub)
@@ -221,6 +227,7 @@ class _Loop:
             "optimizer": to_cpu(self.opt.state_dict()),
             "order": self.order.state(),
             "noise_rng": self.noise_g.get_state(),
+            "aug_rng": self.aug_g.get_state(),
             "torch_rng": torch.get_rng_state(),
             "guard": self.guard.state(),
             "losses": list(self.losses),
@@ -234,6 +241,8 @@ class _Loop:
         self.opt.load_state_dict(ck["optimizer"])
         self.order.load(ck["order"])
         self.noise_g.set_state(ck["noise_rng"])
+        if "aug_rng" in ck:  # checkpoints from before augmentation never drew from it
+            self.aug_g.set_state(ck["aug_rng"])
         torch.set_rng_state(ck["torch_rng"])
         self.guard.load(ck["guard"])
         self.losses = [float(v) for v in ck["losses"]]
@@ -262,6 +271,7 @@ def train(
     hook: StepHook | None = None,
     lr: float | None = None,
     precision: str | None = None,
+    augment: str | None = None,
 ) -> TrainResult:
     """Train one Glow on ``volumes`` and save it to ``out`` with its provenance.
 
@@ -275,6 +285,8 @@ def train(
     ``precision`` (``"fp32"`` or ``"bf16"``) overrides the preset's ``precision``: the coupling nets'
     compute type (:meth:`triage.model.glow.Glow.set_precision`), saved with the model so that it is
     scored the way it was trained.
+    ``augment`` (``"on"`` or ``"off"``) overrides the preset's augmentation keys
+    (:mod:`training.train.augment`: mirror and in-plane shift, label-free).
     """
     t_start = time.perf_counter()
     if role not in ROLES:
@@ -318,6 +330,7 @@ def train(
             checkpoint_every=every,
             # every checkpoint is also a snapshot point, so a resumed run holds the same "last good" state
             snapshot_every=math.gcd(max(1, snapshot_every), every),
+            augment=augment_of(cfg, augment),
         )
         if dev.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -329,6 +342,7 @@ def train(
             "volumes": len(ids),
             "started": now_iso(),
             "init_from": str(init_from) if init_from else None,
+            "augment": s.augment.describe(),
         }
         torch.manual_seed(seed)
         glow = warm_start_model(Path(init_from), cfg) if init_from is not None else Glow(cfg)

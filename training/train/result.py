@@ -95,6 +95,7 @@ def provenance(
             "lr": base_lr,
             "lr_schedule": lr_schedule_of(cfg),
             "precision": meta.get("precision", "fp32"),
+            "augment": meta.get("augment", {"mirror_x": False, "shift_voxels": 0}),
             "data": {
                 "count": result.volumes,
                 "ids_sha256": meta["ids_sha256"],

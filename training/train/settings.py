@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from training.errors import TrainingError
+from training.train.augment import NONE, Augment
 from triage.model.glow import GlowConfig
 
 
@@ -72,6 +73,7 @@ class Settings:
     log_every: int
     checkpoint_every: int
     snapshot_every: int
+    augment: Augment = NONE
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to the base lr, then constant or a cosine decay to ~0 by the last step.
