@@ -13,6 +13,10 @@ as a safety net: a wake-up lost to a bug or a crashed worker costs seconds, neve
 that cannot load stops only the scoring loop, which retries and logs the reason; studies wait in
 ``assembled`` and nothing is dropped. A new model set promoted by the nightly retrain is picked up
 at the next scoring round (the registry's ``current`` link is read every round).
+
+At start the daemon warms up (:meth:`Daemon.warmup`, :mod:`triage.warmup`; ``[scoring] warmup``) after
+the DICOM port listens and before the stages run and it reports ready, so the first study is as fast as
+the next.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cache
 
 import numpy as np
 import SimpleITK as sitk
@@ -64,11 +65,35 @@ def _resample_coarse(src: sitk.Image, geom: _Geometry) -> sitk.Image:
     )
 
 
+@cache
+def _itk_ball(radius: tuple[int, int, int]) -> np.ndarray:
+    """SimpleITK's ``sitkBall`` structuring element of ``radius`` (x, y, z) as a bool array (z, y, x):
+    a single voxel dilated by it, so the element is ITK's own, whatever its rounding rule."""
+    rx, ry, rz = radius
+    one = np.zeros((2 * rz + 1, 2 * ry + 1, 2 * rx + 1), dtype=np.uint8)
+    one[rz, ry, rx] = 1
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(one), list(radius), sitk.sitkBall,
+                                                    0, 1)).astype(bool)
+
+
+def binary_opening_itk(mask: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
+    """``sitk.BinaryMorphologicalOpening(mask, radius, sitkBall, 0, 1)`` with scipy, voxel for voxel
+    (ITK's erosion counts outside the image as foreground, its dilation as background), 4x faster on
+    the coarse grid of a head CT (0.14 -> 0.03 s on 2 busy cores; it was the assembly's largest single
+    step). ITK's own dilation (:func:`_find_head`) is faster than scipy's and stays."""
+    ball = _itk_ball(radius)
+    eroded = ndimage.binary_erosion(mask, ball, border_value=1)
+    return ndimage.binary_dilation(eroded, ball, border_value=0)
+
+
 def _head_mask(coarse: sitk.Image, uid: str) -> np.ndarray:
     """The head on the coarse grid: the largest connected component of tissue after an in-plane
     opening (which cuts thin table tops, head holders and cables), as a bool array (z, y, x)."""
-    mask = sitk.Cast(coarse > TISSUE_HU, sitk.sitkUInt8)
-    opened = sitk.BinaryMorphologicalOpening(mask, [2, 2, 0], sitk.sitkBall, 0, 1)
+    tissue = sitk.GetArrayViewFromImage(coarse) > TISSUE_HU
+    mask = sitk.GetImageFromArray(tissue.astype(np.uint8))
+    mask.CopyInformation(coarse)
+    opened = sitk.GetImageFromArray(binary_opening_itk(tissue, (2, 2, 0)).astype(np.uint8))
+    opened.CopyInformation(coarse)
     for candidate in (opened, mask):
         cc = sitk.RelabelComponent(sitk.ConnectedComponent(candidate), sortByObjectSize=True)
         labels = sitk.GetArrayFromImage(cc) == 1
@@ -181,7 +206,7 @@ def _find_head(
     src_var = _top_variance(z_profile, top_xy, rough)
     head_img = sitk.GetImageFromArray(labels.astype(np.uint8))
     head_img.CopyInformation(coarse)
-    head_img = sitk.BinaryDilate(head_img, [3, 3, 1], sitk.sitkBall, 0, 1)
+    head_img = sitk.BinaryDilate(head_img, [3, 3, 1], sitk.sitkBall, 0, 1)  # ITK's is the faster here
     head_fine = sitk.GetArrayFromImage(
         sitk.Resample(
             head_img, size, sitk.Transform(), sitk.sitkNearestNeighbor, fine_origin, fine_spacing, identity, 0
