@@ -3,9 +3,9 @@
 Why: the ingest bench (``bench/ingest_bench.py``) gives one number per peer; this one splits it. The
 receiver runs in this process (``dicom.workers = 1``) with timing wrappers around pynetdicom's PDU
 read, its DIMSE decode (which also writes the dataset's file), the socket send of the response, and
-each step of our C-STORE handler (link, inspect, hash, file fsync, SOP lock, rename, folder fsync,
-database commit, log fsync). One ``storescu`` per association sends the same synthetic CT slices the
-ingest bench sends.
+each step of our C-STORE handler (inspect, hash, SOP lock, rename, rows written, then the three
+waits that run at once: file fsync, folder fsync, log fsync). One ``storescu`` per association sends
+the same synthetic CT slices the ingest bench sends.
 
     python bench/ingest_stages.py [--n 300] [--associations 1,4] [--out FILE.json]
 
@@ -90,7 +90,7 @@ def instrument() -> None:
     dm.DIMSEMessage.decode_msg = _timed("dimse_decode+file_write", dm.DIMSEMessage.decode_msg)
     tr.AssociationSocket.send = _timed("socket_send", tr.AssociationSocket.send)
     scp.Receiver._store = _timed("handler_total", scp.Receiver._store)
-    scp.Receiver._materialize = _timed("materialize(link)", scp.Receiver._materialize)
+    scp.Receiver._materialize = _timed("materialize", scp.Receiver._materialize)
     scp.inspect_instance = _timed("inspect", scp.inspect_instance)
     db.dataset_sha256 = _timed("sha256", db.dataset_sha256)
     file_fsync = db.fsync_file
@@ -102,8 +102,8 @@ def instrument() -> None:
     spool.GroupSync.sync = _timed(lambda self: "wal_fsync_wait" if str(self.path).endswith("-wal")
                                   else "dir_fsync_wait", sync)
     db.Store._fsync_wal = _timed("wal_fsync_call", db.Store._fsync_wal)
-    db.Store._commit_index = _timed("commit_total", db.Store._commit_index)
-    db.Store._run_batch = _timed("commit_batch_sql", db.Store._run_batch)
+    db.Store._write_rows = _timed("rows_written(group commit, no fsync)", db.Store._write_rows)
+    db.Store._run_batch = _timed("commit_batch_sql(leader)", db.Store._run_batch)
 
 
 def gaps(handler_spans: dict[int, list[tuple[float, float]]]) -> list[float]:
