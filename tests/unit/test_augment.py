@@ -83,3 +83,20 @@ def test_augmented_resume_gives_the_uninterrupted_weights(tmp_path: Path) -> Non
     # the same checkpoint is not resumed by a run that does not augment
     with pytest.raises(TrainingError, match="augment"):
         quick(vs, out, steps=20, checkpoint_every=5, seed=1, resume=True)
+
+
+def test_experiment_keeps_the_trunk_only_when_the_trunk_itself_is_not_augmented() -> None:
+    """`training experiment --augment on --augment-branches-only` on a folder trained without
+    augmentation keeps its trunk (and restarts the branches); augmenting the trunk too starts over."""
+    from training.experiment import Plan, _trunk_identity
+
+    def stamp(**kw: object) -> dict[str, object]:
+        d = dict(Plan(**kw).__dict__)
+        if d["augment"] is None:  # as train_models stamps a plan without augmentation
+            d.pop("augment"), d.pop("augment_trunk")
+        return d
+
+    before = stamp(seed=3)
+    assert _trunk_identity(before) == _trunk_identity(stamp(seed=3, augment="on", augment_trunk=False))
+    assert _trunk_identity(before) != _trunk_identity(stamp(seed=3, augment="on"))
+    assert _trunk_identity(before) != _trunk_identity(stamp(seed=4, augment="on", augment_trunk=False))
