@@ -13,7 +13,8 @@ temporary folder outside the storage root and assembled with the site's assembly
 model set scores a volume of its own shape (the phantom's volume for a head-CT set, a synthetic image
 for a chest set); from the head-CT result a Structured Report with one key image and an HL7 ORU are
 built and serialised in memory. Scores are discarded; nothing is put in the store, the outbox, the
-metrics or a log line about a study; the temporary folder is removed. A part that fails is logged and
+metrics or a log line about a study; the temporary folder is removed (named for the daemon's pid: one
+left by a daemon killed during its warm-up is removed by the next). A part that fails is logged and
 skipped: warming up is an optimisation, never a reason not to serve.
 
 Nothing here is clinical: the phantom carries no patient data (PatientID ``WARMUP``, empty name).
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -114,6 +117,25 @@ def phantom_series(folder: Path) -> list[Path]:
     return paths
 
 
+def _sweep_stale(prefix: str = "glowtriage-warmup-") -> int:
+    """Remove the temporary folders of warm-ups whose daemon died in them (a kill -9 or a power cut
+    during the warm-up skips the folder's clean-up): each is named for its daemon's pid, and is left
+    alone while that process lives. Returns how many were removed."""
+    removed = 0
+    for folder in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        try:
+            pid = int(folder.name[len(prefix):].split("-", 1)[0])
+            os.kill(pid, 0)
+            continue  # its daemon is alive (or another user's: not ours to judge)
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def _synthetic_input(scorer: Scorer, ct: AssembledVolume | None) -> VolumeInput:
     """A volume of the set's own shape: the phantom's for a head-CT set, a smooth disc for a chest set."""
     if scorer.kind == "ct" and ct is not None:
@@ -171,7 +193,8 @@ def warm_up(cfg: Config, scorers: Scorers | None) -> dict[str, Any]:
         finally:
             seconds[name] = round(time.perf_counter() - t0, 3)
 
-    with tempfile.TemporaryDirectory(prefix="glowtriage-warmup-") as tmp:
+    _sweep_stale()
+    with tempfile.TemporaryDirectory(prefix=f"glowtriage-warmup-{os.getpid()}-") as tmp:
         folder = Path(tmp)
 
         def assemble() -> tuple[AssembledVolume, list[Path], list[Dataset]]:

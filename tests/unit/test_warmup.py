@@ -85,6 +85,18 @@ def test_phantom_is_a_head_ct_series_without_patient_data(tmp_path: Path) -> Non
 
 
 def test_warmup_runs_every_part_and_leaves_nothing(tmp_path: Path, models: Path, private_tmp: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # a warm-up folder left by a daemon killed during its warm-up goes; a living daemon's stays
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = private_tmp / f"glowtriage-warmup-{int(dead.stdout)}-abc"
+    live = private_tmp / f"glowtriage-warmup-{os.getppid()}-def"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "000.dcm").write_bytes(b"x")
     cfg = _config(tmp_path, models)
     daemon = Daemon(cfg)
     try:
@@ -99,7 +111,7 @@ def test_warmup_runs_every_part_and_leaves_nothing(tmp_path: Path, models: Path,
         assert daemon.store.studies(limit=10) == []
         assert daemon.store.outbox_due(1e12, limit=10) == [] and _files(cfg.storage_root) == before
         assert not any(e["event"].startswith(("study_", "outbox_")) for e in logs)
-        assert list(private_tmp.iterdir()) == []
+        assert list(private_tmp.iterdir()) == [live]
         # the models are loaded: the first scoring round reuses them
         assert daemon.scorer is not None and set(daemon.scorer.by_kind) == {"ct", "cxr"}
     finally:
