@@ -25,7 +25,7 @@ import csv
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class CxrPlan:
     seed: int = 0
     synth_scale: float = 4.0
     bootstrap: int = 2000
+    augment: str | None = None  # "on" | "off": in-plane shift (training.train.augment; never a mirror)
 
 
 def _synth(out: Path, plan: CxrPlan) -> dict[str, Path]:
@@ -152,7 +153,8 @@ def run(out: Path, plan: CxrPlan, reuse: Path | None = None) -> dict[str, Any]:
     models = out if reuse is None else reuse
     if reuse is None:
         assert mixture is not None
-        common = {"progress": False, "device": "cpu", "log_every": 0, "seed": plan.seed}
+        common = {"progress": False, "device": "cpu", "log_every": 0, "seed": plan.seed,
+                  "augment": plan.augment}
         train(m0_set, plan.preset, out / "trunk.pt", role="normal", steps=plan.steps, **common)
         train(m0_set, plan.preset, out / "m0.pt", role="normal", steps=plan.branch_steps,
               init_from=out / "trunk.pt", **common)  # fmt: skip
@@ -249,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--synth-scale", type=float, default=d.synth_scale)
     p.add_argument("--bootstrap", type=int, default=d.bootstrap)
+    p.add_argument("--augment", choices=("on", "off"),
+                   help="shift every training image in-plane (label-free; 2-D presets never mirror: "
+                        "training/train/augment.py); default: the preset's augment_* keys")
     p.add_argument("--quick", action="store_true", help="a smoke run: test-tiny-2d, a few studies and steps")
     p.add_argument("--reuse", type=Path, default=None, metavar="DIR",
                    help="take the data and trained models of the earlier run in DIR (its plan too, from "
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                    a.synth_scale, a.bootstrap)  # fmt: skip
     if a.quick:
         plan = CxrPlan("test-tiny-2d", 15, 10, 10, 20, 10, 0.2, a.seed, 8.0, 200)  # 3 region normals
+    plan = replace(plan, augment=a.augment)
     if a.reuse is not None:
         if a.reuse.resolve() == a.out.resolve():
             raise SystemExit("--reuse DIR must differ from --out (the earlier run is only read)")
