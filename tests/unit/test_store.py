@@ -28,7 +28,9 @@ class FakeClock:
         return self.t
 
 
-def part10(sop: str, study: str, series: str, pixel: int = 0, modality: str = "CT") -> bytes:
+def part10(sop: str, study: str, series: str, pixel: int = 0, modality: str = "CT",
+           pixel_data: bytes | None = None) -> bytes:
+    """A minimal CT Part-10 file: 4x4 pixels of value ``pixel``, or one row holding ``pixel_data``."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop
@@ -40,11 +42,11 @@ def part10(sop: str, study: str, series: str, pixel: int = 0, modality: str = "C
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = series
     ds.Modality = modality
-    ds.Rows = ds.Columns = 4
+    ds.Rows, ds.Columns = (4, 4) if pixel_data is None else (1, len(pixel_data) // 2)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = bytes([pixel % 256]) * 32
+    ds.PixelData = bytes([pixel % 256]) * 32 if pixel_data is None else pixel_data
     buf = io.BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import random
 import subprocess
@@ -21,11 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-from pydicom import dcmwrite
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 import triage.store.db as db_module
+from tests.unit.test_store import part10 as store_part10
 from triage.store.db import Store
 from triage.store.part10 import dataset_offset
 
@@ -33,25 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def part10(sop: str, study: str, series: str, pixels: int = 4096) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = 1, pixels // 2
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = os.urandom(pixels)
-    buf = io.BytesIO()
-    dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    """A CT Part-10 file with ``pixels`` random bytes (every instance hashes differently)."""
+    return store_part10(sop, study, series, pixel_data=os.urandom(pixels))
 
 
 def adopt(store: Store, data: bytes, sop: str, study: str, series: str) -> Path:
