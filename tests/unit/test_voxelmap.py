@@ -9,6 +9,7 @@ import torch
 from triage.model.voxelmap import (
     RegionCalibration,
     RegionScorer,
+    _box_mean_torch,
     box_mean,
     fit_region_calibration,
     load_region_calibration,
@@ -40,17 +41,25 @@ def test_window_voxels_are_odd_and_physical() -> None:
         assert all(k % 2 == 1 for k in window_voxels(w, SPACING))
 
 
-def test_box_mean_matches_brute_force_at_the_borders_too() -> None:
+@pytest.mark.parametrize("path", [box_mean, _box_mean_torch], ids=["cpu-scipy", "torch-cumsum"])
+def test_box_mean_matches_brute_force_at_the_borders_too(path) -> None:
+    """Both implementations (scipy's running sum on the CPU, torch's pooling on a GPU) against the
+    definition, a box wider than the axis included."""
     g = torch.Generator().manual_seed(0)
-    m = torch.randn((1, 5, 7, 6), generator=g, dtype=torch.float64)
-    size = (3, 5, 1)
-    got = box_mean(m, size)[0]
+    m = torch.randn((2, 5, 7, 6), generator=g, dtype=torch.float64)
+    size = (3, 5, 9)
+    got = path(m, size)
     want = torch.empty_like(got)
-    for z in range(5):
-        for y in range(7):
-            for x in range(6):
-                want[z, y, x] = m[0, max(0, z - 1):z + 2, max(0, y - 2):y + 3, x].mean()
+    for b in range(2):
+        for z in range(5):
+            for y in range(7):
+                for x in range(6):
+                    box = m[b, max(0, z - 1):z + 2, max(0, y - 2):y + 3, max(0, x - 4):x + 5]
+                    want[b, z, y, x] = box.mean()
     assert torch.allclose(got, want, atol=1e-12)
+    m32 = m.float()
+    assert path(m32, size).dtype == torch.float32
+    assert torch.allclose(path(m32, size), want.float(), atol=1e-5)
 
 
 def test_region_minimum_is_found_where_the_change_was_put() -> None:
@@ -128,6 +137,25 @@ def test_search_mask_is_the_cranial_cavity() -> None:
     assert t[15, 32, 32] and t[15, 32, 32 + 26] and not t[15, 0, 0]
     assert search_mask(np.zeros((32, 128, 128), np.uint8), (32, 64, 64)).all()  # nothing: everywhere
     assert search_mask(np.zeros((64, 64), np.uint8), (64, 64)).all()  # a radiograph: everywhere
+
+
+def test_search_mask_treats_each_slice_alone_the_first_and_last_too() -> None:
+    """The mask is computed for the whole volume in one call with a structure flat in z: it must equal
+    closing and filling each axial slice on its own, also in the first and last slice (the array's
+    border), and a ring in one slice must not fill the next one."""
+    from scipy import ndimage
+
+    v = skull_phantom()
+    v[0], v[31] = v[15], v[15]  # rings in the border slices
+    v[20][:, :] = 0  # a slice without a head between two with one
+    shape = (32, 64, 64)
+    got = search_mask(v, shape)
+    small = v.astype(np.float32).reshape(32, 1, 64, 2, 64, 2).mean(axis=(1, 3, 5))
+    ring = ndimage.generate_binary_structure(2, 1)
+    want = np.stack([ndimage.binary_fill_holes(ndimage.binary_closing(sl >= 100, structure=ring))
+                     for sl in small]) & (small < 100) & (small > 5)
+    assert np.array_equal(got, want)
+    assert got[0].any() and got[31].any() and not got[20].any()
 
 
 def test_region_is_searched_only_inside_the_mask() -> None:

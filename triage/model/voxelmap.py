@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,19 +98,49 @@ def window_voxels(window_mm: float, spacing_mm: Sequence[float]) -> tuple[int, .
 
 def box_mean(m: Tensor, size: Sequence[int]) -> Tensor:
     """Mean over a box of ``size`` voxels centred on each position of ``m`` (B, *spatial); at the
-    borders, over the part of the box inside the grid. Separable: one 1-D pass per axis."""
-    nd = m.dim() - 1
-    x = m.unsqueeze(1)
-    pool = F.avg_pool2d if nd == 2 else F.avg_pool3d
+    borders, over the part of the box inside the grid. Separable: one 1-D pass per axis. On the CPU
+    scipy's running-sum filter (its cost does not grow with the box, ~2x faster than torch's pooling
+    at the 40 mm box, and this is most of the region score's cost); elsewhere cumulative sums."""
+    return _box_mean_cpu(m, size) if m.device.type == "cpu" else _box_mean_torch(m, size)
+
+
+def _box_mean_torch(m: Tensor, size: Sequence[int]) -> Tensor:
+    """:func:`box_mean` by cumulative sums in torch (any device; a box wider than the axis is fine,
+    where average pooling refuses it)."""
+    x = m
     for axis, k in enumerate(size):
         if k <= 1:
             continue
-        kern = [1] * nd
-        kern[axis] = k
-        pad = [0] * nd
-        pad[axis] = k // 2
-        x = pool(x, kernel_size=tuple(kern), stride=1, padding=tuple(pad), count_include_pad=False)
-    return x.squeeze(1)
+        ax = axis + 1
+        n, r = x.shape[ax], k // 2
+        c = F.pad(torch.cumsum(x, dim=ax).movedim(ax, -1), [1, 0]).movedim(-1, ax)  # c[0] = 0
+        i = torch.arange(n, device=x.device)
+        hi = (i + r).clamp(max=n - 1) + 1
+        lo = (i - r).clamp(min=0)
+        shape = [1] * x.dim()
+        shape[ax] = n
+        x = (c.index_select(ax, hi) - c.index_select(ax, lo)) / (hi - lo).to(x.dtype).view(shape)
+    return x
+
+
+def _box_mean_cpu(m: Tensor, size: Sequence[int]) -> Tensor:
+    """:func:`box_mean` by ``scipy.ndimage.uniform_filter1d`` (zeros outside, then each position's
+    sum rescaled to the count of its box inside the grid: pooling's ``count_include_pad=False``)."""
+    from scipy.ndimage import uniform_filter1d
+
+    a = m.detach().numpy()
+    for axis, k in enumerate(size):
+        if k <= 1:
+            continue
+        ax = axis + 1
+        n, r = a.shape[ax], k // 2
+        i = np.arange(n)
+        inside = np.minimum(i + r, n - 1) - np.maximum(i - r, 0) + 1
+        shape = [1] * a.ndim
+        shape[ax] = n
+        scale = (k / inside).astype(a.dtype).reshape(shape)
+        a = uniform_filter1d(a, k, axis=ax, mode="constant", cval=0.0) * scale
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _floor_sd(sd: Tensor) -> Tensor:
@@ -145,24 +176,32 @@ def search_mask(volume: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
     from scipy import ndimage
 
     shape = tuple(int(v) for v in image_shape)
-    v = np.asarray(volume, dtype=np.float32)
-    if v.shape != shape:
-        f = [s // t for s, t in zip(v.shape, shape, strict=True)]
-        v = v.reshape(*[x for t, k in zip(shape, f, strict=True) for x in (t, k)]).mean(
-            axis=tuple(range(1, 2 * len(shape), 2)))
     if len(shape) != 3:
         return content_mask(volume, shape)
-    ring = ndimage.generate_binary_structure(2, 1)
+    v = _block_mean(np.asarray(volume), shape)
+    # each axial slice on its own: the structure has no extent in z, so neither the closing nor the
+    # filling reaches into the next slice (one call for the volume, not one per slice)
+    ring = np.zeros((3, 3, 3), dtype=bool)
+    ring[1] = ndimage.generate_binary_structure(2, 1)
     bone = v >= BONE_GREY
-    mask = np.zeros(shape, dtype=bool)
-    for k, sl in enumerate(bone):
-        if sl.any():
-            mask[k] = ndimage.binary_fill_holes(ndimage.binary_closing(sl, structure=ring))
+    mask = ndimage.binary_fill_holes(ndimage.binary_closing(bone, structure=ring), structure=ring)
     mask &= ~bone & (v > TISSUE_GREY)
     if mask.any():  # some ring was closed: there is a cavity
         return mask
     tissue = v > TISSUE_GREY
     return tissue if tissue.any() else np.ones(shape, dtype=bool)
+
+
+def _block_mean(v: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``v`` averaged over blocks to ``shape`` (float32), as :func:`triage.model.glow.fit_to_shape`
+    does: a sum of strided views (a reshape-and-mean of the 8-bit volume costs ~10x more)."""
+    if any(s % t for s, t in zip(v.shape, shape, strict=True)):
+        raise ValueError(f"a volume of shape {v.shape} does not block-average to {shape}")
+    f = [s // t for s, t in zip(v.shape, shape, strict=True)]
+    acc = np.zeros(shape, dtype=np.float32)
+    for off in itertools.product(*(range(k) for k in f)):
+        acc += v[tuple(slice(o, o + t * k, k) for o, t, k in zip(off, shape, f, strict=True))]
+    return acc / np.float32(math.prod(f))
 
 
 @dataclass
