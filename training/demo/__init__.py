@@ -34,8 +34,9 @@ steps with synthetic chest radiographs (``training synth --kind cxr``: CR and DX
 habits, abnormal kinds consolidation, effusion, pneumothorax, nodule/mass, cardiomegaly; the test set
 with lateral views the daemon skips), the ``cpu-cxr`` preset (``test-tiny-2d`` with ``--quick``), a chest
 (``cxr``) model set promoted as ``current-cxr``, and studies the daemon assembles as radiographs
-(:mod:`triage.assemble.radiograph`) and reports as "Plain chest X-ray". A chest set has no region score
-yet, so its table gives the global score only.
+(:mod:`triage.assemble.radiograph`) and reports as "Plain chest X-ray". A chest set keeps a region
+calibration like a head set (:mod:`triage.model.radiomap`), so its table gives both scores and both
+AUCs, the region's centre as [x, y] mm on the image, and key images of its flagged studies.
 
 Re-running reuses the data, the volume cache, the trained models and the model set when they were made
 with the same plan (``--fresh`` redoes everything); the daemon's state and the PACS are new each run.

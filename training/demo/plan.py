@@ -59,7 +59,7 @@ QUICK = Plan(
 # channels-last) and a chest model set. Sized for the demo's 10 minutes on a 2-core machine: cpu-cxr
 # takes ~0.6 s a step of 16 images there (README: 0.037 s forward+backward per image), so a 200-step
 # trunk and two 100-step branches train in ~4 min; writing and assembling the 180 studies takes < 1 min.
-# A chest set keeps no region score (yet): the global score flags alone.
+# A chest set keeps a region calibration too (triage.model.radiomap), flagged by the same policy.
 CXR_FULL = Plan(
     preset="cpu-cxr",
     kind="cxr",

@@ -45,7 +45,7 @@ A series does not hold the head's HU along z, it holds one average per slice. So
    with the 5 mm reference (assemble-5) the two-stack series still scored +46.6 nats against the 5 mm one
    (s.d. 13), "more normal", its lesions under-flagged; with a 7.38 mm reference both scored -557.4 and
    -559.9, inside the spread (that fp32 model set; with a better-trained bf16 set a -167 nats gap remains,
-   which is not z blur but the vertex seen through 7.4 mm cells: README, "Same head, three series"). The
+   which is not z blur but the vertex seen through 7.4 mm cells: docs/measurements.md, equivalence). The
    price: every study is a little blurrier along z, the effective profile's variance 7.1 -> 9.8 mm^2 (on a
    grid of 4.5 mm slices anyway), and the models are retrained on the new volumes. A sample's own source
    blur is the variance of the boxes of the cells under its ``K`` (each cell's box, or its SliceThickness
