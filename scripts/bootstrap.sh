@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools prometheus systemd openssl)
+# fuse3: libfuse 3 for the power-cut filesystem of tests/integration/test_powercut.py (training/harness/powercut.py)
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools prometheus systemd openssl fuse3)
 need_apt=()
-for tool in Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools promtool:prometheus systemd-analyze:systemd openssl:openssl; do
+for tool in Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools promtool:prometheus systemd-analyze:systemd openssl:openssl fusermount3:fuse3; do
   bin=${tool%%:*}; pkg=${tool##*:}
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || need_apt+=("$pkg")
 done
