@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import random
@@ -359,6 +360,9 @@ def _operations_class() -> type:
             self._mutex = threading.RLock()
             self.frozen = False
             self.trace = os.environ.get("POWERCUT_TRACE") == "1"  # fsyncs to the server's log
+            self.trigger: dict[str, Any] | None = None  # see arm()
+            self.plan: dict[str, Any] | None = None  # the durable state, once cut
+            self.cut_done = threading.Event()
             self.fds: dict[int, tuple[int, _Node, bool]] = {}  # fh -> (backing fd, node, sync writes)
 
         def _path(self, path: str) -> Path:
@@ -461,6 +465,7 @@ def _operations_class() -> type:
                     if os.lstat(dst).st_ino != os.lstat(src).st_ino:
                         self.model.retire(dst)
                 os.rename(src, dst)
+                self._after("rename", new)
             return 0
 
         def link(self, target: str, source: str) -> int:
@@ -556,6 +561,7 @@ def _operations_class() -> type:
                 if self.trace:
                     print(f"powercut: fsync {path}", file=sys.stderr, flush=True)
                 self.model.fsync_file(node, fd)
+                self._after("fsync", path)
             return 0
 
         def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
@@ -564,6 +570,7 @@ def _operations_class() -> type:
                 if self.trace:
                     print(f"powercut: fsyncdir {path}", file=sys.stderr, flush=True)
                 self.model.fsync_dir(self._path(path))
+                self._after("fsyncdir", path)
             return 0
 
         def flush(self, path: str, fh: int) -> int:
@@ -579,8 +586,31 @@ def _operations_class() -> type:
         # -------------------------------------------------------------------- control
         def freeze(self, *, torn: bool, seed: int) -> dict[str, Any]:
             with self._mutex:
-                self.frozen = True
-                return self.model.plan(torn=torn, rng=random.Random(seed))
+                if self.plan is None:
+                    self.frozen = True
+                    self.plan = self.model.plan(torn=torn, rng=random.Random(seed))
+                    self.plan["trigger"] = None
+                self.cut_done.set()
+                return self.plan
+
+        def arm(self, request: dict[str, Any]) -> None:
+            """Cut right after the ``count``-th ``op`` (rename: its new name; fsync, fsyncdir: the
+            path) under ``prefix`` completes: the operation succeeds, everything after it fails."""
+            with self._mutex:
+                self.trigger = dict(request)
+
+        def _after(self, op: str, path: str) -> None:
+            t = self.trigger
+            if t is None or t["what"] != op or not path.startswith(t["prefix"]):
+                return
+            t["count"] -= 1
+            if t["count"] > 0:
+                return
+            self.trigger = None
+            self.frozen = True
+            self.plan = self.model.plan(torn=bool(t.get("torn")), rng=random.Random(int(t.get("seed", 0))))
+            self.plan["trigger"] = f"after {op} {path}"
+            self.cut_done.set()
 
     return PassThrough
 
@@ -617,9 +647,13 @@ def serve(backing: Path, mount: Path, state: Path, control: Path) -> int:
                 return
             with conn:
                 request = json.loads(conn.makefile("r").readline())
-                if request["op"] == "freeze":
+                if request["op"] == "freeze":  # now, or when an armed cut fires within "wait" s
+                    ops.cut_done.wait(float(request.get("wait", 0.0)))
                     plan = ops.freeze(torn=bool(request.get("torn")), seed=int(request.get("seed", 0)))
                     conn.sendall((json.dumps(plan) + "\n").encode())
+                elif request["op"] == "arm":
+                    ops.arm(request)
+                    conn.sendall(b"{}\n")
                 else:
                     with ops._mutex:
                         counts = dict(ops.model.counts)
@@ -758,22 +792,39 @@ class PowerCut:
             self.proc.wait(10)
         self.proc = None
 
-    def cut(self, pids: Iterable[int] = (), *, torn: bool = False, seed: int = 0,
+    def arm(self, what: str, prefix: str, count: int = 1, *, torn: bool = False, seed: int = 0) -> None:
+        """Make the cut happen inside the filesystem right after the ``count``-th ``what`` ("rename",
+        "fsync" or "fsyncdir") of a path under ``prefix`` (mount-relative, e.g. "/spool/") completes;
+        :meth:`cut` with ``wait`` then waits for it. Lands between two steps of one instance's ingest,
+        which a cut at a random time rarely does."""
+        self._request({"op": "arm", "what": what, "prefix": prefix, "count": count, "torn": torn,
+                       "seed": seed})
+
+    def cut(self, pids: Iterable[int] = (), *, torn: bool = False, seed: int = 0, wait: float = 0.0,
             timeout: float = 60.0) -> dict[str, Any]:
-        """Power cut: freeze, SIGKILL the process trees of ``pids``, unmount, the backing folder becomes
-        the durable state. Returns the cut's summary: ``vanished`` (live entries not durable),
+        """Power cut: freeze (at once, or when the :meth:`arm` ed trigger fires within ``wait`` seconds,
+        else at the end of them), SIGKILL the process trees of ``pids``, unmount, the backing folder
+        becomes the durable state. Returns the cut's summary: ``vanished`` (live entries not durable),
         ``resurrected`` (durable entries gone live), ``not_synced`` (files whose latest bytes were not
-        durable), ``counts`` (fsyncs and writes seen)."""
+        durable), ``trigger`` (the armed operation it followed, None if none), ``counts`` (fsyncs and
+        writes seen)."""
         if self.proc is None:
             raise HarnessError("not mounted")
-        plan = self._request({"op": "freeze", "torn": torn, "seed": seed}, timeout)
+        marks = [time.monotonic()]
+        plan = self._request({"op": "freeze", "torn": torn, "seed": seed, "wait": wait}, timeout + wait)
+        marks.append(time.monotonic())
         killed = kill_trees(pids)
+        marks.append(time.monotonic())
         self._umount()
         self._stop_server(5.0)
+        marks.append(time.monotonic())
         rebuild(self.backing, plan)
         shutil.rmtree(self.state, ignore_errors=True)
+        marks.append(time.monotonic())
         summary = {k: v for k, v in plan.items() if k not in ("entries", "contents")}
         summary["killed"] = killed
+        summary["seconds"] = dict(zip(("freeze", "kill", "unmount", "rebuild"),
+                                      (round(b - a, 3) for a, b in itertools.pairwise(marks)), strict=True))
         self.cuts.append(summary)
         return summary
 
