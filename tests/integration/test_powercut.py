@@ -291,7 +291,7 @@ def test_power_cuts_during_ingest_lose_no_acknowledged_instance(powercut: PowerC
     port = free_port()
     cfg = write_config(tmp_path / "config.toml", {
         "dicom": {"ae_title": "GLOWTRIAGE", "host": "127.0.0.1", "port": port, "acse_timeout": 10.0,
-                  "dimse_timeout": 30.0, "network_timeout": 30.0},
+                  "dimse_timeout": 30.0, "network_timeout": 30.0, "workers": 2},
         "storage": {"root": str(root), "min_free_mb": 1},
         "assembly": {"quiet_seconds": 2.0, "non_head_content": "warn"},
         "scoring": {"warmup": False},

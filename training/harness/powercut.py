@@ -773,13 +773,16 @@ class PowerCut:
         """Operations the model saw so far (fsync, fsyncdir, write)."""
         return dict(self._request({"op": "counts"})["counts"])
 
-    def _umount(self) -> None:
-        """Unmount; lazily where a descriptor is still open on it (a frozen mount answers nothing)."""
+    def _umount(self) -> bool:
+        """Unmount; lazily where a descriptor is still open on it (a frozen mount answers nothing).
+        True when it had to be lazy."""
         done = subprocess.run(["umount", str(self.mount_point)], capture_output=True, text=True)
-        if done.returncode != 0:
-            tool = shutil.which("fusermount3") or "fusermount"
-            lazy = [tool, "-u", "-z"] if os.geteuid() != 0 else ["umount", "-l"]
-            subprocess.run([*lazy, str(self.mount_point)], capture_output=True)
+        if done.returncode == 0:
+            return False
+        tool = shutil.which("fusermount3") or "fusermount"
+        lazy = [tool, "-u", "-z"] if os.geteuid() != 0 else ["umount", "-l"]
+        subprocess.run([*lazy, str(self.mount_point)], capture_output=True)
+        return True
 
     def _stop_server(self, grace: float) -> None:
         """The server ends once the mount is gone; after a lazy unmount with descriptors still open it
@@ -815,8 +818,8 @@ class PowerCut:
         marks.append(time.monotonic())
         killed = kill_trees(pids)
         marks.append(time.monotonic())
-        self._umount()
-        self._stop_server(5.0)
+        lazy = self._umount()
+        self._stop_server(0.5 if lazy else 5.0)  # lazily unmounted: it would wait for the descriptors
         marks.append(time.monotonic())
         rebuild(self.backing, plan)
         shutil.rmtree(self.state, ignore_errors=True)
