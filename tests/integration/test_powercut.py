@@ -172,6 +172,60 @@ def test_sqlite_in_wal_mode_keeps_every_full_commit_across_a_cut(powercut: Power
     check.close()
 
 
+# ------------------------------------------------------------------------------ the store
+def _put(store: Any, path: Path) -> Any:
+    from pydicom import dcmread
+
+    ds = dcmread(path, stop_before_pixels=True)
+    return store.put_instance(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                              str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID),
+                              lambda out: out.write(path.read_bytes()), "POWERSCU", "CT")
+
+
+@integration
+def test_an_instance_answered_in_a_series_folder_another_writer_just_made_survives_a_cut(
+    powercut: PowerCut, tmp_path: Path
+) -> None:
+    """Two writers, one new series: A makes the series folder and fsyncs its parents (spool/, then the
+    study folder, which makes the series folder's entry durable); B finds the folder there and stores
+    its instance in it. If B is answered before A's fsync of the study folder has run, a power cut then
+    takes the series folder, and B's acknowledged file with it, unless B makes the folder's entry
+    durable itself (found by this simulator: the study folder's fsync is stalled to widen the window)."""
+    from pydicom import dcmread
+
+    from triage.store.db import Store
+
+    m = powercut.mount_point
+    a_file, b_file = write_ct_series(tmp_path / "ct", 2, 32, seed=9)
+    ds = dcmread(b_file, stop_before_pixels=True)
+    study, series, b_sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+    store = Store(m)
+    powercut.stall("fsyncdir", f"/spool/{study}", 3.0)  # A's fsync that makes the series folder durable
+    a_errors: list[BaseException] = []
+
+    def put_a() -> None:
+        try:
+            _put(store, a_file)
+        except BaseException as exc:  # the cut makes its stalled fsync fail: A is never answered
+            a_errors.append(exc)
+
+    a = threading.Thread(target=put_a, daemon=True)
+    a.start()
+    wait_for(lambda: (m / "spool" / study / series).is_dir(), 10, "A's series folder", every=0.01)
+    _put(store, b_file)  # B answered (before the fix, while A's fsync of the study folder still waited)
+    powercut.cut()
+    a.join(10)
+    with contextlib.suppress(Exception):
+        store.close()
+    b_path = powercut.backing / "spool" / study / series / f"{b_sop}.dcm"
+    assert b_path.exists(), "B was answered, but its file did not survive the power cut"
+    powercut.mount()
+    with Store(m) as again:
+        again.recover()
+        row = again.instance(b_sop)
+        assert row is not None and _dataset_sha(row.path) == _dataset_sha(b_file)
+
+
 # ------------------------------------------------------------------------------ the daemon
 def _dataset_sha(path: Path) -> str:
     raw = Path(path).read_bytes()

@@ -121,6 +121,7 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True)
         self._dir_syncs: dict[Path, GroupSync] = {}
         self._dir_syncs_lock = threading.Lock()
+        self._durable_dirs: set[Path] = set()  # folders whose entry (and their parents') we fsync'd
 
     # ------------------------------------------------------------------------------------ names
     def new_tmp_path(self, suffix: str = ".dcm") -> Path:
@@ -189,15 +190,27 @@ class Spool:
         itself is durable only after ``.sync()`` on the returned group, which the caller may run
         alongside other waits (the store overlaps it with its database commit)."""
         parent = final.parent
-        if not parent.is_dir():
-            created: list[Path] = []
-            p = parent
-            while not p.is_dir():
-                created.append(p)
-                p = p.parent
+        with self._dir_syncs_lock:
+            known = parent in self._durable_dirs
+        if not known:
+            # Every folder between the spool and ``parent`` is made durable in its parent before the
+            # rename, whether this writer made it or found it: a folder another writer (a thread, or
+            # another receiver process) has just made may still wait for that writer's fsync of its
+            # parent, and an instance answered in it would go with it in a power cut (found by
+            # tests/integration/test_powercut.py). Once per folder per process: two fsyncs a series.
             parent.mkdir(parents=True, exist_ok=True)
-            for d in reversed(created):
+            top = self.spool if self.spool in parent.parents else self.root
+            chain: list[Path] = []
+            p = parent
+            while p != top and top in p.parents:
+                chain.append(p)
+                p = p.parent
+            for d in reversed(chain):
                 fsync_dir(d.parent)
+            with self._dir_syncs_lock:
+                if len(self._durable_dirs) > 4096:
+                    self._durable_dirs.clear()
+                self._durable_dirs.add(parent)
         os.replace(tmp_path, final)
         with self._dir_syncs_lock:
             group = self._dir_syncs.get(parent)
