@@ -56,6 +56,11 @@ def _write(path: Path, data: bytes, *, sync: bool) -> None:
             os.fsync(f.fileno())
 
 
+def _dataset_sha(path: Path) -> str:
+    raw = Path(path).read_bytes()
+    return hashlib.sha256(raw[dataset_offset(raw) :]).hexdigest()
+
+
 @pytest.fixture
 def powercut(tmp_path: Path) -> Iterator[PowerCut]:
     """A mounted power-cut filesystem over ``tmp_path/backing`` at ``tmp_path/mnt`` (skips where this
@@ -227,11 +232,6 @@ def test_an_instance_answered_in_a_series_folder_another_writer_just_made_surviv
 
 
 # ------------------------------------------------------------------------------ the daemon
-def _dataset_sha(path: Path) -> str:
-    raw = Path(path).read_bytes()
-    return hashlib.sha256(raw[dataset_offset(raw) :]).hexdigest()
-
-
 def _send(port: int, files: list[Path], acked: set[str], lock: threading.Lock, timeout: float = 30.0) -> None:
     """One association sending ``files`` in order; every SOP Instance UID answered 0x0000 goes in
     ``acked`` the moment the status arrives. Ends quietly when the daemon dies under it, after
