@@ -50,13 +50,16 @@ with an M1 from scratch (README, "The paper's experiment").
 What is chosen here and what is not: the preset decides the model and its optimiser (batch size,
 learning rate, warm-up); this command only picks dataset sizes and step counts, to fit the machine.
 Nothing is tuned to the generator's lesion kinds or to the test AUC. Defaults (cpu-small, 320 normal /
-320 mixture / 100 test studies, an 800-step trunk and 800-step branches of batch 4, and the 1,600-step
-scratch M1 of the comparison) fit a 2-core machine in about 90 minutes (a batch-4 step of cpu-small in
-bf16 + channels-last takes 0.6-0.9 s there; synthesis and assembly ~1 s a study; without the
-comparison, ``--no-compare-scratch``, the run of 2026-11-30 took 63 minutes while other jobs shared
-the cores). Why 800 + 800 rather than 600 + 300: the branches are where M1 learns what the mixture
-adds; with twice the training throughput of bf16 the same hour buys branches 2.7 times longer, and
-that run's region AUC rose from 0.61 to 0.77 (README). ``--quick`` is a few-minute smoke run of the
+320 mixture / 100 test studies, 20 % of the normals' patients held out for calibration, an 800-step
+trunk and 1,200-step branches of batch 4, every training volume augmented by the preset's mirror and
+shift, and the 2,000-step scratch M1 of the comparison) fit a 2-core machine in about 80 minutes (a
+batch-4 step of cpu-small in bf16 + channels-last takes 0.6-0.9 s there; synthesis and assembly ~1 s a
+study); without the comparison (``--no-compare-scratch``) the run of 2026-11-30 took 51 minutes while
+other jobs shared the cores, region AUC 0.858 (docs/experiments.md). Why these sizes: the branches are
+where M1 learns what the mixture adds (800 + 800 instead of 600 + 300 took the region AUC from 0.61 to
+0.77); 1,200-step branches without augmentation memorized their training volumes (the memorization
+figure of experiment.json), with it they did not; 64 calibration normals rather than 32 for the region
+score's per-position statistics. ``--quick`` is a few-minute smoke run of the
 same path.
 
 Every set is drawn from the acquisitions hospitals send (``PROTOCOL_MIX``: gantry tilt in 40 % of the
@@ -108,13 +111,13 @@ class Plan:
     test: int = 100  # half normal, half abnormal (the paper's 33 + 33 gives CIs of +-0.13)
     steps: int = 800  # the trunk (M0's first stage, normals only); from scratch: steps + branch_steps
     seed: int = 0
-    calibration_fraction: float = 0.1
+    calibration_fraction: float = 0.2  # 64 of 320: the region score's per-position statistics
     distractors: bool = False
     slab_samples: int = 3
     workers: int = 2
     bootstrap: int = 1000
     montage_k: int = 16
-    branch_steps: int = 800  # M0 and M1 each go on this many steps from the trunk (see the docstring)
+    branch_steps: int = 1200  # M0 and M1 each go on this many steps from the trunk (see the docstring)
     m1_init: str = "trunk"  # "trunk": M0 and M1 branch from one trunk; "scratch": trained independently
     compare_scratch: bool = True  # with m1_init "trunk": also train M1 from scratch and report both
     precision: str | None = None  # the coupling nets' "fp32" | "bf16"; None: the preset's
