@@ -8,7 +8,9 @@ is started (or how a daemon is known to be ready) reaches every caller.
 
 Modules: :mod:`.ports` (free ports, waiting for a listener), :mod:`.process` (logged child processes,
 stopping them, waiting for a condition), :mod:`.orthanc`, :mod:`.mllp`, :mod:`.daemon`, :mod:`.storescu`,
-:mod:`.config` (writing TOML configs), :mod:`.series` (small synthetic CT series for the plumbing tests).
+:mod:`.config` (writing TOML configs), :mod:`.series` (small synthetic CT series for the plumbing tests),
+:mod:`.powercut` (a FUSE filesystem that keeps what a power cut would leave; its rules in
+:mod:`.powercut_model`, its server in :mod:`.powercut_fs`).
 """
 
 from training.harness.process import HarnessError
