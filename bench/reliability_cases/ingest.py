@@ -19,6 +19,7 @@ from typing import Any
 from pydicom.filereader import read_file_meta_info
 
 from training.harness.daemon import TriageProcess
+from training.harness.sender import send_acked
 from training.harness.series import write_ct_series
 from training.harness.storescu import storescu_parallel
 from triage.store.part10 import dataset_offset
@@ -60,37 +61,12 @@ def rss_kb(pid: int) -> dict[str, int]:
 
 def _send_acked(port: int, files: Sequence[Path], acked: list[str], lock: threading.Lock) -> None:
     """One pynetdicom association sending ``files``; SOP UIDs answered 0x0000 go into ``acked``."""
-    from pynetdicom import AE
 
-    ae = AE(ae_title="KILLSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(
-        str(read_file_meta_info(files[0]).MediaStorageSOPClassUID),
-        str(read_file_meta_info(files[0]).TransferSyntaxUID),
-    )
-    try:
-        assoc = ae.associate("127.0.0.1", port, ae_title="GLOWTRIAGE")
-    except Exception:
-        return
-    if not assoc.is_established:
-        return
-    try:
-        for f in files:
-            try:
-                rsp = assoc.send_c_store(f)
-            except Exception:  # the daemon was killed under us
-                return
-            if rsp is not None and int(rsp.get("Status", -1)) == 0:
-                with lock:
-                    acked.append(_sop(f))
-            if not assoc.is_established:
-                return
-    finally:
-        if assoc.is_established:
-            try:
-                assoc.release()
-            except Exception:
-                assoc.abort()
+    def ack(f: Path) -> None:
+        with lock:
+            acked.append(_sop(f))
+
+    send_acked(port, files, ack, calling_ae="KILLSCU", timeout=10.0)
 
 
 def kill_cycles_case(

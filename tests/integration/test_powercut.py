@@ -34,18 +34,12 @@ from training.harness.daemon import TriageProcess
 from training.harness.ports import free_port
 from training.harness.powercut import PowerCut, fuse_problem
 from training.harness.process import wait_for
+from training.harness.sender import send_acked
 from training.harness.series import write_ct_series
 from triage.store.part10 import dataset_offset
+from triage.store.spool import fsync_file
 
 integration = pytest.mark.integration
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(path: Path, data: bytes, *, sync: bool) -> None:
@@ -94,7 +88,7 @@ def test_simulator_keeps_only_what_was_fsynced(powercut: PowerCut) -> None:
     _write(m / "new" / "inside", b"fsync'd, folder entry not", sync=True)
     _write(m / "tmp", b"renamed", sync=True)
     os.replace(m / "tmp", m / "renamed")  # durable only once the folder is fsync'd
-    _fsync(m)  # the root's entries as they are now: unsynced, synced, later, new, renamed
+    fsync_file(m)  # the root's entries as they are now: unsynced, synced, later, new, renamed
     os.replace(m / "renamed", m / "renamed-again")  # after the folder's fsync: not durable
     _write(m / "after", b"created after the folder's fsync", sync=True)
     assert sorted(os.listdir(m)) == ["after", "later", "new", "renamed-again", "synced", "unsynced"]
@@ -116,13 +110,13 @@ def test_simulator_rename_is_durable_only_after_the_folders_fsync(powercut: Powe
     m = powercut.mount_point
     (m / "tmp").mkdir()
     (m / "spool").mkdir()
-    _fsync(m)
+    fsync_file(m)
     _write(m / "tmp" / "a", b"a", sync=True)
     _write(m / "tmp" / "b", b"b", sync=True)
-    _fsync(m / "tmp")  # both durable in tmp/
+    fsync_file(m / "tmp")  # both durable in tmp/
     os.replace(m / "tmp" / "a", m / "spool" / "a")
     os.replace(m / "tmp" / "b", m / "spool" / "b")
-    _fsync(m / "spool")  # the new names are durable; tmp/ still names both (never fsync'd since)
+    fsync_file(m / "spool")  # the new names are durable; tmp/ still names both (never fsync'd since)
     os.replace(m / "spool" / "b", m / "spool" / "c")  # not durable: b stays, c vanishes
     powercut.cut()
     b = powercut.backing
@@ -142,7 +136,7 @@ def test_simulator_torn_cut_keeps_synced_bytes_and_a_prefix_of_the_rest(powercut
         f.flush()
         os.fsync(f.fileno())
         f.write(tail)
-    _fsync(m)
+    fsync_file(m)
     powercut.cut(torn=True, seed=5)
     got = (powercut.backing / "f").read_bytes()
     assert got[:10000] == synced  # never less than what was fsync'd
@@ -233,40 +227,15 @@ def test_an_instance_answered_in_a_series_folder_another_writer_just_made_surviv
 
 # ------------------------------------------------------------------------------ the daemon
 def _send(port: int, files: list[Path], acked: set[str], lock: threading.Lock, timeout: float = 30.0) -> None:
-    """One association sending ``files`` in order; every SOP Instance UID answered 0x0000 goes in
-    ``acked`` the moment the status arrives. Ends quietly when the daemon dies under it, after
-    ``timeout`` (pynetdicom waits out its DIMSE timeout for the answer that never comes, abort or not:
-    the cycles use a short one; an instance it gives up on counts as not acknowledged, as for a PACS)."""
+    """One association sending ``files`` in order (:func:`training.harness.sender.send_acked`); every
+    SOP Instance UID answered 0x0000 goes in ``acked`` the moment the status arrives."""
     from pydicom.filereader import read_file_meta_info
-    from pynetdicom import AE
 
-    meta = read_file_meta_info(files[0])
-    ae = AE(ae_title="POWERSCU")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
-    try:
-        assoc = ae.associate("127.0.0.1", port, ae_title="GLOWTRIAGE")
-    except Exception:
-        return
-    if not assoc.is_established:
-        return
-    try:
-        for f in files:
-            try:
-                rsp = assoc.send_c_store(f)
-            except Exception:
-                return
-            if rsp is not None and int(rsp.get("Status", -1)) == 0:
-                with lock:
-                    acked.add(str(read_file_meta_info(f).MediaStorageSOPInstanceUID))
-            if not assoc.is_established:
-                return
-    finally:
-        if assoc.is_established:
-            try:
-                assoc.release()
-            except Exception:
-                assoc.abort()
+    def ack(f: Path) -> None:
+        with lock:
+            acked.add(str(read_file_meta_info(f).MediaStorageSOPInstanceUID))
+
+    send_acked(port, files, ack, calling_ae="POWERSCU", timeout=timeout)
 
 
 def _durable_leftovers(root: Path, work: Path, sent_sha: dict[str, str]) -> dict[str, Any]:
