@@ -10,7 +10,8 @@ Modules: :mod:`.ports` (free ports, waiting for a listener), :mod:`.process` (lo
 stopping them, waiting for a condition), :mod:`.orthanc`, :mod:`.mllp`, :mod:`.daemon`, :mod:`.storescu`,
 :mod:`.config` (writing TOML configs), :mod:`.series` (small synthetic CT series for the plumbing tests),
 :mod:`.powercut` (a FUSE filesystem that keeps what a power cut would leave; its rules in
-:mod:`.powercut_model`, its server in :mod:`.powercut_fs`).
+:mod:`.powercut_model`, its server in :mod:`.powercut_fs`), :mod:`.sender` (which instances were
+acknowledged, for crash tests).
 """
 
 from training.harness.process import HarnessError
