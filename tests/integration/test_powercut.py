@@ -225,6 +225,18 @@ def test_an_instance_answered_in_a_series_folder_another_writer_just_made_surviv
         assert row is not None and _dataset_sha(row.path) == _dataset_sha(b_file)
 
 
+@integration
+def test_a_new_store_is_durable_before_anything_is_written_to_it(powercut: PowerCut) -> None:
+    """A storage root made on first start (and its parent) survives a power cut right after: the
+    folders' entries are fsync'd where they were made, not left to a later, unrelated sync."""
+    from triage.store.spool import Spool
+
+    Spool(powercut.mount_point / "var" / "glowtriage")
+    powercut.cut()
+    root = powercut.backing / "var" / "glowtriage"
+    assert sorted(os.listdir(root)) == ["quarantine", "spool", "tmp", "volumes"]
+
+
 # ------------------------------------------------------------------------------ the daemon
 def _send(port: int, files: list[Path], acked: set[str], lock: threading.Lock, timeout: float = 30.0) -> None:
     """One association sending ``files`` in order (:func:`training.harness.sender.send_acked`); every

@@ -117,8 +117,18 @@ class Spool:
         self.tmp = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
         self.volumes = self.root / "volumes"
+        made: list[Path] = []
         for d in (self.root, self.spool, self.tmp, self.quarantine_dir, self.volumes):
+            missing = d
+            while not missing.is_dir():  # a new root may need its own parents too
+                made.append(missing)
+                missing = missing.parent
             d.mkdir(parents=True, exist_ok=True)
+        # the new folders' entries are durable only once their parents are fsync'd (a power cut after
+        # start could otherwise take spool/ with the first instances in it; SQLite's first sync of its
+        # journal happened to cover the root, not the root's own parent): once, at creation
+        for parent in sorted({d.parent for d in made}, key=lambda q: len(q.parts), reverse=True):
+            fsync_dir(parent)
         self._dir_syncs: dict[Path, GroupSync] = {}
         self._dir_syncs_lock = threading.Lock()
         self._durable_dirs: set[Path] = set()  # folders whose entry (and their parents') we fsync'd
