@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,20 @@ def _operations_class() -> type:
             if self.frozen:
                 raise fuse.FuseOSError(errno.EIO)
 
-        # -------------------------------------------------------------------- metadata
-        def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        @contextlib.contextmanager
+        def _live(self, *changing: Path) -> Iterator[None]:
+            """The server's mutex, for an operation on a filesystem that is not frozen (EIO after the
+            cut); ``changing``: the folders whose entries the operation changes (their durable entries
+            are recorded first)."""
             with self._mutex:
                 self._alive()
+                for folder in changing:
+                    self.model.before_dir_change(folder)
+                yield
+
+        # -------------------------------------------------------------------- metadata
+        def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+            with self._live():
                 st = os.fstat(self.fds[fh][0]) if fh is not None and fh in self.fds else os.lstat(
                     self._path(path))
             keys = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks",
@@ -74,8 +85,7 @@ def _operations_class() -> type:
 
         def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
             # with the inode numbers (use_ino): an entry whose d_ino is 0 is skipped by readers
-            with self._mutex:
-                self._alive()
+            with self._live():
                 folder = self._path(path)
                 out = []
                 for name in [".", "..", *os.listdir(folder)]:
@@ -93,57 +103,45 @@ def _operations_class() -> type:
             return {k: getattr(sv, k) for k in keys}
 
         def chmod(self, path: str, mode: int) -> int:
-            with self._mutex:
-                self._alive()
+            with self._live():
                 os.chmod(self._path(path), mode)
             return 0
 
         def chown(self, path: str, uid: int, gid: int) -> int:
-            with self._mutex:
-                self._alive()
+            with self._live():
                 os.chown(self._path(path), uid, gid)
             return 0
 
         def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-            with self._mutex:
-                self._alive()
+            with self._live():
                 os.utime(self._path(path), ns=times)
             return 0
 
         # -------------------------------------------------------------------- names
         def mkdir(self, path: str, mode: int) -> int:
             p = self._path(path)
-            with self._mutex:
-                self._alive()
-                self.model.before_dir_change(p.parent)
+            with self._live(p.parent):
                 os.mkdir(p, mode)
                 self.model.node(p)
             return 0
 
         def rmdir(self, path: str) -> int:
             p = self._path(path)
-            with self._mutex:
-                self._alive()
-                self.model.before_dir_change(p.parent)
+            with self._live(p.parent):
                 self.model.retire(p)
                 os.rmdir(p)
             return 0
 
         def unlink(self, path: str) -> int:
             p = self._path(path)
-            with self._mutex:
-                self._alive()
-                self.model.before_dir_change(p.parent)
+            with self._live(p.parent):
                 self.model.retire(p)
                 os.unlink(p)
             return 0
 
         def rename(self, old: str, new: str) -> int:
             src, dst = self._path(old), self._path(new)
-            with self._mutex:
-                self._alive()
-                self.model.before_dir_change(src.parent)
-                self.model.before_dir_change(dst.parent)
+            with self._live(src.parent, dst.parent):
                 with contextlib.suppress(FileNotFoundError):
                     if os.lstat(dst).st_ino != os.lstat(src).st_ino:
                         self.model.retire(dst)
@@ -153,17 +151,13 @@ def _operations_class() -> type:
 
         def link(self, target: str, source: str) -> int:
             dst = self._path(target)
-            with self._mutex:
-                self._alive()
-                self.model.before_dir_change(dst.parent)
+            with self._live(dst.parent):
                 os.link(self._path(source), dst)
             return 0
 
         def symlink(self, target: str, source: str) -> int:
             dst = self._path(target)
-            with self._mutex:
-                self._alive()
-                self.model.before_dir_change(dst.parent)
+            with self._live(dst.parent):
                 os.symlink(source, dst)
                 self.model.node(dst)
             return 0
@@ -183,9 +177,7 @@ def _operations_class() -> type:
 
         def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
             p = self._path(path)
-            with self._mutex:
-                self._alive()
-                self.model.before_dir_change(p.parent)
+            with self._live(p.parent):
                 existed = p.exists()
                 fh = self._open(p, flags | os.O_CREAT, mode)
                 if existed and flags & os.O_TRUNC:
@@ -194,8 +186,7 @@ def _operations_class() -> type:
 
         def open(self, path: str, flags: int) -> int:
             p = self._path(path)
-            with self._mutex:
-                self._alive()
+            with self._live():
                 fh = self._open(p, flags)
                 if flags & os.O_TRUNC:
                     self._truncate(self.fds[fh], 0)
@@ -208,8 +199,7 @@ def _operations_class() -> type:
             self.model.truncated(node, length)
 
         def truncate(self, path: str, length: int, fh: int | None = None) -> int:
-            with self._mutex:
-                self._alive()
+            with self._live():
                 if fh is not None and fh in self.fds:
                     self._truncate(self.fds[fh], length)
                 else:
@@ -221,14 +211,12 @@ def _operations_class() -> type:
             return 0
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-            with self._mutex:
-                self._alive()
+            with self._live():
                 fd = self.fds[fh][0]
             return os.pread(fd, size, offset)
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-            with self._mutex:
-                self._alive()
+            with self._live():
                 fd, node, sync = self.fds[fh]
                 self.model.before_file_change(node, fd)
                 n = os.pwrite(fd, data, offset)
@@ -239,8 +227,7 @@ def _operations_class() -> type:
 
         def fsync(self, path: str, datasync: int, fh: int) -> int:
             self._maybe_stall("fsync", path)
-            with self._mutex:
-                self._alive()
+            with self._live():
                 fd, node, _ = self.fds[fh]
                 if self.trace:
                     print(f"powercut: fsync {path}", file=sys.stderr, flush=True)
@@ -250,8 +237,7 @@ def _operations_class() -> type:
 
         def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
             self._maybe_stall("fsyncdir", path)
-            with self._mutex:
-                self._alive()
+            with self._live():
                 if self.trace:
                     print(f"powercut: fsyncdir {path}", file=sys.stderr, flush=True)
                 self.model.fsync_dir(self._path(path))
