@@ -63,3 +63,37 @@ def test_map_on_slice_is_the_map_at_each_pixels_patient_point(model_shape: tuple
     assert got.shape == (48, 40)
     assert np.abs(want).max() > 1.0 and (want == 0).any()  # the slice crosses the map and leaves it
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+
+
+def _overlay_reference(hu: np.ndarray, z: np.ndarray, ring: tuple[float, float, float] | None,
+                       window: tuple[float, float]) -> np.ndarray:
+    """The overlay computed for every pixel: grey, blended where the map is below -Z_SHOW, the ring."""
+    from triage.report.keyimages import ALPHA_MAX, Z_FULL, Z_SHOW
+
+    lo = window[0] - window[1] / 2
+    grey = np.clip((hu - lo) / window[1], 0.0, 1.0)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    strength = np.clip((-z - Z_SHOW) / (Z_FULL - Z_SHOW), 0.0, 1.0)
+    alpha = np.where(-z > Z_SHOW, 0.25 + (ALPHA_MAX - 0.25) * strength, 0.0)[..., None]
+    colour = np.stack([np.ones_like(strength), 1.0 - strength, np.zeros_like(strength)], axis=-1)
+    rgb = (1.0 - alpha) * rgb + alpha * colour
+    if ring is not None:
+        rr, cc = np.meshgrid(np.arange(hu.shape[0]), np.arange(hu.shape[1]), indexing="ij")
+        on = np.abs(np.hypot(rr - ring[0], cc - ring[1]) - ring[2]) <= max(1.0, hu.shape[0] / 256)
+        rgb[on] = (0.0, 1.0, 1.0)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("ring", [None, (30.0, 20.5, 9.0), (2.0, 60.0, 25.0), (-40.0, -40.0, 5.0),
+                                  (90.0, 10.0, 200.0)])
+def test_overlay_is_the_per_pixel_blend(ring: tuple[float, float, float] | None) -> None:
+    from triage.report.keyimages import overlay_rgb
+
+    rng = np.random.default_rng(11)
+    hu = rng.normal(40.0, 60.0, (96, 80))
+    z = rng.normal(-2.0, 3.0, (96, 80))
+    for window in ((40.0, 80.0), (0.5, 1.0)):
+        got = overlay_rgb(hu if window[1] > 1 else hu / 200.0, z, ring, window)
+        want = _overlay_reference(hu if window[1] > 1 else hu / 200.0, z, ring, window)
+        assert got.dtype == np.uint8 and got.shape == (96, 80, 3)
+        assert np.array_equal(got, want), int((got != want).any(axis=2).sum())

@@ -94,22 +94,32 @@ def overlay_rgb(hu: np.ndarray, z: np.ndarray, ring: tuple[float, float, float] 
                 window: tuple[float, float] = (WINDOW_CENTER, WINDOW_WIDTH)) -> np.ndarray:
     """Brain-windowed grey image with the negative part of the z-map blended in (uint8 RGB, rows x
     cols x 3); ``ring`` = (row, col, radius in pixels) draws a cyan ring around the region's centre.
-    ``window`` (centre, width) of ``hu``: the brain window for CT, (0.5, 1) for a grey range 0..1."""
+    ``window`` (centre, width) of ``hu``: the brain window for CT, (0.5, 1) for a grey range 0..1.
+
+    The blend and the ring are computed only where they are (the map's abnormal windows, the ring's
+    bounding box): a 512x512 slice is mostly plain grey, and five of them were 0.1 s of a flagged
+    study's report."""
     lo = window[0] - window[1] / 2
-    grey = np.clip((hu - lo) / window[1], 0.0, 1.0)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    strength = np.clip((-z - Z_SHOW) / (Z_FULL - Z_SHOW), 0.0, 1.0)
-    alpha = np.where(-z > Z_SHOW, 0.25 + (ALPHA_MAX - 0.25) * strength, 0.0)[..., None]
-    # yellow -> red as the window gets more abnormal
-    colour = np.stack([np.ones_like(strength), 1.0 - strength, np.zeros_like(strength)], axis=-1)
-    rgb = (1.0 - alpha) * rgb + alpha * colour
+    grey = np.round(np.clip((hu - lo) / window[1], 0.0, 1.0) * 255).astype(np.uint8)
+    out = np.repeat(grey[..., None], 3, axis=2)
+    show = -z > Z_SHOW
+    if show.any():
+        g = np.clip((hu[show] - lo) / window[1], 0.0, 1.0)[:, None]
+        strength = np.clip((-z[show] - Z_SHOW) / (Z_FULL - Z_SHOW), 0.0, 1.0)
+        alpha = (0.25 + (ALPHA_MAX - 0.25) * strength)[:, None]
+        # yellow -> red as the window gets more abnormal
+        colour = np.stack([np.ones_like(strength), 1.0 - strength, np.zeros_like(strength)], axis=-1)
+        out[show] = np.round(((1.0 - alpha) * g + alpha * colour) * 255).astype(np.uint8)
     if ring is not None:
-        rr, cc = np.meshgrid(np.arange(hu.shape[0]), np.arange(hu.shape[1]), indexing="ij")
-        dist = np.hypot(rr - ring[0], cc - ring[1])
         width = max(1.0, hu.shape[0] / 256)
-        on = np.abs(dist - ring[2]) <= width
-        rgb[on] = (0.0, 1.0, 1.0)
-    return np.round(rgb * 255).astype(np.uint8)
+        reach = ring[2] + width + 1
+        r0, r1 = max(0, math.floor(ring[0] - reach)), min(hu.shape[0], math.ceil(ring[0] + reach) + 1)
+        c0, c1 = max(0, math.floor(ring[1] - reach)), min(hu.shape[1], math.ceil(ring[1] + reach) + 1)
+        if r0 < r1 and c0 < c1:
+            rr, cc = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+            on = np.abs(np.hypot(rr - ring[0], cc - ring[1]) - ring[2]) <= width
+            out[r0:r1, c0:c1][on] = (0, 255, 255)
+    return out
 
 
 def _patient_orientation(row_dir: np.ndarray, col_dir: np.ndarray) -> tuple[str, str]:
