@@ -34,7 +34,7 @@ import torch
 
 from training.data.images import radiographs_from_folder
 from training.data.sources import VolumeSet, as_volume_set
-from training.evaluate.metrics import roc_summary
+from training.evaluate.metrics import auc_difference, roc_summary
 from training.synth.cxr_dicom import write_cxr_dataset
 from training.train.loop import train
 from triage.assemble.folders import folder_studies
@@ -202,6 +202,16 @@ def run(out: Path, plan: CxrPlan, reuse: Path | None = None) -> dict[str, Any]:
         return {"auc": s.get("auc"), "auc_ci95": s.get("auc_ci95"), "n_normal": s["n_normal"],
                 "n_abnormal": s["n_abnormal"]}  # fmt: skip
 
+    def paired(field: str, other: str) -> dict[str, Any] | None:
+        """AUC of ``field`` minus ``other`` on the same test studies (issue 16: the posterior's margin
+        over the likelihood alone), with the paired stratified bootstrap's CI."""
+        a = {lab: np.array([(r[field], r[other]) for r in rows if r["label"] == lab], dtype=float)
+             for lab in ("normal", "abnormal")}
+        if any(np.isnan(v).any() or v.size == 0 for v in a.values()):
+            return None
+        return auc_difference(a["normal"][:, 0], a["abnormal"][:, 0], a["normal"][:, 1], a["abnormal"][:, 1],
+                              plan.bootstrap, plan.seed)
+
     kinds = sorted({r["lesion"] for r in rows if r["label"] == "abnormal"})
     res = {
         "plan": asdict(plan),
@@ -211,6 +221,8 @@ def run(out: Path, plan: CxrPlan, reuse: Path | None = None) -> dict[str, Any]:
         "posterior": summary("log_posterior"),
         "region": summary("region_score"),
         "likelihood_only": summary("log_p_normal_model"),
+        "posterior_minus_likelihood": paired("log_posterior", "log_p_normal_model"),
+        "region_minus_likelihood": paired("region_score", "log_p_normal_model"),
         "posterior_by_kind": {k: summary("log_posterior", k) for k in kinds},
         "region_by_kind": {k: summary("region_score", k) for k in kinds},
         "likelihood_by_kind": {k: summary("log_p_normal_model", k) for k in kinds},
@@ -274,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chest-radiograph experiment ({plan.preset}): posterior AUC {_fmt(res['posterior'])}")
     print(f"  region score AUC {_fmt(res['region'])}")
     print(f"  likelihood alone AUC {_fmt(res['likelihood_only'])}")
+    for key, what in (("posterior_minus_likelihood", "posterior"), ("region_minus_likelihood", "region")):
+        d = res.get(key)
+        if d:
+            lo, hi = d["ci95"]
+            print(f"  {what} - likelihood alone: {d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                  f"(paired bootstrap; P(not better) {d['p_not_better']:.3f})")
     for k, s in res["posterior_by_kind"].items():
         print(f"  {k:14s} posterior AUC {_fmt(s)}")
         print(f"  {'':14s} region    AUC {_fmt(res['region_by_kind'][k])}")

@@ -25,6 +25,10 @@ def test_quick_run_reports_the_region_and_reuse_rescoring_matches(tmp_path: Path
     kinds = set(res["posterior_by_kind"])
     assert kinds and set(res["region_by_kind"]) == kinds == set(res["likelihood_by_kind"])
     assert res["region_windows_side"] == [1 / 32, 1 / 16, 1 / 8, 1 / 4]
+    diff = res["posterior_minus_likelihood"]  # issue 16's margin, paired on the same test studies
+    assert abs(diff["difference"] - (res["posterior"]["auc"] - res["likelihood_only"]["auc"])) < 1e-9
+    assert diff["ci95"][0] <= diff["ci95"][1] and 0 <= diff["p_not_better"] <= 1
+    assert "posterior - likelihood alone" in out
     rows = [json.loads(x) for x in (first / "scores.jsonl").read_text().splitlines()]
     assert all(r["region_score"] is not None and len(r["region_center_mm"]) == 2 for r in rows)
     assert all(r["region_distance_mm"] is not None for r in rows if r["label"] == "abnormal")
@@ -35,6 +39,6 @@ def test_quick_run_reports_the_region_and_reuse_rescoring_matches(tmp_path: Path
     res2 = json.loads((again / "experiment.json").read_text())
     assert res2["plan"] == res["plan"] and res2["reused"] == str(first)
     assert res2["timings_s"]["train_s"] < 1.0 and not (again / "m0.pt").exists()
-    for key in ("posterior", "region", "likelihood_only"):
+    for key in ("posterior", "region", "likelihood_only", "posterior_minus_likelihood"):
         assert res2[key] == res[key], key  # the same models, normals and test set: the same numbers
     assert _tree(first) == before  # the earlier run is only read
