@@ -207,8 +207,7 @@ class ScoringSettings(_Section):
     """Scoring with the current model set."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # unused since the daemon scores and reports one study per round (issue 15); still accepted so
-    # that older config files load
+    # the most studies in one model call on a GPU (the CPU scores one at a time; triage.model.score)
     batch_size: Annotated[int, Field(ge=1, le=64)] = 4
     threads: Annotated[int, Field(ge=0)] = 0  # CPU threads for torch; 0: torch's default
     # which score flags a study: the paper's whole-volume log p(normal|x) ("global"), the most abnormal

@@ -147,7 +147,8 @@ class Daemon:
                     loaded[kind] = old
                     continue
                 try:
-                    loaded[kind] = Scorer(cs, device=s.device, threads=s.threads, flag_policy=s.flag_policy)
+                    loaded[kind] = Scorer(cs, device=s.device, threads=s.threads, flag_policy=s.flag_policy,
+                                          batch_size=s.batch_size)
                 except ScoringError as exc:
                     self._scoring_unavailable(str(exc))
                     continue
@@ -173,10 +174,10 @@ class Daemon:
         scorer = self._current_scorer()
         if scorer is None:
             return 0
-        # One study per round, reported at once (its SR and ORU queued, the sender woken) before the
-        # next is scored: the scorer takes volumes one at a time anyway, and a study scored first
-        # must not wait for the rest of a batch before its results go out.
-        n = score_assembled(self.store, scorer, limit=1)
+        # One model call's worth of studies per round (one on a CPU, up to [scoring] batch_size on a
+        # GPU), reported at once (SRs and ORUs queued, the sender woken) before the next round: a
+        # study scored first must not wait for more than its own batch before its results go out.
+        n = score_assembled(self.store, scorer, limit=scorer.batch_size)
         n += report_scored(self.store, scorer, self.cfg, headers=self.headers)
         if n:
             self.wake["send"].set()

@@ -97,6 +97,12 @@ def test_scorers_send_each_image_to_its_kind(world: dict) -> None:
     img = np.random.default_rng(1).integers(0, 128, (512, 512), dtype=np.uint8)
     a, b = sc.score([VolumeInput("s1", "r1", vol), VolumeInput("s2", "r2", img)])
     assert (a.model_version, b.model_version) == (world["ct"], world["cxr"])
+    # interleaved kinds: each kind's images go to its scorer in one call, results in the given order
+    mixed = sc.score([VolumeInput("s3", "r3", img), VolumeInput("s4", "r4", vol),
+                      VolumeInput("s5", "r5", img)])
+    assert [r.study_uid for r in mixed] == ["s3", "s4", "s5"]
+    assert [r.model_version for r in mixed] == [world["cxr"], world["ct"], world["cxr"]]
+    assert mixed[1].log_posterior == a.log_posterior and mixed[0].log_posterior == b.log_posterior
     assert sc.info_for(world["cxr"]).kind == "cxr" and sc.info_for(world["ct"]).kind == "ct"
     only_ct = Scorers({"ct": Scorer(Registry(world["base"] / "models").get(world["ct"]), device="cpu")})
     assert only_ct.accepts(vol) and not only_ct.accepts(img)

@@ -152,6 +152,69 @@ def test_scores_are_bit_identical_alone_or_among_others(tmp_path: Path) -> None:
     assert alone.log_posterior == among.log_posterior == again.log_posterior
 
 
+class _CountingPair:
+    """Test doubles of what a device does with a batch (there is no GPU here): ``invariant`` results
+    identical to one volume a call, computed one by one, or one ulp off whenever a call holds more than
+    one volume; every call's batch size recorded."""
+
+    def __init__(self, pair, invariant: bool):
+        self.pair, self.invariant, self.calls = pair, invariant, []
+
+    def log_likelihoods_batch(self, volumes):
+        self.calls.append(len(volumes))
+        out = [self.pair.log_likelihoods_batch([v])[0] for v in volumes]
+        return out if self.invariant or len(volumes) == 1 else [(math.nextafter(a, 0.0), b) for a, b in out]
+
+    def __getattr__(self, name):
+        return getattr(self.pair, name)
+
+
+@pytest.mark.parametrize("region", [False, True])
+def test_a_burst_scored_in_batches_gives_what_one_at_a_time_gives(tmp_path: Path, region: bool) -> None:
+    """Issue 15: several volumes per model call, each result exactly what it is alone, in order (5
+    volumes in batches of 3: a full and a partial batch), on this CPU's real kernels: either they are
+    batch-invariant for this model or the first batch's check fell back to one a call."""
+    reg = Registry(tmp_path / "models")
+    if region:
+        make_region_set(reg, tmp_path)
+    else:
+        reg.promote(make_set(reg, tmp_path).version)
+    items = [VolumeInput(f"1.2.{i}", f"1.2.{i}.1", canonical(20 + i), metadata()) for i in range(5)]
+    one = Scorer.from_registry(reg, device="cpu")
+    batched = Scorer.from_registry(reg, device="cpu", batch_size=3, batch_on_cpu=True)
+    assert one.batch_size == 1 and batched.batch_size == 3
+    assert Scorer.from_registry(reg, device="cpu", batch_size=3).batch_size == 1  # the CPU: one a call
+    alone = [one.score([it])[0] for it in items]
+    together = batched.score(items)
+    assert [r.study_uid for r in together] == [it.study_uid for it in items]
+    for a, b in zip(alone, together, strict=True):
+        assert (a.log_p_normal_model, a.log_p_mixture_model) == (b.log_p_normal_model, b.log_p_mixture_model)
+        assert a.to_json() == b.to_json()
+        if region:
+            assert a.region_score is not None and np.array_equal(a.region_map["zmap"], b.region_map["zmap"])
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_batches_stay_on_only_where_the_device_gives_the_same_scores(tmp_path: Path, invariant: bool) -> None:
+    """Where every volume of the first batch scores alone what it scored in the batch, batches stay on
+    (calls of 3 and 2 volumes, the checks of 1); where one differs by an ulp the scorer keeps the single
+    results and scores one volume a call from then on, so no score depends on its neighbours."""
+    reg = Registry(tmp_path / "models")
+    reg.promote(make_set(reg, tmp_path).version)
+    items = [VolumeInput(f"1.2.{i}", f"1.2.{i}.1", canonical(40 + i)) for i in range(5)]
+    want = [Scorer.from_registry(reg, device="cpu").score([it])[0].log_posterior for it in items]
+    scorer = Scorer.from_registry(reg, device="cpu", batch_size=3, batch_on_cpu=True)
+    scorer.pair = double = _CountingPair(scorer.pair, invariant)
+    assert [r.log_posterior for r in scorer.score(items)] == want
+    if invariant:
+        assert scorer.batch_size == 3 and double.calls == [3, 1, 1, 1, 2]
+    else:
+        assert scorer.batch_size == 1 and double.calls == [3, 1, 1, 1, 1, 1]
+    double.calls.clear()
+    assert [r.log_posterior for r in scorer.score(items[:2])] == want[:2]
+    assert double.calls == ([2] if invariant else [1, 1])
+
+
 def test_a_volume_of_another_preprocessing_version_is_scored_with_a_warning(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "models")
     s = make_set(reg, tmp_path)  # made on "test" volumes
