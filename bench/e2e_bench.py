@@ -319,9 +319,53 @@ def latencies(root: Path, uids: list[str]) -> list[dict[str, float]]:
                 "send": r["sent_at"] - r["queued_at"],
                 "attempts": r["attempts"],
                 "flagged": float(bool(json.loads(r["result"]).get("flagged"))),
+                # raw times (epoch s) and the model time, for the scorer's account (scorer_account)
+                "at": {"assembled": r["assembled_at"], "scored": r["scored_at"], "queued": r["queued_at"],
+                       "inference": float(json.loads(r["result"]).get("inference_s") or 0.0)},
             }
         )
     return out
+
+
+def scorer_account(lat: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a study's "score" stage (assembled -> scored) goes in a burst: waiting for the studies
+    ahead of it, then its own turn. The daemon's scoring thread takes one study, scores and records it,
+    reports it (SR, ORU, key images: ``queued``), then takes the next; so, in scoring order, a study's
+    turn starts when it is assembled or when the thread has reported the one before, whichever is
+    later. Per study: ``queue`` (studies assembled before it and not yet scored when it was), ``busy``
+    (turn start -> scored), ``overhead`` (busy minus the model's own time: loading the volume,
+    recording, and any wait for a wake-up; a polling stage would show its period here), and ``cycle``
+    (turn start -> reported: the thread's time per study, the inverse of its throughput). The model
+    ``queue x cycle + busy`` predicts each study's score stage from the throughput alone."""
+    rows = sorted(lat, key=lambda r: r["at"]["scored"])
+    free_at = None
+    per = []
+    for r in rows:
+        a = r["at"]
+        start = a["assembled"] if free_at is None else max(a["assembled"], free_at)
+        queue = sum(1 for o in rows  # ahead of it: scored before it, not yet when it was assembled
+                    if o["at"]["scored"] < a["scored"]
+                    and o["at"]["assembled"] <= a["assembled"] < o["at"]["scored"])
+        per.append({"queue": queue, "busy": a["scored"] - start, "cycle": a["queued"] - start,
+                    "overhead": a["scored"] - start - a["inference"], "inference": a["inference"],
+                    "measured": a["scored"] - a["assembled"], "waited": start > a["assembled"]})
+        free_at = a["queued"]
+    cycle = float(np.mean([p["cycle"] for p in per]))
+    busy = float(np.mean([p["busy"] for p in per]))
+    predicted = [p["queue"] * cycle + busy for p in per]
+    measured = [p["measured"] for p in per]
+    return {
+        "cycle_s": cycle,
+        "busy_s": busy,
+        "inference_s": float(np.mean([p["inference"] for p in per])),
+        "overhead_s": percentiles([p["overhead"] for p in per]),
+        "queue": {"max": int(max(p["queue"] for p in per)),
+                  "mean": float(np.mean([p["queue"] for p in per]))},
+        "score_stage_measured": percentiles(measured),
+        "score_stage_predicted": percentiles(predicted),
+        "prediction_error_median_s": float(np.median(np.abs(np.subtract(predicted, measured)))),
+        "studies_that_waited": int(sum(p["waited"] for p in per)),
+    }
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -463,6 +507,20 @@ def print_results(
     )
 
 
+def print_account(acc: dict[str, Any]) -> None:
+    """The burst's score stage explained by the scoring thread's throughput (scorer_account)."""
+    m, pr = acc["score_stage_measured"], acc["score_stage_predicted"]
+    print(
+        f"burst score stage (assembled -> scored) by the scorer's throughput: {acc['cycle_s']:.3f} s a study "
+        f"(its turn: model {acc['inference_s']:.3f} s + load/record {acc['overhead_s']['p50']:.3f} s p50, "
+        f"{acc['overhead_s']['max']:.3f} s max, then its report), queue ahead up to {acc['queue']['max']} "
+        f"(mean {acc['queue']['mean']:.1f}); queue x cycle + turn predicts p50 {pr['p50']:.2f} s, p95 "
+        f"{pr['p95']:.2f} s against measured {m['p50']:.2f} / {m['p95']:.2f} s (median error "
+        f"{acc['prediction_error_median_s']:.2f} s); {acc['studies_that_waited']} studies waited for the "
+        "thread"
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -515,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = summarize(results)
     print_results(rows, inference_daemon, inference_direct, map_cost)
+    account = scorer_account(results["burst"])
+    print_account(account)
     print(f"key images written by the daemon for its flagged studies: {key_images}")
     shares = ", ".join(f"{r['pattern']} {r['flagged']} of {r['studies']}" for r in rows)
     print(f"flagged: thresholds at specificity {flag_cal['specificity']:g} ({flag_cal['rule']}), "
@@ -547,8 +607,10 @@ def main(argv: list[str] | None = None) -> int:
         "end": "outbox.sent_at of the PACS SR row (C-STORE success from Orthanc)",
         "results": rows,
         "per_study_s": {
-            p: [{k: round(float(v), 4) for k, v in r.items()} for r in lat] for p, lat in results.items()
+            p: [{k: round(float(v), 4) for k, v in r.items() if k != "at"} for r in lat]
+            for p, lat in results.items()
         },
+        "burst_scorer": account,
         "inference_s": {"daemon": inference_daemon, "direct_median": inference_direct},
         "scoring_map_vs_global": map_cost,
         "thin_series_assembly": thin,

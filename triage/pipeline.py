@@ -199,7 +199,10 @@ def score_assembled(store: Store, scorer: Scorer | Scorers, limit: int = 16) -> 
         if res.region_map is not None and res.flagged:  # for the key images of the report stage
             _save_region_map(store, res, asm.generation, item.metadata)
         warnings = list(dict.fromkeys([*asm.warnings, *res.warnings]))  # assembly's, then the scorer's
-        store.record_score(res.study_uid, asm.generation, {**res.to_json(), "warnings": warnings})
+        # inference_s: this call's model time a volume (both flows, maps, region), for the record and the
+        # e2e bench's account of a burst (bench/e2e_bench.py: scorer busy time = inference + overhead)
+        store.record_score(res.study_uid, asm.generation, {**res.to_json(), "warnings": warnings,
+                                                          "inference_s": round(scorer.last_inference_s, 4)})
         METRICS.study_scored(res.log_posterior, res.flagged, scorer.last_inference_s, scorer.device.type,
                              kind=volume_kind(item.volume))
         log.info("study_scored", study_uid=res.study_uid, series_uid=res.series_uid,
