@@ -350,6 +350,7 @@ def scorer_account(lat: list[dict[str, Any]]) -> dict[str, Any]:
                     "overhead": a["scored"] - start - a["inference"], "inference": a["inference"],
                     "measured": a["scored"] - a["assembled"], "waited": start > a["assembled"]})
         free_at = a["queued"]
+    t_first = min(r["at"]["assembled"] for r in rows)
     cycle = float(np.mean([p["cycle"] for p in per]))
     busy = float(np.mean([p["busy"] for p in per]))
     predicted = [p["queue"] * cycle + busy for p in per]
@@ -365,6 +366,11 @@ def scorer_account(lat: list[dict[str, Any]]) -> dict[str, Any]:
         "score_stage_predicted": percentiles(predicted),
         "prediction_error_median_s": float(np.median(np.abs(np.subtract(predicted, measured)))),
         "studies_that_waited": int(sum(p["waited"] for p in per)),
+        # in scoring order, times from the first study's assembly: where a long overhead fell
+        "per_study": [{"assembled_s": round(r["at"]["assembled"] - t_first, 3), "queue": p["queue"],
+                       "busy_s": round(p["busy"], 3), "inference_s": round(p["inference"], 3),
+                       "overhead_s": round(p["overhead"], 3), "cycle_s": round(p["cycle"], 3)}
+                      for r, p in zip(rows, per, strict=True)],
     }
 
 

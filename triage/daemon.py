@@ -95,7 +95,7 @@ class Daemon:
                 event.wait(timeout)
 
     def _assemble_step(self) -> int:
-        return assemble_due(self.store, self.cfg, headers=self.headers)
+        return assemble_due(self.store, self.cfg, headers=self.headers, on_study=self.wake["score"].set)
 
     def _assemble_sleep(self) -> float:
         """Until the first receiving series is due (its quiet period or force time ends)."""

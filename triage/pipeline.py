@@ -103,9 +103,14 @@ class HeaderCache:
 # ------------------------------------------------------------------------------------------ assemble
 
 
-def assemble_due(store: Store, cfg: Config, now: float | None = None, headers: HeaderCache | None = None
-                 ) -> int:
-    """Assemble every study whose series are all quiet (or forced); returns studies handled."""
+def assemble_due(store: Store, cfg: Config, now: float | None = None, headers: HeaderCache | None = None,
+                 on_study: Callable[[], None] | None = None) -> int:
+    """Assemble every study whose series are all quiet (or forced); returns studies handled.
+
+    ``on_study`` is called after each study (the daemon wakes the scorer with it): a burst makes many
+    studies due in one step, and a scorer woken only when the whole step ends sat idle while the first
+    of them waited (the e2e bench's burst account, 2026-12-01: one study 1.9 s idle, 4 studies
+    assembled meanwhile)."""
     rules = cfg.settings.assembly
     now = store.clock() if now is None else now
     due = store.series_due(now, rules.quiet_seconds, rules.force_seconds)
@@ -120,6 +125,8 @@ def assemble_due(store: Store, cfg: Config, now: float | None = None, headers: H
             continue  # another series of the study is still arriving: select among all of them later
         _assemble_study(store, cfg, study_uid, all_series, headers)
         handled += 1
+        if on_study is not None:
+            on_study()
     return handled
 
 
