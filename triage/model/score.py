@@ -202,7 +202,7 @@ class Scorer:
         self.flag_policy = flag_policy if self.region is not None else "global"
         self.last_inference_s = 0.0
         self.batch_size = max(1, int(batch_size)) if (self.device.type != "cpu" or batch_on_cpu) else 1
-        self._batch_checked = False  # the first batch is checked against its first volume alone
+        self._batch_checked = False  # the first batch is checked, each volume against itself alone
 
     @classmethod
     def from_registry(cls, registry: Registry, device: str = "auto", threads: int = 0,
