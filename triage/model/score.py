@@ -350,15 +350,14 @@ class Scorers:
 
     @classmethod
     def from_registry(cls, registry: Registry, device: str = "auto", threads: int = 0,
-                      flag_policy: str = "either", batch_size: int = 1) -> Scorers:
+                      flag_policy: str = "either") -> Scorers:
         try:
             currents = registry.currents()
         except RegistryError as exc:
             raise ScoringError(str(exc)) from exc
         if not currents:
             raise ScoringError(f"no current model set under {registry.root}: create and promote one")
-        return cls({k: Scorer(s, device=device, threads=threads, flag_policy=flag_policy,
-                              batch_size=batch_size)
+        return cls({k: Scorer(s, device=device, threads=threads, flag_policy=flag_policy)
                     for k, s in currents.items()}, registry)  # fmt: skip
 
     @property
