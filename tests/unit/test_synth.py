@@ -689,3 +689,40 @@ def test_uid_salt_changes_only_the_uids(tmp_path: Path) -> None:
         dx, dy = pydicom.dcmread(x), pydicom.dcmread(y)
         assert dx.PixelData == dy.PixelData and dx.SOPInstanceUID != dy.SOPInstanceUID
         assert dx.FrameOfReferenceUID != dy.FrameOfReferenceUID
+
+
+def test_rescans_of_one_head_change_only_what_they_name(tmp_path: Path) -> None:
+    """The equivalence bench's rescans (bench/equivalence_synth.py): the same draws with a forced
+    thickness, a new noise seed, a moved table or a longer range scan the same head otherwise alike."""
+    opts = SynthOptions(**PLAIN)  # type: ignore[arg-type]
+
+    def scan(name: str, options: SynthOptions = opts, **kw: object
+             ) -> tuple[StudyTruth, list[pydicom.Dataset]]:
+        t = write_study(tmp_path / name, np.random.default_rng(47), lesion=None, options=options,
+                        patient_index=1, **kw)  # type: ignore[arg-type]  # fmt: skip
+        return t, spatial(primary_files(tmp_path / name, t), t)
+
+    a, da = scan("a", thickness_mm=5.0)
+    assert a.slice_thicknesses == [5.0] * len(da)
+    pos = np.asarray(a.positions)
+    # a new noise realisation: same planes and UIDs, other pixels, the same head on average
+    b, db = scan("b", thickness_mm=5.0, noise_seed=7)
+    assert b.study_uid == a.study_uid and np.allclose(b.positions, pos)
+    diff = np.concatenate([hu(x).ravel() - hu(y).ravel() for x, y in zip(da, db, strict=True)])
+    assert np.abs(diff).mean() > 0.5 and abs(diff.mean()) < 0.2
+    # the table moved: every plane 2 mm higher, nothing else
+    c, _ = scan("c", thickness_mm=5.0, table_shift_mm=2.0)
+    assert np.allclose(np.asarray(c.positions) - pos, [0.0, 0.0, 2.0], atol=1e-3)
+    # a longer range: two more planes at each end at the stack's own step, the planned ones unchanged
+    # (noise-free: the noise is drawn for the whole stack)
+    quiet = SynthOptions(**{**PLAIN, "noise_scale": 0.0})  # type: ignore[arg-type]
+    _, dq = scan("q", quiet, thickness_mm=5.0)
+    d, dd = scan("d", quiet, thickness_mm=5.0, extend_mm=10.0)
+    assert len(dd) == len(da) + 4 and np.allclose(np.asarray(d.positions)[2:-2], pos)
+    assert np.allclose(np.diff(np.asarray(d.positions)[:, 2]), 5.0, atol=1e-3)
+    assert all(np.array_equal(hu(x), hu(y)) for x, y in zip(dq, dd[2:-2], strict=True))
+    # the two-stack series extends each end at its own stack's step: 4 mm below, 7 mm above
+    e, _ = scan("e", pattern="two_stack", extend_mm=8.0)
+    step = np.diff(np.asarray(e.positions)[:, 2]) * np.cos(np.radians(18.5))
+    assert np.allclose(step[:2], 4.0, atol=2e-3) and np.allclose(step[-2:], 7.0, atol=2e-3)
+    assert e.slice_thicknesses[:2] == [4.0, 4.0] and e.slice_thicknesses[-2:] == [7.0, 7.0]

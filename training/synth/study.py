@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -195,6 +195,29 @@ def _plan(
                          matrix=proto.matrix)  # fmt: skip
 
 
+def _shifted(stack: Stack, dz: float) -> Stack:
+    """The same planes with the table moved ``dz`` mm along the patient's z (positions as written)."""
+    shift = np.array([0.0, 0.0, float(dz)])
+    return replace(stack, centres=[c + shift for c in stack.centres],
+                   ipps=[np.asarray(_r(ipp + shift)) for ipp in stack.ipps])  # fmt: skip
+
+
+def _extended(stack: Stack, mm: float) -> Stack:
+    """The stack with planes added below its first and above its last, each at its end's own step,
+    until the range is ``mm`` longer at both ends."""
+    lo = [stack.centres[0] - stack.centres[1], stack.ipps[0] - stack.ipps[1]]
+    hi = [stack.centres[-1] - stack.centres[-2], stack.ipps[-1] - stack.ipps[-2]]
+    n_lo = math.ceil(mm / float(np.linalg.norm(lo[0])))
+    n_hi = math.ceil(mm / float(np.linalg.norm(hi[0])))
+    centres = ([stack.centres[0] + k * lo[0] for k in range(n_lo, 0, -1)] + list(stack.centres)
+               + [stack.centres[-1] + k * hi[0] for k in range(1, n_hi + 1)])  # fmt: skip
+    ipps = ([np.asarray(_r(stack.ipps[0] + k * lo[1])) for k in range(n_lo, 0, -1)] + list(stack.ipps)
+            + [np.asarray(_r(stack.ipps[-1] + k * hi[1])) for k in range(1, n_hi + 1)])  # fmt: skip
+    thick = [stack.thicknesses[0]] * n_lo + list(stack.thicknesses) + [stack.thicknesses[-1]] * n_hi
+    spacing = [stack.spacings[0]] * n_lo + list(stack.spacings) + [stack.spacings[-1]] * n_hi
+    return replace(stack, centres=centres, ipps=ipps, thicknesses=thick, spacings=spacing)
+
+
 def _render_stack(ph: Phantom | CylinderPhantom, stack: Stack, nsub: int) -> tuple[np.ndarray, np.ndarray]:
     """Noise-free HU and lesion mask of the stack, each run of equal thickness rendered with its slab."""
     runs: list[tuple[int, int]] = []
@@ -288,6 +311,10 @@ def write_study(
     pattern: str | Iterable[str] | None = None,
     kind: str = "head",
     stray: bool = False,
+    thickness_mm: float | None = None,
+    noise_seed: int | None = None,
+    table_shift_mm: float = 0.0,
+    extend_mm: float = 0.0,
 ) -> StudyTruth:
     """Write one study under ``out_dir`` (the study folder: ``out_dir/<series_folder>/<n>.dcm``).
 
@@ -298,6 +325,14 @@ def write_study(
     ``kind="phantom"`` is the same as ``pattern="phantom"`` (a water cylinder; no lesion, label normal).
     ``stray`` writes only the middle slice of the primary series and nothing else (see
     :func:`training.synth.dataset.write_stray`).
+
+    The same subject scanned again (the equivalence bench: one head, several acquisitions): the same
+    ``rng`` state with ``thickness_mm`` (the routine protocol's slice thickness instead of the drawn one),
+    ``noise_seed`` (a new noise realisation instead of the drawn one) or ``table_shift_mm`` (every plane
+    moved that far along the patient's z: another slice phase over the same head) and ``extend_mm`` (the
+    scan range that much longer at both ends, in slices of the end stacks: a range that covers the whole
+    canonical grid whatever the tilt, so two acquisitions differ in resampling, not in coverage). None of
+    them changes any other draw, so the head, scanner and words stay those of the unchanged study.
     """
     out_dir = Path(out_dir)
     dr = _draw(rng, options)
@@ -312,12 +347,18 @@ def write_study(
     study = _scanner(sc, options, ph, dr.token, patient_index)
     vendor = study.vendor
     proto = _protocol(sc, vendor, ph, options, dr.u_matrix)
+    if thickness_mm is not None:
+        proto.thickness = float(thickness_mm)
     stack = _plan(ph, dr, options, proto, patterns)
+    if extend_mm:
+        stack = _extended(stack, extend_mm)
+    if table_shift_mm:
+        stack = _shifted(stack, table_shift_mm)
 
     clean, les_mask = _render_stack(ph, stack, max(1, int(options.slab_samples)))
     if lesion_kind is not None and not les_mask.any():
         raise RuntimeError("lesion not visible in the primary series; phantom/lesion sites disagree")
-    noise_rng = np.random.default_rng(dr.noise_seed)
+    noise_rng = np.random.default_rng(dr.noise_seed if noise_seed is None else noise_seed)
     soft = clean + _noise(noise_rng, stack, proto.noise_sigma, patterns)
     words = _words(study, proto, stack, dr, patterns)
 
