@@ -39,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,11 @@ STACK_PHASES_MM = (0.0, 1.5, 3.0, 4.5, 6.0)  # five positions over the 7.38 mm s
 # The experiments' acquisition options (training.experiment: matrix 256, PROTOCOL_MIX's thin matrix,
 # slab_samples 3), without distractors: only the primary series is written.
 OPTIONS = SynthOptions(matrix=256, thin_matrix=256, distractors=False, slab_samples=3)
+QUIET = replace(OPTIONS, noise_scale=0.0)
 # Every scan range 40 mm longer at both ends: under an 18.5 degree tilt the routine range leaves up to
 # ~20 mm of the canonical grid unscanned, differently for each protocol; compared here is resampling.
 EXTEND_MM = 40.0
+TOP_SLICES = 6  # the grid's top 6 model slices (27 mm): the vertex
 
 
 def acquisitions(repeats: int) -> dict[str, dict[str, Any]]:
@@ -97,18 +100,23 @@ class Scores:
         if current is None:
             raise SystemExit(f"{model_set}: no current model set")
         self.scorer = Scorer(current, device="cpu")
+        self.pair = self.scorer.pair
         self.models = f"{current.path} ({current.version})"
 
-    def __call__(self, vol: Any) -> dict[str, float]:
-        if self.scorer is None:
-            lp0, lp1 = self.pair.log_likelihoods(vol.data)
-            return {"posterior": lp0 - lp1}
-        from triage.model.score import VolumeInput
+    def __call__(self, vol: Any) -> dict[str, Any]:
+        """Scores of one volume, and where along z the posterior comes from (``by_slice``: the
+        log-ratio map summed over each model slice, index 0 at the top of the grid)."""
+        pair = self.pair if self.scorer is None else self.scorer.pair
+        lp0, lp1, dmap = pair.log_likelihood_maps(vol.data)
+        out: dict[str, Any] = {"posterior": lp0 - lp1,
+                               "by_slice": [float(x) for x in dmap.sum(dim=0).sum(dim=(1, 2)).cpu()]}
+        if self.scorer is not None:
+            from triage.model.score import VolumeInput
 
-        (res,) = self.scorer.score([VolumeInput("bench", "bench", vol.data, vol.metadata())])
-        out = {"posterior": float(res.log_posterior)}
-        if res.region_score is not None:
-            out["region"] = float(res.region_score)
+            (res,) = self.scorer.score([VolumeInput("bench", "bench", vol.data, vol.metadata())])
+            out["posterior"] = float(res.log_posterior)
+            if res.region_score is not None:
+                out["region"] = float(res.region_score)
         return out
 
 
@@ -132,6 +140,25 @@ def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores) -> 
         rows[label] = {**score(vol), "mad_vs_5mm": _head_mad(ref, vol.data),
                        "warnings": list(vol.warnings)}  # fmt: skip
     out: dict[str, Any] = {"index": index, "series": rows}
+    # the volumes noise-free too (noise alone moves the MAD by ~2 grey levels): 5 mm at another table
+    # position, thin and two-stack against the 5 mm volume, and each against the thin one (the truth's
+    # closest record)
+    quiet: dict[str, np.ndarray] = {}
+    for label, kw in {"5mm": {"thickness_mm": 5.0}, "5mm phase +2.5 mm": {"thickness_mm": 5.0,
+                      "table_shift_mm": 2.5}, "0.625mm": {"pattern": "thin"},
+                      "two-stack": {"pattern": "two_stack"}}.items():  # fmt: skip
+        folder = work / f"head{index}" / ("quiet_" + label.replace(" ", "_").replace("+", ""))
+        rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+        write_study(folder, rng, lesion=None, options=QUIET, patient_index=index, extend_mm=EXTEND_MM, **kw)
+        quiet[label] = build_volume(sorted(folder.rglob("*.dcm"))).data
+        shutil.rmtree(folder)
+    out["mad_noise_free"] = {
+        **{f"{k} vs 5mm": _head_mad(quiet["5mm"], v) for k, v in quiet.items() if k != "5mm"},
+        **{f"{k} vs 0.625mm": _head_mad(quiet["0.625mm"], v) for k, v in quiet.items() if k != "0.625mm"},
+    }
+    # volumes: MAD inside the head against the base 5 mm volume, per kind of rescan
+    out["mad"] = {kind: float(np.mean([r["mad_vs_5mm"] for lab, r in rows.items() if lab.startswith(kind)]))
+                  for kind in ("5mm noise", "5mm phase", "0.625mm", "two-stack")}  # fmt: skip
     for metric in ("posterior", "region"):
         if metric not in rows["5mm"]:
             continue
@@ -147,6 +174,14 @@ def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores) -> 
             "two_stack_within": int(sum(lo <= v <= hi for v in stack)),
             "two_stack_n": len(stack),
         }
+    # where the two-stack series differs: the mean per-slice posterior of its placements minus the 5 mm
+    # scans' (the top TOP_SLICES model slices hold the vertex, which its 7.38 mm cells record by phase)
+    prof = {k: np.mean([r["by_slice"] for lab, r in rows.items() if lab.startswith(k)], axis=0)
+            for k in ("5mm", "two-stack")}  # fmt: skip
+    gap = prof["two-stack"] - prof["5mm"]
+    out["two_stack_gap_by_slice"] = [float(x) for x in gap]
+    out["two_stack_gap_top"] = float(gap[:TOP_SLICES].sum())
+    out["two_stack_gap_rest"] = float(gap[TOP_SLICES:].sum())
     return out
 
 
@@ -168,6 +203,11 @@ def summary(heads: list[dict[str, Any]]) -> dict[str, Any]:
             "two_stack_n": sum(p["two_stack_n"] for p in per),
             "five_mm_sd_mean": float(np.mean([p["five_mm"]["sd"] for p in per])),
         }
+    out["mad"] = {k: float(np.mean([h["mad"][k] for h in heads])) for k in heads[0]["mad"]}
+    out["mad_noise_free"] = {k: float(np.mean([h["mad_noise_free"][k] for h in heads]))
+                             for k in heads[0]["mad_noise_free"]}  # fmt: skip
+    out["two_stack_gap_top_mean"] = float(np.mean([h["two_stack_gap_top"] for h in heads]))
+    out["two_stack_gap_rest_mean"] = float(np.mean([h["two_stack_gap_rest"] for h in heads]))
     return out
 
 
@@ -175,7 +215,7 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"models: {result['models']}; preprocessing {result['preprocessing_version']}; "
           f"heads of seed {result['seed']}")  # fmt: skip
     for metric in ("posterior", "region"):
-        if metric not in result["summary"]:
+        if not isinstance(result["summary"].get(metric), dict):
             continue
         print(f"\n{metric}: head | 5 mm mean, s.d. (n) | 0.625 mm - 5 mm (within) | "
               f"two-stack mean - 5 mm mean, in s.d.s | two-stack placements within")
@@ -192,8 +232,13 @@ def print_table(result: dict[str, Any]) -> None:
               f"{s['two_stack_mean_minus_5mm_mean']:+.1f} ({s['two_stack_sds_mean']:+.2f} s.d. "
               f"on average), {s['two_stack_within']} of {s['two_stack_n']} placements within; "
               f"5 mm s.d. {s['five_mm_sd_mean']:.1f} on average")
-    mads = [r["mad_vs_5mm"] for h in result["heads"] for k, r in h["series"].items() if k != "5mm"]
-    print(f"\nMAD vs the 5 mm volume inside the head: max {max(mads):.2f} grey levels")
+    print(f"two-stack - 5 mm posterior by place: top {TOP_SLICES} model slices "
+          f"{result['summary']['two_stack_gap_top_mean']:+.1f} nats, the rest "
+          f"{result['summary']['two_stack_gap_rest_mean']:+.1f} (mean over heads)")
+    print("MAD vs the base 5 mm volume inside the head (grey levels), mean over heads: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in result["summary"]["mad"].items()))
+    print("the same noise-free: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in result["summary"]["mad_noise_free"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
