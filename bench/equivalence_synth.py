@@ -9,24 +9,29 @@ difference between two acquisitions. Here the heads are ``training.synth``'s, dr
 experiment uses (``--seed``: subject i is ``SeedSequence([seed, i])``, as ``write_dataset`` draws them),
 each scanned as hospitals scan, by ``write_study`` with the same draws:
 
-* every range extended 40 mm at both ends (``write_study(extend_mm=...)``), so that each acquisition
-  covers the whole canonical grid: the generator's routine ranges end 3 mm under the skull base and
-  leave 5-20 mm of the grid unscanned depending on the tilt, a coverage difference and not the
-  resampling this must-show is about (the analytic bench covers the grid too);
+* every range extended 40 mm at both ends (``write_study(extend_mm=...)``, ``--extend-mm``), so that
+  each acquisition covers the whole canonical grid: the generator's thin and two-stack ranges start
+  3 mm under the skull base and leave the grid's lowest slices unscanned (air), its 5 mm ranges mostly
+  do not, a coverage difference and not the resampling this must-show is about (the analytic bench
+  covers the grid too). ``--extend-mm 0`` measures the routine ranges, coverage included;
 * ``5mm``: the routine protocol at 5 mm, untilted, as the generator places it; repeated with a new noise
   realisation (``--repeats`` seeds) and with the table 1-4 mm off (new noise too): the spread;
 * ``0.625mm``: the thin pattern (8.5 deg tilt, JPEG Lossless, one slice missing);
 * ``two-stack``: GE's 4/7 mm pattern (18.5 deg tilt), at five table positions 0-6 mm (its 7.38 mm
-  slices record the vertex by their phase), compared as a distribution.
+  slices record the vertex by their phase), compared as a distribution;
+* two diagnostics, one factor of the two-stack series each: the 5 mm series tilted 18.5 deg (table
+  along z) and an untilted 7 mm series.
 
 Every series goes through ``build_volume`` (the daemon's assembly) and is scored by a model set
 (``--model-set`` registry root: its current set, both the paper's posterior and the region score) or,
 without one, two tiny random-weight models. Per head it reports each series' difference from the 5 mm
-one, the 5 mm spread, whether each lies within it, and the two-stack mean's distance in 5 mm s.d.s;
-the summary pools the heads.
+one, the 5 mm spread, whether each lies within it, the two-stack mean's distance in 5 mm s.d.s and
+where along z it arises (the log-ratio map summed per model slice); the volumes' mean absolute
+difference inside the head, noisy and noise-free (issue 11's other must-show, < 2 grey levels). The
+summary pools the heads.
 
     python bench/equivalence_synth.py [--model-set RUN/models] [--heads 6] [--seed 7100] \
-        [--out bench/results/equivalence-synth.json]
+        [--extend-mm 40] [--out bench/results/equivalence-synth.json]
 """
 
 from __future__ import annotations
@@ -58,23 +63,28 @@ STACK_PHASES_MM = (0.0, 1.5, 3.0, 4.5, 6.0)  # five positions over the 7.38 mm s
 # slab_samples 3), without distractors: only the primary series is written.
 OPTIONS = SynthOptions(matrix=256, thin_matrix=256, distractors=False, slab_samples=3)
 QUIET = replace(OPTIONS, noise_scale=0.0)
+# every study tilted 18.5 deg with the table stepping along z, as the two-stack series is
+TILTED = replace(OPTIONS, tilt_fraction=1.0, tilt_range_deg=(18.5, 18.5), tilt_shear_fraction=1.0)
 # Every scan range 40 mm longer at both ends: under an 18.5 degree tilt the routine range leaves up to
 # ~20 mm of the canonical grid unscanned, differently for each protocol; compared here is resampling.
 EXTEND_MM = 40.0
 TOP_SLICES = 6  # the grid's top 6 model slices (27 mm): the vertex
 
 
-def acquisitions(repeats: int) -> dict[str, dict[str, Any]]:
+def acquisitions(repeats: int, extend_mm: float = EXTEND_MM) -> dict[str, dict[str, Any]]:
     """Label -> write_study keywords of every scan of one head (noise seeds fixed per label)."""
     out: dict[str, dict[str, Any]] = {"5mm": {"thickness_mm": 5.0}}
     out |= {f"5mm noise {k}": {"thickness_mm": 5.0, "noise_seed": 1000 + k} for k in range(1, repeats + 1)}
     out |= {f"5mm phase +{p:g} mm": {"thickness_mm": 5.0, "table_shift_mm": p, "noise_seed": 2000 + i}
             for i, p in enumerate(PHASES_MM)}  # fmt: skip
     out["0.625mm"] = {"pattern": "thin"}
+    # diagnostics, each one factor of the two-stack series alone: its tilt, its upper stack's cells
+    out["5mm tilted 18.5 deg"] = {"thickness_mm": 5.0, "options": TILTED}
+    out["7mm"] = {"thickness_mm": 7.0}
     out |= {f"two-stack +{p:g} mm": {"pattern": "two_stack", "table_shift_mm": p,
                                      **({"noise_seed": 3000 + i} if p else {})}
             for i, p in enumerate(STACK_PHASES_MM)}  # fmt: skip
-    return {label: {**kw, "extend_mm": EXTEND_MM} for label, kw in out.items()}
+    return {label: {**kw, "extend_mm": extend_mm} for label, kw in out.items()}
 
 
 class Scores:
@@ -126,14 +136,18 @@ def _head_mad(ref: np.ndarray, other: np.ndarray) -> float:
     return float(np.abs(ref[inside].astype(float) - other[inside].astype(float)).mean())
 
 
-def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores) -> dict[str, Any]:
+def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores,
+             extend_mm: float = EXTEND_MM) -> dict[str, Any]:
     """Every acquisition of head ``index``: scores, MAD vs the 5 mm volume, and the comparisons."""
     rows: dict[str, dict[str, Any]] = {}
     ref: np.ndarray | None = None
-    for label, kw in acquisitions(repeats).items():
+    scans = acquisitions(repeats, extend_mm)
+    five_mm = [k for k in scans if k == "5mm" or k.startswith(("5mm noise", "5mm phase"))]
+    for label, kw in scans.items():
         folder = work / f"head{index}" / label.replace(" ", "_").replace("+", "")
         rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-        write_study(folder, rng, lesion=None, options=OPTIONS, patient_index=index, **kw)
+        options = kw.pop("options", OPTIONS)
+        write_study(folder, rng, lesion=None, options=options, patient_index=index, **kw)
         vol = build_volume(sorted(folder.rglob("*.dcm")))
         shutil.rmtree(folder)
         ref = vol.data if ref is None else ref
@@ -149,7 +163,7 @@ def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores) -> 
                       "two-stack": {"pattern": "two_stack"}}.items():  # fmt: skip
         folder = work / f"head{index}" / ("quiet_" + label.replace(" ", "_").replace("+", ""))
         rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-        write_study(folder, rng, lesion=None, options=QUIET, patient_index=index, extend_mm=EXTEND_MM, **kw)
+        write_study(folder, rng, lesion=None, options=QUIET, patient_index=index, extend_mm=extend_mm, **kw)
         quiet[label] = build_volume(sorted(folder.rglob("*.dcm"))).data
         shutil.rmtree(folder)
     out["mad_noise_free"] = {
@@ -157,12 +171,13 @@ def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores) -> 
         **{f"{k} vs 0.625mm": _head_mad(quiet["0.625mm"], v) for k, v in quiet.items() if k != "0.625mm"},
     }
     # volumes: MAD inside the head against the base 5 mm volume, per kind of rescan
+    kinds = ("5mm noise", "5mm phase", "0.625mm", "two-stack", "5mm tilted", "7mm")
     out["mad"] = {kind: float(np.mean([r["mad_vs_5mm"] for lab, r in rows.items() if lab.startswith(kind)]))
-                  for kind in ("5mm noise", "5mm phase", "0.625mm", "two-stack")}  # fmt: skip
+                  for kind in kinds}  # fmt: skip
     for metric in ("posterior", "region"):
         if metric not in rows["5mm"]:
             continue
-        five = [r[metric] for k, r in rows.items() if k.startswith("5mm")]
+        five = [r[metric] for k, r in rows.items() if k in five_mm]
         stack = [r[metric] for k, r in rows.items() if k.startswith("two-stack")]
         lo, hi, sd = min(five), max(five), float(np.std(five, ddof=1))
         out[metric] = {
@@ -173,12 +188,14 @@ def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores) -> 
             "two_stack_sds": float((np.mean(stack) - np.mean(five)) / sd) if sd > 0 else float("inf"),
             "two_stack_within": int(sum(lo <= v <= hi for v in stack)),
             "two_stack_n": len(stack),
+            **{f"{k}_minus_5mm_mean": rows[k][metric] - float(np.mean(five))
+               for k in ("5mm tilted 18.5 deg", "7mm")},
         }
     # where the two-stack series differs: the mean per-slice posterior of its placements minus the 5 mm
-    # scans' (the top TOP_SLICES model slices hold the vertex, which its 7.38 mm cells record by phase)
-    prof = {k: np.mean([r["by_slice"] for lab, r in rows.items() if lab.startswith(k)], axis=0)
-            for k in ("5mm", "two-stack")}  # fmt: skip
-    gap = prof["two-stack"] - prof["5mm"]
+    # scans' (the top TOP_SLICES model slices hold the vertex: the analytic head's gap lay there)
+    five_prof = np.mean([r["by_slice"] for lab, r in rows.items() if lab in five_mm], axis=0)
+    stack_prof = np.mean([r["by_slice"] for lab, r in rows.items() if lab.startswith("two-stack")], axis=0)
+    gap = stack_prof - five_prof
     out["two_stack_gap_by_slice"] = [float(x) for x in gap]
     out["two_stack_gap_top"] = float(gap[:TOP_SLICES].sum())
     out["two_stack_gap_rest"] = float(gap[TOP_SLICES:].sum())
@@ -203,6 +220,8 @@ def summary(heads: list[dict[str, Any]]) -> dict[str, Any]:
             "two_stack_n": sum(p["two_stack_n"] for p in per),
             "five_mm_sd_mean": float(np.mean([p["five_mm"]["sd"] for p in per])),
         }
+        for k in ("5mm tilted 18.5 deg", "7mm"):
+            out[metric][f"{k}_minus_5mm_mean"] = float(np.mean([p[f"{k}_minus_5mm_mean"] for p in per]))
     out["mad"] = {k: float(np.mean([h["mad"][k] for h in heads])) for k in heads[0]["mad"]}
     out["mad_noise_free"] = {k: float(np.mean([h["mad_noise_free"][k] for h in heads]))
                              for k in heads[0]["mad_noise_free"]}  # fmt: skip
@@ -232,6 +251,8 @@ def print_table(result: dict[str, Any]) -> None:
               f"{s['two_stack_mean_minus_5mm_mean']:+.1f} ({s['two_stack_sds_mean']:+.2f} s.d. "
               f"on average), {s['two_stack_within']} of {s['two_stack_n']} placements within; "
               f"5 mm s.d. {s['five_mm_sd_mean']:.1f} on average")
+        print(f"  one factor at a time, minus the 5 mm mean: 5 mm tilted 18.5 deg "
+              f"{s['5mm tilted 18.5 deg_minus_5mm_mean']:+.1f}, untilted 7 mm {s['7mm_minus_5mm_mean']:+.1f}")
     print(f"two-stack - 5 mm posterior by place: top {TOP_SLICES} model slices "
           f"{result['summary']['two_stack_gap_top_mean']:+.1f} nats, the rest "
           f"{result['summary']['two_stack_gap_rest_mean']:+.1f} (mean over heads)")
@@ -247,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--seed", type=int, default=7100, help="subjects' seed; no experiment uses it")
     ap.add_argument("--repeats", type=int, default=4, help="5 mm rescans with new noise")
+    ap.add_argument("--extend-mm", type=float, default=EXTEND_MM,
+                    help="scan ranges this much longer at both ends (0: the generator's routine ranges, "
+                         "whose coverage of the grid differs by protocol)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "equivalence-synth.json")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -254,12 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         score = Scores(args.model_set, Path(tmp))
         heads = []
         for i in range(args.heads):
-            heads.append(one_head(i, args.seed, Path(tmp), args.repeats, score))
+            heads.append(one_head(i, args.seed, Path(tmp), args.repeats, score, args.extend_mm))
             print(f"head {i}: done at {time.perf_counter() - t0:.0f} s", flush=True)
     result = {
         "models": score.models,
         "preprocessing_version": PREPROCESSING_VERSION,
         "seed": args.seed,
+        "extend_mm": args.extend_mm,
         "heads": heads,
         "summary": summary(heads),
         "seconds": time.perf_counter() - t0,
