@@ -53,6 +53,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from assembly_bench import _head_mad  # noqa: E402  (the same measure as the analytic bench's)
+
 from training.synth.study import write_study  # noqa: E402
 from training.synth.truth import SynthOptions  # noqa: E402
 from triage.assemble.volume import PREPROCESSING_VERSION, build_volume  # noqa: E402
@@ -128,12 +130,6 @@ class Scores:
             if res.region_score is not None:
                 out["region"] = float(res.region_score)
         return out
-
-
-def _head_mad(ref: np.ndarray, other: np.ndarray) -> float:
-    """Mean absolute difference (7-bit grey levels) inside the head of ``ref`` (> 20)."""
-    inside = ref > 20
-    return float(np.abs(ref[inside].astype(float) - other[inside].astype(float)).mean())
 
 
 def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores,
