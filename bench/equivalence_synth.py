@@ -118,8 +118,7 @@ class Scores:
     def __call__(self, vol: Any) -> dict[str, Any]:
         """Scores of one volume, and where along z the posterior comes from (``by_slice``: the
         log-ratio map summed over each model slice, index 0 at the top of the grid)."""
-        pair = self.pair if self.scorer is None else self.scorer.pair
-        lp0, lp1, dmap = pair.log_likelihood_maps(vol.data)
+        lp0, lp1, dmap = self.pair.log_likelihood_maps(vol.data)
         out: dict[str, Any] = {"posterior": lp0 - lp1,
                                "by_slice": [float(x) for x in dmap.sum(dim=0).sum(dim=(1, 2)).cpu()]}
         if self.scorer is not None:
@@ -132,6 +131,15 @@ class Scores:
         return out
 
 
+def _scan(folder: Path, seed: int, index: int, options: SynthOptions, **kw: Any) -> Any:
+    """Head ``index`` of ``seed`` written with ``write_study(**kw)`` and assembled (the files removed)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    write_study(folder, rng, lesion=None, options=options, patient_index=index, **kw)
+    vol = build_volume(sorted(folder.rglob("*.dcm")))
+    shutil.rmtree(folder)
+    return vol
+
+
 def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores,
              extend_mm: float = EXTEND_MM) -> dict[str, Any]:
     """Every acquisition of head ``index``: scores, MAD vs the 5 mm volume, and the comparisons."""
@@ -141,11 +149,7 @@ def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores,
     five_mm = [k for k in scans if k == "5mm" or k.startswith(("5mm noise", "5mm phase"))]
     for label, kw in scans.items():
         folder = work / f"head{index}" / label.replace(" ", "_").replace("+", "")
-        rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-        options = kw.pop("options", OPTIONS)
-        write_study(folder, rng, lesion=None, options=options, patient_index=index, **kw)
-        vol = build_volume(sorted(folder.rglob("*.dcm")))
-        shutil.rmtree(folder)
+        vol = _scan(folder, seed, index, kw.pop("options", OPTIONS), **kw)
         ref = vol.data if ref is None else ref
         rows[label] = {**score(vol), "mad_vs_5mm": _head_mad(ref, vol.data),
                        "warnings": list(vol.warnings)}  # fmt: skip
@@ -158,10 +162,7 @@ def one_head(index: int, seed: int, work: Path, repeats: int, score: Scores,
                       "table_shift_mm": 2.5}, "0.625mm": {"pattern": "thin"},
                       "two-stack": {"pattern": "two_stack"}}.items():  # fmt: skip
         folder = work / f"head{index}" / ("quiet_" + label.replace(" ", "_").replace("+", ""))
-        rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-        write_study(folder, rng, lesion=None, options=QUIET, patient_index=index, extend_mm=extend_mm, **kw)
-        quiet[label] = build_volume(sorted(folder.rglob("*.dcm"))).data
-        shutil.rmtree(folder)
+        quiet[label] = _scan(folder, seed, index, QUIET, extend_mm=extend_mm, **kw).data
     out["mad_noise_free"] = {
         **{f"{k} vs 5mm": _head_mad(quiet["5mm"], v) for k, v in quiet.items() if k != "5mm"},
         **{f"{k} vs 0.625mm": _head_mad(quiet["0.625mm"], v) for k, v in quiet.items() if k != "0.625mm"},
